@@ -1,0 +1,1 @@
+"""Datasets: dataset.json readers, transforms, the data module and the synthetic phantom generator."""

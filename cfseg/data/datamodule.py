@@ -1,0 +1,365 @@
+"""One LightningDataModule over several partially labelled datasets, remapped into one class list by name.
+
+Every training sample is a dict:
+    ``image``: float32 [C, *patch]; ``label``: uint8 [1, *patch] in global class indices (0 = background);
+    ``annotated``: bool [K+1], which global classes were annotated for this case (index 0, background, is
+    always True for labelled cases); ``dataset``, ``domain``, ``case_id``: str tags.
+After collation the tensors gain a batch dimension and the tags become lists.
+
+Splits are deterministic: a case's split depends only on the seed, the dataset name and the sorted case ids
+(or on a committed split file), never on the order datasets are listed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
+from torch.utils.data import ConcatDataset, DataLoader
+
+from cfseg.data.formats import CaseRecord, DatasetError, DatasetInfo, read_dataset
+from cfseg.data.transforms import CT_WINDOW, Preprocessing, build_transforms, make_label_lut
+from cfseg.vocab import Vocabulary, canonical_name, unknown_class_error
+
+log = logging.getLogger(__name__)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DatasetConfig:
+    """One dataset of an experiment (a YAML entry under ``data.datasets``).
+
+    Attributes:
+        path: folder holding ``dataset.json`` (nnU-Net v2 raw or MSD).
+        name: tag carried by every sample; default the folder name.
+        format: ``"auto"``, ``"nnunet"`` or ``"msd"``.
+        modality: ``"ct"`` or ``"mri"``; default from the channel name.
+        domain: domain tag (for domain-incremental stages); default the modality.
+        classes: if given, only these of the dataset's classes count as annotated (the others are treated
+            as not annotated, as in a class-incremental stage that sees only its own classes).
+        labeled: False for image-only entries (unlabelled images, e.g. for distillation).
+        split_file: JSON ``{"train": [...], "val": [...], "test": [...]}`` of case ids; overrides fractions.
+        val_fraction: fraction of cases for validation when no split file is given.
+        test_fraction: fraction of cases held out for testing.
+        max_cases: use only the first N cases of the shuffled order (quick experiments).
+    """
+
+    path: str
+    name: str | None = None
+    format: str = "auto"
+    modality: str | None = None
+    domain: str | None = None
+    classes: list[str] | None = None
+    labeled: bool = True
+    split_file: str | None = None
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_cases: int | None = None
+
+
+@dataclass
+class LoadedDataset:
+    """A dataset read from disk together with its config and split."""
+
+    config: DatasetConfig
+    info: DatasetInfo
+    split: dict[str, list[CaseRecord]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def domain(self) -> str:
+        return self.config.domain or self.info.modality
+
+    def annotated(self, case: CaseRecord) -> tuple[str, ...]:
+        """Classes annotated in ``case``, restricted to the config's ``classes`` when given."""
+        if self.config.classes is None:
+            return case.annotated
+        keep = {canonical_name(c) for c in self.config.classes}
+        return tuple(c for c in case.annotated if c in keep)
+
+
+def split_cases(
+    cases: Sequence[CaseRecord],
+    seed: int,
+    dataset_name: str,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    split_file: str | Path | None = None,
+) -> dict[str, list[CaseRecord]]:
+    """Deterministic train/val/test split of one dataset's cases.
+
+    With ``split_file``, the file decides (every listed id must exist; unlisted cases are unused). Otherwise
+    the sorted case ids are permuted by a generator seeded with ``(seed, crc32(dataset_name))``; the first
+    ``round(test_fraction * n)`` go to test, the next ``round(val_fraction * n)`` to val, the rest to train.
+    """
+    by_id = {c.case_id: c for c in cases}
+    if split_file is not None:
+        path = Path(split_file)
+        try:
+            spec = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DatasetError(f"{path}: cannot read split file ({e})") from e
+        out = {}
+        for s in SPLITS:
+            ids = spec.get(s, [])
+            missing = [i for i in ids if i not in by_id]
+            if missing:
+                raise DatasetError(f"{path}: {s} lists cases not in {dataset_name!r}: {missing[:5]}")
+            out[s] = [by_id[i] for i in ids]
+        seen: set[str] = set()
+        for s in SPLITS:
+            dup = seen & set(spec.get(s, []))
+            if dup:
+                raise DatasetError(f"{path}: cases in two splits: {sorted(dup)[:5]}")
+            seen |= set(spec.get(s, []))
+        return out
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"bad split fractions val={val_fraction}, test={test_fraction}: each in [0, 1), sum < 1")
+    ids = sorted(by_id)
+    rng = np.random.default_rng([seed, zlib.crc32(dataset_name.encode())])
+    order = [ids[i] for i in rng.permutation(len(ids))]
+    n = len(order)
+    n_test = int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    if n - n_test - n_val < 1:
+        n_val = max(0, n - n_test - 1)
+        n_test = min(n_test, n - n_val - 1)
+    test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
+    return {"train": [by_id[i] for i in train], "val": [by_id[i] for i in val], "test": [by_id[i] for i in test]}
+
+
+class SegDataModule(L.LightningDataModule):
+    """Several partially labelled datasets, one global class list.
+
+    Args:
+        datasets: the datasets (see :class:`DatasetConfig`).
+        classes: the experiment's global foreground class list, in order. Default: the union of the datasets'
+            (config-restricted) classes in the order the datasets list them.
+        spacing: target voxel spacing (mm) after reorientation to ``orientation``.
+        patch_size: training patch size in voxels.
+        batch_size: training volumes per batch (each gives ``samples_per_volume`` patches).
+        samples_per_volume: random patches per loaded training volume.
+        crop: ``"class_balanced"``, ``"foreground"`` or ``"random"`` (see transforms.random_transforms).
+        class_ratios: crop-centre ratios per global class (background first) for class-balanced crops.
+        augment: random intensity augmentation.
+        ct_window: HU window for CT datasets.
+        orientation: axis codes (default RAS).
+        cache: ``"memory"`` (MONAI CacheDataset), ``"disk"`` (PersistentDataset under ``cache_dir``) or
+            ``"none"``.
+        cache_dir: folder for the disk cache.
+        num_workers: DataLoader workers.
+        seed: split seed.
+        train_repeats: how many times the training set is repeated per epoch (short datasets, fewer epochs).
+    """
+
+    def __init__(
+        self,
+        datasets: list[DatasetConfig],
+        classes: list[str] | None = None,
+        spacing: tuple[float, float, float] = (1.5, 1.5, 1.5),
+        patch_size: tuple[int, int, int] = (64, 64, 64),
+        batch_size: int = 2,
+        samples_per_volume: int = 2,
+        crop: str = "class_balanced",
+        class_ratios: list[float] | None = None,
+        augment: bool = True,
+        ct_window: tuple[float, float] = CT_WINDOW,
+        orientation: str = "RAS",
+        cache: str = "memory",
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        train_repeats: int = 1,
+    ):
+        super().__init__()
+        if not datasets:
+            raise ValueError("data.datasets is empty: list at least one dataset folder")
+        if cache not in ("memory", "disk", "none"):
+            raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
+        self.save_hyperparameters(ignore=["datasets"])
+        self.dataset_configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
+        self.hparams["datasets"] = [vars(d) for d in self.dataset_configs]
+        self.datasets = [self._load(cfg) for cfg in self.dataset_configs]
+        names = [ds.name for ds in self.datasets]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two datasets share a name: {names}; give each a distinct `name`")
+        dataset_classes = [
+            [c for c in ds.info.classes if ds.config.classes is None or c in
+             {canonical_name(x) for x in ds.config.classes}]
+            for ds in self.datasets if ds.config.labeled
+        ]
+        self.vocab = Vocabulary(classes) if classes is not None else Vocabulary.union(dataset_classes)
+        for ds in self.datasets:
+            unknown = [c for c in ds.info.classes if c not in self.vocab]
+            if unknown and ds.config.labeled and ds.config.classes is None:
+                log.warning("%s: classes %s are not in the experiment's class list; their voxels count as "
+                            "background", ds.name, unknown)
+            if ds.config.classes is not None:
+                for c in ds.config.classes:
+                    if canonical_name(c) not in ds.info.labels:
+                        raise unknown_class_error(c, ds.info.classes, f"classes of dataset {ds.name!r}")
+        self._sets: dict[str, Any] = {}
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def _load(self, cfg: DatasetConfig) -> LoadedDataset:
+        info = read_dataset(cfg.path, cfg.format, cfg.modality, cfg.name, require_labels=cfg.labeled)
+        cases = info.cases[: cfg.max_cases] if cfg.max_cases is not None else info.cases
+        split = split_cases(cases, self.hparams.seed, info.name, cfg.val_fraction, cfg.test_fraction,
+                            cfg.split_file)
+        return LoadedDataset(cfg, info, split)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Global foreground class names (linked to the model by the CLI)."""
+        return self.vocab.classes
+
+    @property
+    def num_classes(self) -> int:
+        """K + 1 (background included)."""
+        return len(self.vocab)
+
+    def preprocessing(self, modality: str) -> Preprocessing:
+        h = self.hparams
+        return Preprocessing(modality=modality, spacing=tuple(h.spacing), orientation=h.orientation,
+                             ct_window=tuple(h.ct_window))
+
+    @property
+    def preprocessing_by_modality(self) -> dict[str, dict]:
+        """Preprocessing per modality present, as plain dicts (stored in checkpoints)."""
+        return {m: self.preprocessing(m).to_dict() for m in sorted({d.info.modality for d in self.datasets})}
+
+    def annotated_mask(self, ds: LoadedDataset, case: CaseRecord) -> torch.Tensor:
+        """bool [K+1]: which global classes are annotated in ``case`` (background True when labelled)."""
+        mask = torch.zeros(self.num_classes, dtype=torch.bool)
+        if case.label is None:
+            return mask
+        mask[0] = True
+        for name in ds.annotated(case):
+            if name in self.vocab:
+                mask[self.vocab.index(name)] = True
+        return mask
+
+    def items(self, ds: LoadedDataset, split: str) -> list[dict[str, Any]]:
+        """MONAI-style item dicts for one dataset's split."""
+        gidx = {n: i for i, n in enumerate(self.vocab.names)}
+        out = []
+        for case in ds.split.get(split, []):
+            item: dict[str, Any] = {
+                "image": [str(p) for p in case.images] if len(case.images) > 1 else str(case.images[0]),
+                "annotated": self.annotated_mask(ds, case),
+                "dataset": ds.name,
+                "domain": ds.domain,
+                "case_id": case.case_id,
+            }
+            if case.label is not None:
+                item["label"] = str(case.label)
+                item["label_lut"] = make_label_lut(ds.info.labels, ds.annotated(case), gidx)
+            out.append(item)
+        return out
+
+    # ---- datasets ------------------------------------------------------------------------------------
+    def _dataset(self, items: list[dict], transform, tag: str):
+        h = self.hparams
+        if h.cache == "memory":
+            return CacheDataset(items, transform, cache_rate=1.0, num_workers=None, progress=False)
+        if h.cache == "disk":
+            cache_dir = Path(h.cache_dir or "results/cache") / tag
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            return PersistentDataset(items, transform, cache_dir=cache_dir)
+        return Dataset(items, transform)
+
+    def split_dataset(self, split: str, labeled: bool = True):
+        """The concatenated dataset of one split over all (labelled or image-only) datasets, or None."""
+        key = f"{split}-{labeled}"
+        if key in self._sets:
+            return self._sets[key]
+        h = self.hparams
+        parts = []
+        for ds in self.datasets:
+            if ds.config.labeled != labeled:
+                continue
+            items = self.items(ds, split)
+            if not items:
+                continue
+            pre = self.preprocessing(ds.info.modality)
+            tf = build_transforms(
+                pre, train=(split == "train"), patch_size=h.patch_size, num_classes=self.num_classes,
+                labeled=labeled, samples_per_volume=h.samples_per_volume, crop=h.crop,
+                class_ratios=h.class_ratios, augment=h.augment,
+            ) if split == "train" else build_transforms(pre, train=False, labeled=labeled)
+            parts.append(self._dataset(items, tf, f"{ds.name}-{split}"))
+        if split == "train" and h.train_repeats > 1:
+            parts = parts * h.train_repeats
+        self._sets[key] = ConcatDataset(parts) if parts else None
+        return self._sets[key]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
+        for split in wanted.get(stage, SPLITS) if stage else SPLITS:
+            self.split_dataset(split)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        ds = self.split_dataset(split)
+        if ds is None:
+            raise DatasetError(
+                f"no {split} cases in any dataset ({', '.join(d.name for d in self.datasets)}); "
+                "adjust val_fraction/test_fraction or the split file"
+            )
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
+                          collate_fn=list_data_collate, persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True, self.hparams.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False, 1)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False, 1)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("test", False, 1)
+
+    def unlabeled_dataloader(self) -> DataLoader | None:
+        """Image-only training entries (for distillation), or None when there are none."""
+        ds = self.split_dataset("train", labeled=False)
+        if ds is None:
+            return None
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=True,
+                          num_workers=self.hparams.num_workers, collate_fn=list_data_collate)
+
+    # ---- reporting -----------------------------------------------------------------------------------
+    def summary(self) -> str:
+        """A plain-text table: cases per split, classes, and how many cases annotate each class."""
+        lines = [f"global classes ({len(self.class_names)}): {', '.join(self.class_names)}"]
+        for ds in self.datasets:
+            n = {s: len(ds.split.get(s, [])) for s in SPLITS}
+            used = [c for s in SPLITS for c in ds.split.get(s, [])]
+            lines.append(
+                f"\n{ds.name}  [{ds.info.format}, {ds.info.modality}, domain={ds.domain}]  {len(used)} "
+                f"cases (train {n['train']}, val {n['val']}, test {n['test']})"
+                + ("" if ds.config.labeled else "  image-only")
+            )
+            if not ds.config.labeled:
+                continue
+            counts = {c: 0 for c in ds.info.classes}
+            for case in used:
+                for c in ds.annotated(case):
+                    counts[c] += 1
+            for c in ds.info.classes:
+                gi = self.vocab.index(c) if c in self.vocab else "-"
+                lines.append(f"  {c:<24} value {ds.info.labels[c]:>3} -> global {gi!s:>3}   annotated in "
+                             f"{counts[c]:>3}/{len(used)} cases")
+        return "\n".join(lines)

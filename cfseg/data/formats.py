@@ -1,0 +1,331 @@
+"""Readers for nnU-Net v2 raw and Medical Segmentation Decathlon datasets, with per-case annotated classes.
+
+Both formats are read into one :class:`DatasetInfo`: canonical class names (see :mod:`cfseg.vocab`) mapped to
+the label values used in that dataset's files (values need not be consecutive), one :class:`CaseRecord` per
+case with its image channel files, its label file and the classes annotated for it.
+
+Per-case annotation comes from an optional ``partial_labels.json`` beside ``dataset.json`` (case id -> list of
+class names). Without it every case annotates all of its dataset's labels.
+
+Everything here reads JSON and NIfTI *headers* only; voxel checks (label values, NaN) happen when a case is
+loaded (:mod:`cfseg.data.transforms`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cfseg.vocab import BACKGROUND, canonical_name, unknown_class_error
+
+PARTIAL_LABELS_FILE = "partial_labels.json"
+_MRI_CHANNELS = ("mr", "mri", "t1", "t2", "flair", "adc", "dwi", "pd", "t1c", "t1ce", "t1w", "t2w", "nonct")
+
+
+class DatasetError(ValueError):
+    """A dataset on disk is malformed. The message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class CaseRecord:
+    """One case of a dataset.
+
+    Attributes:
+        case_id: identifier (file stem without channel suffix).
+        images: one NIfTI path per channel, in channel order.
+        label: label map path, or None for an image-only case.
+        annotated: canonical names of the classes annotated for this case.
+    """
+
+    case_id: str
+    images: tuple[Path, ...]
+    label: Path | None
+    annotated: tuple[str, ...]
+
+
+@dataclass
+class DatasetInfo:
+    """A dataset read from disk.
+
+    Attributes:
+        name: dataset name (folder name unless given).
+        root: dataset folder (holding ``dataset.json``).
+        format: ``"nnunet"`` or ``"msd"``.
+        modality: ``"ct"`` or ``"mri"`` (from the first channel name unless given).
+        channel_names: channel names in order.
+        labels: canonical class name -> label value in this dataset's files (background excluded).
+        cases: the cases, sorted by id.
+    """
+
+    name: str
+    root: Path
+    format: str
+    modality: str
+    channel_names: list[str]
+    labels: dict[str, int]
+    cases: list[CaseRecord] = field(default_factory=list)
+
+    @property
+    def classes(self) -> list[str]:
+        """Foreground class names in label-value order."""
+        return sorted(self.labels, key=self.labels.__getitem__)
+
+    @property
+    def labeled(self) -> bool:
+        return any(c.label is not None for c in self.cases)
+
+    def case(self, case_id: str) -> CaseRecord:
+        for c in self.cases:
+            if c.case_id == case_id:
+                return c
+        raise KeyError(f"case {case_id!r} not in dataset {self.name!r} ({self.root})")
+
+
+def _load_json(path: Path) -> Any:
+    if not path.is_file():
+        raise DatasetError(f"{path}: file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot be read ({e})") from e
+
+
+def modality_from_channel(name: str) -> str:
+    """``"CT"`` -> ``"ct"``; MRI sequence names (``"T2"``, ``"MRI"``, ``"FLAIR"``...) -> ``"mri"``."""
+    key = str(name).strip().lower().replace(" ", "").replace("-", "")
+    if key in ("ct", "cect", "ncct", "cbct"):
+        return "ct"
+    if key in _MRI_CHANNELS or key.startswith("mr") or key.startswith("t1") or key.startswith("t2"):
+        return "mri"
+    raise DatasetError(
+        f"cannot tell the modality of channel {name!r}; pass modality='ct' or 'mri' in the dataset config"
+    )
+
+
+def detect_format(root: Path) -> str:
+    """``"nnunet"`` or ``"msd"`` from the contents of ``dataset.json``."""
+    meta = _load_json(Path(root) / "dataset.json")
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{Path(root) / 'dataset.json'}: expected a JSON object, got {type(meta).__name__}")
+    if "channel_names" in meta:
+        return "nnunet"
+    if "training" in meta or "modality" in meta:
+        return "msd"
+    raise DatasetError(
+        f"{Path(root) / 'dataset.json'}: neither nnU-Net v2 ('channel_names') nor MSD ('training'/'modality')"
+    )
+
+
+def _parse_labels(raw: Any, path: Path, name_to_value: bool) -> dict[str, int]:
+    """Canonical name -> value from the ``labels`` entry (nnU-Net: name -> int; MSD: "int" -> name)."""
+    if not isinstance(raw, dict) or not raw:
+        raise DatasetError(f"{path}: 'labels' must be a non-empty object")
+    labels: dict[str, int] = {}
+    for k, v in raw.items():
+        name, value = (k, v) if name_to_value else (v, k)
+        if isinstance(value, list | tuple):
+            raise DatasetError(f"{path}: region-based label {name!r}: {value} is not supported")
+        try:
+            ivalue = int(value)
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{path}: label {name!r} has non-integer value {value!r}") from e
+        try:
+            cname = canonical_name(str(name))
+        except ValueError as e:
+            raise DatasetError(f"{path}: {e}") from e
+        if cname == BACKGROUND:
+            if ivalue != 0:
+                raise DatasetError(f"{path}: background must have value 0, not {ivalue}")
+            continue
+        if ivalue <= 0 or ivalue > 255:
+            raise DatasetError(f"{path}: label {name!r} has value {ivalue}; foreground values must be 1..255")
+        if cname in labels:
+            raise DatasetError(f"{path}: class {name!r} appears twice (canonical name {cname!r})")
+        if ivalue in labels.values():
+            raise DatasetError(f"{path}: label value {ivalue} is used by two classes")
+        labels[cname] = ivalue
+    return labels
+
+
+def _read_partial_labels(root: Path, labels: dict[str, int], case_ids: list[str]) -> dict[str, tuple[str, ...]]:
+    """Annotated classes per case from ``partial_labels.json``; all labels when the file is absent."""
+    path = root / PARTIAL_LABELS_FILE
+    everything = tuple(sorted(labels, key=labels.__getitem__))
+    if not path.exists():
+        return {c: everything for c in case_ids}
+    raw = _load_json(path)
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{path}: expected an object mapping case id -> list of class names")
+    unknown_cases = sorted(set(raw) - set(case_ids))
+    if unknown_cases:
+        raise DatasetError(f"{path}: cases not in the dataset: {', '.join(unknown_cases[:5])}")
+    out: dict[str, tuple[str, ...]] = {}
+    for case_id in case_ids:
+        if case_id not in raw:
+            raise DatasetError(f"{path}: case {case_id!r} is missing (list the classes annotated for it)")
+        names = raw[case_id]
+        if not isinstance(names, list):
+            raise DatasetError(f"{path}: case {case_id!r} must map to a list of class names, got {names!r}")
+        annotated = []
+        for n in names:
+            try:
+                cn = canonical_name(str(n))
+            except ValueError as e:
+                raise DatasetError(f"{path}: case {case_id!r}: {e}") from e
+            if cn not in labels:
+                raise DatasetError(f"{path}: case {case_id!r}: {unknown_class_error(n, list(labels))}")
+            if cn not in annotated:
+                annotated.append(cn)
+        out[case_id] = tuple(sorted(annotated, key=labels.__getitem__))
+    return out
+
+
+def _check_headers(case: CaseRecord) -> None:
+    """Image channels and label share shape and affine (reads NIfTI headers only)."""
+    import nibabel as nib
+
+    ref_shape = ref_affine = None
+    ref_path = None
+    for path in (*case.images, *([case.label] if case.label else [])):
+        try:
+            img = nib.load(str(path))
+        except Exception as e:  # nibabel raises several types for unreadable files
+            raise DatasetError(f"{path}: not a readable NIfTI file ({e})") from e
+        shape = tuple(img.shape[:3])
+        if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
+            raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
+        if ref_shape is None:
+            ref_shape, ref_affine, ref_path = shape, img.affine, path
+            continue
+        if shape != ref_shape:
+            raise DatasetError(f"{path}: shape {shape} does not match {ref_path.name} {ref_shape}")
+        if not np.allclose(img.affine, ref_affine, atol=1e-3, rtol=1e-4):
+            raise DatasetError(
+                f"{path}: affine does not match {ref_path.name}:\n{np.round(img.affine, 4)}\nvs\n"
+                f"{np.round(ref_affine, 4)}"
+            )
+
+
+def read_nnunet(root: Path, require_labels: bool = True) -> tuple[dict[str, Any], list[CaseRecord], dict]:
+    root = Path(root)
+    path = root / "dataset.json"
+    meta = _load_json(path)
+    for key in ("channel_names", "labels"):
+        if key not in meta:
+            raise DatasetError(f"{path}: missing required key {key!r}")
+    channels = [meta["channel_names"][k] for k in sorted(meta["channel_names"], key=int)]
+    labels = _parse_labels(meta["labels"], path, name_to_value=True)
+    ending = meta.get("file_ending", ".nii.gz")
+    images_dir, labels_dir = root / "imagesTr", root / "labelsTr"
+    if not images_dir.is_dir():
+        raise DatasetError(f"{images_dir}: folder not found")
+    suffix = f"_0000{ending}"
+    case_ids = sorted(p.name[: -len(suffix)] for p in images_dir.glob(f"*{suffix}"))
+    cases = []
+    for cid in case_ids:
+        imgs = tuple(images_dir / f"{cid}_{c:04d}{ending}" for c in range(len(channels)))
+        for p in imgs:
+            if not p.is_file():
+                raise DatasetError(f"{p}: file not found (case {cid!r} needs {len(channels)} channel(s))")
+        lab = labels_dir / f"{cid}{ending}"
+        if not lab.is_file():
+            if require_labels:
+                raise DatasetError(f"{lab}: file not found (label of case {cid!r})")
+            lab = None
+        cases.append((cid, imgs, lab))
+    return {"channels": channels, "labels": labels, "name": meta.get("name")}, cases, meta
+
+
+def read_msd(root: Path, require_labels: bool = True) -> tuple[dict[str, Any], list, dict]:
+    root = Path(root)
+    path = root / "dataset.json"
+    meta = _load_json(path)
+    for key in ("labels", "training"):
+        if key not in meta:
+            raise DatasetError(f"{path}: missing required key {key!r}")
+    modality = meta.get("modality", meta.get("channel_names", {"0": "CT"}))
+    channels = [modality[k] for k in sorted(modality, key=int)]
+    labels = _parse_labels(meta["labels"], path, name_to_value=False)
+    cases = []
+    for i, entry in enumerate(meta["training"]):
+        if not isinstance(entry, dict) or "image" not in entry:
+            raise DatasetError(f"{path}: training[{i}] must be an object with 'image' (and 'label')")
+        img = (root / entry["image"]).resolve()
+        if not img.is_file():
+            raise DatasetError(f"{img}: file not found (training[{i}] in {path})")
+        lab = entry.get("label")
+        lab = (root / lab).resolve() if lab else None
+        if lab is not None and not lab.is_file():
+            raise DatasetError(f"{lab}: file not found (training[{i}] in {path})")
+        if lab is None and require_labels:
+            raise DatasetError(f"{path}: training[{i}] has no 'label'")
+        cid = img.name.split(".")[0]
+        cases.append((cid, (img,), lab))
+    if len({c[0] for c in cases}) != len(cases):
+        raise DatasetError(f"{path}: two training entries share a case id")
+    return {"channels": channels, "labels": labels, "name": meta.get("name")}, sorted(cases), meta
+
+
+def read_dataset(
+    root: str | Path,
+    fmt: str = "auto",
+    modality: str | None = None,
+    name: str | None = None,
+    require_labels: bool = True,
+    check_headers: bool = True,
+) -> DatasetInfo:
+    """Read an nnU-Net v2 raw or MSD dataset folder.
+
+    Args:
+        root: folder holding ``dataset.json``.
+        fmt: ``"nnunet"``, ``"msd"`` or ``"auto"`` (from ``dataset.json``).
+        modality: ``"ct"`` or ``"mri"``; default from the first channel name.
+        name: dataset tag; default the folder name.
+        require_labels: if False, cases without a label file are image-only (for distillation on unlabelled
+            images); if True, a missing label file is an error.
+        check_headers: check every case's channels and label agree in shape and affine (headers only).
+
+    Raises:
+        DatasetError: naming the file and the problem (missing files, unreadable JSON, unknown class names in
+            ``partial_labels.json``, shape/affine mismatch, an empty dataset).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: dataset folder not found")
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    if fmt == "nnunet":
+        head, raw_cases, _ = read_nnunet(root, require_labels)
+    elif fmt == "msd":
+        head, raw_cases, _ = read_msd(root, require_labels)
+    else:
+        raise ValueError(f"unknown dataset format {fmt!r}; use 'nnunet', 'msd' or 'auto'")
+    if not raw_cases:
+        raise DatasetError(f"{root}: the dataset has no cases (no images found)")
+    if modality is None:
+        modality = modality_from_channel(head["channels"][0])
+    elif modality not in ("ct", "mri"):
+        raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
+    labels = head["labels"]
+    annotated = _read_partial_labels(root, labels, [c[0] for c in raw_cases])
+    cases = [
+        CaseRecord(cid, imgs, lab, annotated[cid] if lab is not None else ()) for cid, imgs, lab in raw_cases
+    ]
+    if check_headers:
+        for case in cases:
+            _check_headers(case)
+    return DatasetInfo(
+        name=name or root.name,
+        root=root,
+        format=fmt,
+        modality=modality,
+        channel_names=list(head["channels"]),
+        labels=labels,
+        cases=cases,
+    )

@@ -1,0 +1,296 @@
+"""MONAI transform presets per modality, case validation and label remapping by class name.
+
+The deterministic prefix of every pipeline (load -> validate -> remap labels -> Orientation -> Spacing ->
+intensity) is what :class:`monai.data.CacheDataset` caches, so an epoch does not re-read and re-resample the
+NIfTI files; random crops and intensity augmentation come after it.
+
+Each item dict entering the pipeline carries (see :mod:`cfseg.data.datamodule`):
+    ``image``: channel file path(s); ``label``: label path (absent for image-only cases);
+    ``label_lut``: int16 array [256] mapping this dataset's label values to global class indices
+    (-1 = value not declared in dataset.json; 0 for classes not annotated in this case).
+
+Left-right flips are deliberately absent: in anatomy, left and right organs are different classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai import transforms as mt
+from monai.config import KeysCollection
+
+from cfseg.data.formats import DatasetError
+
+CT_WINDOW = (-175.0, 250.0)
+
+
+@dataclass
+class Preprocessing:
+    """Everything inference needs to reproduce training's preprocessing (stored in checkpoints).
+
+    Attributes:
+        modality: ``"ct"`` or ``"mri"``.
+        spacing: target voxel spacing in mm (x, y, z) after reorientation.
+        orientation: axis codes images are reoriented to before resampling.
+        ct_window: HU window (min, max) mapped linearly to [0, 1] and clipped (CT only).
+        mri_foreground: fraction of the 99th percentile above which an MRI voxel counts as foreground for
+            z-scoring.
+    """
+
+    modality: str = "ct"
+    spacing: tuple[float, float, float] = (1.5, 1.5, 1.5)
+    orientation: str = "RAS"
+    ct_window: tuple[float, float] = CT_WINDOW
+    mri_foreground: float = 0.05
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["spacing"] = list(self.spacing)
+        d["ct_window"] = list(self.ct_window)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
+        d = dict(d)
+        d["spacing"] = tuple(d["spacing"])
+        d["ct_window"] = tuple(d.get("ct_window", CT_WINDOW))
+        return cls(**d)
+
+
+def _filename(d: Mapping, key: str) -> str:
+    img = d.get(key)
+    meta = getattr(img, "meta", None) or d.get(f"{key}_meta_dict", {})
+    return str(meta.get("filename_or_obj", f"<{key}>"))
+
+
+class ValidateCased(mt.MapTransform):
+    """Check a loaded case: finite intensities, image/label shape and affine agree.
+
+    Raises:
+        DatasetError: naming the file and the problem.
+    """
+
+    def __init__(self, image_key: str = "image", label_key: str = "label", allow_missing_keys: bool = True):
+        super().__init__([image_key, label_key], allow_missing_keys)
+        self.image_key, self.label_key = image_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        img = d[self.image_key]
+        arr = img.as_tensor() if hasattr(img, "as_tensor") else torch.as_tensor(img)
+        if not torch.isfinite(arr).all():
+            n = int((~torch.isfinite(arr)).sum())
+            raise DatasetError(f"{_filename(d, self.image_key)}: {n} NaN/infinite intensities")
+        if self.label_key in d:
+            lab = d[self.label_key]
+            if tuple(lab.shape[1:]) != tuple(img.shape[1:]):
+                raise DatasetError(
+                    f"{_filename(d, self.label_key)}: label shape {tuple(lab.shape[1:])} does not match image "
+                    f"{_filename(d, self.image_key)} shape {tuple(img.shape[1:])}"
+                )
+            a, b = getattr(img, "affine", None), getattr(lab, "affine", None)
+            if a is not None and b is not None and not torch.allclose(
+                torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=1e-3
+            ):
+                raise DatasetError(
+                    f"{_filename(d, self.label_key)}: label affine does not match image "
+                    f"{_filename(d, self.image_key)}"
+                )
+        return d
+
+
+class RemapLabelsd(mt.MapTransform):
+    """Map dataset label values to global class indices with the per-case ``label_lut`` in the item.
+
+    The look-up table is [256] int: ``lut[v]`` is the global index of value ``v``, 0 for classes not
+    annotated in this case, and -1 for values not declared in ``dataset.json`` (an error).
+    """
+
+    def __init__(self, label_key: str = "label", lut_key: str = "label_lut", allow_missing_keys: bool = True):
+        super().__init__([label_key], allow_missing_keys)
+        self.label_key, self.lut_key = label_key, lut_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        lut = d.pop(self.lut_key, None)
+        if self.label_key not in d:
+            return d
+        if lut is None:
+            raise KeyError(f"item has no {self.lut_key!r}: build items with cfseg.data.datamodule")
+        lab = d[self.label_key]
+        arr = lab.as_tensor() if hasattr(lab, "as_tensor") else torch.as_tensor(lab)
+        values = torch.unique(arr)
+        bad = [
+            int(v) if v == int(v) else v for v in values.tolist()
+            if v != int(v) or not 0 <= int(v) < len(lut) or lut[int(v)] < 0
+        ]
+        if bad:
+            declared = [i for i in range(1, len(lut)) if lut[i] >= 0]
+            raise DatasetError(
+                f"{_filename(d, self.label_key)}: label values {bad} are not declared in dataset.json "
+                f"(declared: {declared})"
+            )
+        table = torch.as_tensor(np.asarray(lut), dtype=torch.int64)
+        out = table[arr.long()].to(torch.uint8)
+        d[self.label_key] = lab.clone().set_array(out) if hasattr(lab, "set_array") else out
+        return d
+
+
+class ZScoreForegroundd(mt.MapTransform):
+    """MRI intensity: z-score over foreground voxels (above ``fraction`` x the 99th percentile)."""
+
+    def __init__(self, keys: KeysCollection, fraction: float = 0.05):
+        super().__init__(keys)
+        self.fraction = fraction
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            x = img.as_tensor().float() if hasattr(img, "as_tensor") else torch.as_tensor(img).float()
+            out = torch.empty_like(x)
+            for c in range(x.shape[0]):
+                xc = x[c]
+                thr = self.fraction * torch.quantile(xc.flatten()[:: max(1, xc.numel() // 200_000)], 0.99)
+                fg = xc[xc > thr]
+                if fg.numel() < 10:
+                    fg = xc.flatten()
+                out[c] = (xc - fg.mean()) / fg.std().clamp_min(1e-6)
+            d[key] = img.clone().set_array(out) if hasattr(img, "set_array") else out
+        return d
+
+
+def intensity_transform(pre: Preprocessing, key: str = "image") -> mt.Transform:
+    """The modality's intensity normalisation: CT window to [0, 1]; MRI z-score over foreground."""
+    if pre.modality == "ct":
+        lo, hi = pre.ct_window
+        return mt.ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if pre.modality == "mri":
+        return ZScoreForegroundd(key, fraction=pre.mri_foreground)
+    raise ValueError(f"modality must be 'ct' or 'mri', got {pre.modality!r}")
+
+
+def deterministic_transforms(pre: Preprocessing, labeled: bool = True) -> list[mt.Transform]:
+    """Load, validate, remap, reorient, resample, normalise: the cached prefix.
+
+    Output items: ``image`` float32 [C, X, Y, Z] and, when labelled, ``label`` uint8 [1, X, Y, Z] in global
+    class indices.
+    """
+    keys = ["image", "label"] if labeled else ["image"]
+    modes = ("bilinear", "nearest") if labeled else ("bilinear",)
+    return [
+        mt.LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        ValidateCased("image", "label"),
+        RemapLabelsd("label"),
+        mt.Orientationd(keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Spacingd(keys, pixdim=pre.spacing, mode=modes),
+        intensity_transform(pre, "image"),
+        mt.EnsureTyped("image", dtype=torch.float32),
+        *([mt.EnsureTyped("label", dtype=torch.uint8)] if labeled else []),
+    ]
+
+
+def random_transforms(
+    patch_size: Sequence[int],
+    num_classes: int,
+    samples_per_volume: int = 2,
+    crop: str = "class_balanced",
+    class_ratios: Sequence[float] | None = None,
+    labeled: bool = True,
+    augment: bool = True,
+) -> list[mt.Transform]:
+    """Random patch sampling and light intensity augmentation for training.
+
+    Args:
+        patch_size: crop size (voxels).
+        num_classes: K + 1 (background included), for class-balanced crops.
+        samples_per_volume: patches drawn per loaded volume.
+        crop: ``"class_balanced"`` (centre on each class equally often, or by ``class_ratios``; classes absent
+            from a volume are skipped), ``"foreground"`` (half the patches centred on any foreground) or
+            ``"random"``. Image-only items always get random crops.
+        augment: random intensity scale/shift (no flips: left/right matter).
+    """
+    keys = ["image", "label"] if labeled else ["image"]
+    pad = mt.SpatialPadd(keys, spatial_size=patch_size, mode="constant")
+    if not labeled or crop == "random":
+        cropper = mt.RandSpatialCropSamplesd(keys, roi_size=patch_size, num_samples=samples_per_volume,
+                                             random_size=False)
+    elif crop == "class_balanced":
+        cropper = mt.RandCropByLabelClassesd(
+            keys, label_key="label", spatial_size=patch_size, num_classes=num_classes,
+            ratios=list(class_ratios) if class_ratios is not None else None, num_samples=samples_per_volume,
+            warn=False,
+        )
+    elif crop == "foreground":
+        cropper = mt.RandCropByPosNegLabeld(
+            keys, label_key="label", spatial_size=patch_size, pos=1, neg=1, num_samples=samples_per_volume
+        )
+    else:
+        raise ValueError(f"crop must be 'class_balanced', 'foreground' or 'random', got {crop!r}")
+    out: list[mt.Transform] = [pad, cropper]
+    if augment:
+        out += [
+            mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
+            mt.RandShiftIntensityd("image", offsets=0.05, prob=0.5),
+        ]
+    return out
+
+
+class CheckedCompose(mt.Compose):
+    """A Compose that surfaces a :class:`DatasetError` raised inside it as itself.
+
+    MONAI wraps a transform's exception in ``RuntimeError("applying transform ...")``; a user should see the
+    one line naming the file and the problem instead.
+    """
+
+    def __call__(self, input_, *args, **kwargs):
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as e:
+            cause: BaseException | None = e
+            while cause is not None and not isinstance(cause, DatasetError):
+                cause = cause.__cause__
+            if cause is not None:
+                raise cause from None
+            raise
+
+
+def build_transforms(
+    pre: Preprocessing,
+    train: bool,
+    patch_size: Sequence[int] | None = None,
+    num_classes: int | None = None,
+    labeled: bool = True,
+    **random_kwargs: Any,
+) -> mt.Compose:
+    """The full pipeline: deterministic prefix, plus random crops/augmentation when ``train``."""
+    ts = deterministic_transforms(pre, labeled)
+    if train:
+        if patch_size is None or num_classes is None:
+            raise ValueError("training transforms need patch_size and num_classes")
+        ts += random_transforms(patch_size, num_classes, labeled=labeled, **random_kwargs)
+    return CheckedCompose(ts)
+
+
+def make_label_lut(dataset_labels: Mapping[str, int], annotated: Sequence[str],
+                   global_index: Mapping[str, int]) -> np.ndarray:
+    """Per-case look-up table dataset value -> global index (see :class:`RemapLabelsd`).
+
+    Args:
+        dataset_labels: canonical class name -> label value in the dataset's files.
+        annotated: classes annotated in this case; values of other declared classes map to 0.
+        global_index: canonical name -> index in the experiment's class list (classes missing there map to 0).
+
+    Returns:
+        int16 array [256].
+    """
+    lut = np.full(256, -1, dtype=np.int16)
+    lut[0] = 0
+    for name, value in dataset_labels.items():
+        lut[value] = global_index.get(name, 0) if name in annotated else 0
+    return lut

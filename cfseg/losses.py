@@ -1,0 +1,496 @@
+"""Losses for partially labelled and continual segmentation (functional core).
+
+Every function here is pure and differentiable: tensors in, a scalar tensor out, no state. Shapes use
+``B`` for the batch, ``K + 1`` for the classes known to the model (channel 0 is background, channel ``k``
+is the ``k``-th class in the vocabulary's global order) and ``*S`` for one or more spatial dimensions.
+
+Partial labels (one dataset annotates the liver, another the kidneys):
+
+* :func:`partial_label_ce` -- a voxel labelled with an annotated class ``k > 0`` gets ``-log p_k``; a voxel
+  labelled 0 gets ``-log(p_0 + sum_{j unannotated} p_j)``, i.e. "background or something nobody labelled
+  in this case" (the marginal loss of Shi et al., MedIA 2021, and of the DESIGN notes).
+* :func:`partial_dice_loss` -- soft Dice over the annotated foreground classes of each sample only.
+* :func:`partial_label_loss` -- weighted sum of the two, sharing one validation and one softmax.
+
+Class-incremental distillation (MiB, Cermelli et al., CVPR 2020):
+
+* :func:`mib_distillation` -- teacher distribution over background + old classes against the student's,
+  with the student's new-class probability mass folded into background.
+* :func:`similarity_distillation` -- MSE between student and teacher similarity (cosine-logit) maps.
+* :func:`feature_distillation` -- MSE between (optionally L2-normalised) feature maps.
+
+Numerics: logits in half precision are upcast to float32 (float64 stays float64); everything is computed in
+log space with ``log_softmax`` / ``logsumexp``, so logits of magnitude 1e4 give finite losses and gradients.
+Teacher tensors are treated as constants (detached) in all distillation terms.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "feature_distillation",
+    "merged_background_log_probs",
+    "mib_distillation",
+    "partial_dice_loss",
+    "partial_label_ce",
+    "partial_label_loss",
+    "similarity_distillation",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# validation helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _as_compute_dtype(x: Tensor, name: str) -> Tensor:
+    """Return ``x`` as float32/float64 (half precision is upcast); reject non-floating tensors."""
+    if not torch.is_floating_point(x):
+        raise ValueError(
+            f"{name} must be a floating-point tensor, got dtype {x.dtype}; pass raw logits/features."
+        )
+    if x.dtype in (torch.float32, torch.float64):
+        return x
+    return x.float()
+
+
+def _check_class_tensor(x: Tensor, name: str) -> None:
+    if x.ndim < 3:
+        raise ValueError(
+            f"{name} must have shape [B, C, *S] with at least one spatial dimension, got shape "
+            f"{tuple(x.shape)}; add a singleton spatial axis (x[..., None]) for per-sample vectors."
+        )
+
+
+def _check_annotated(annotated: Tensor, logits: Tensor) -> Tensor:
+    """Validate ``annotated`` [B, K+1] bool against ``logits`` and return a copy with column 0 set True."""
+    if not isinstance(annotated, Tensor) or annotated.dtype != torch.bool:
+        dtype = annotated.dtype if isinstance(annotated, Tensor) else type(annotated).__name__
+        raise ValueError(
+            f"annotated must be a bool tensor [B, K+1], got {dtype}; build it with e.g. "
+            f"torch.zeros(B, K + 1, dtype=torch.bool) and set the annotated classes True."
+        )
+    expected = (logits.shape[0], logits.shape[1])
+    if tuple(annotated.shape) != expected:
+        raise ValueError(
+            f"annotated has shape {tuple(annotated.shape)} but logits of shape {tuple(logits.shape)} need "
+            f"[B, K+1] = {expected}; one row per sample, one column per class including background."
+        )
+    ann = annotated.to(logits.device).clone()
+    ann[:, 0] = True
+    return ann
+
+
+def _check_mask(
+    mask: Tensor | None, shape: tuple[int, ...], ref_name: str, ref_shape: tuple[int, ...]
+) -> None:
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        dtype = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask must be a bool tensor [B, *S], got {dtype}.")
+    if tuple(mask.shape) != shape:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but {ref_name} of shape {ref_shape} need mask shape {shape} "
+            f"([B, *S], no channel axis)."
+        )
+
+
+def _prepare_partial(
+    logits: Tensor, target: Tensor, annotated: Tensor, ignore_index: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Validate the partial-label inputs.
+
+    Returns:
+        ``(x, t_safe, valid, ann)``: logits in a compute dtype [B, K+1, *S]; target [B, *S] int64 with ignored
+        voxels replaced by 0; ``valid`` [B, *S] bool (None when nothing can be ignored); ``ann`` [B, K+1] bool
+        with column 0 True.
+    """
+    _check_class_tensor(logits, "logits")
+    x = _as_compute_dtype(logits, "logits")
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target has shape {tuple(target.shape)} but logits have shape {tuple(logits.shape)}; target "
+            f"must be [B, *S] = {expected} (no channel axis; squeeze a [B, 1, *S] map with target[:, 0])."
+        )
+    if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
+        raise ValueError(f"target must be an integer tensor of class indices, got dtype {target.dtype}.")
+    ann = _check_annotated(annotated, logits)
+    t = target.to(device=logits.device, dtype=torch.long)
+    n_classes = logits.shape[1]
+
+    valid: Tensor | None = None
+    if ignore_index is not None:
+        valid = t != ignore_index
+        t = torch.where(valid, t, torch.zeros_like(t))
+
+    out_of_range = (t < 0) | (t >= n_classes)
+    if bool(out_of_range.any()):
+        bad = int(t[out_of_range][0])
+        hint = "" if ignore_index is not None else " (pass ignore_index for a label that marks 'ignore')"
+        raise ValueError(
+            f"target contains class index {bad}, but logits have {n_classes} channels "
+            f"(valid 0..{n_classes - 1}){hint}."
+        )
+
+    # Per-voxel check that the label is annotated in its sample: one gather on [B, N].
+    b = t.shape[0]
+    ok = ann.gather(1, t.reshape(b, -1)).reshape(t.shape)
+    if valid is not None:
+        ok = ok | ~valid
+    if not bool(ok.all()):
+        first = (~ok).nonzero()[0]
+        sample = int(first[0])
+        cls = int(t[tuple(first.tolist())])
+        present = sorted(int(c) for c in torch.unique(t[sample][~ok[sample]]))
+        annotated_list = [int(c) for c in ann[sample].nonzero().flatten()]
+        raise ValueError(
+            f"target of sample {sample} contains class index {cls}, which is not annotated for that sample "
+            f"(unannotated labels present: {present}; annotated classes: {annotated_list}). Mark the class "
+            f"annotated for that sample or remap the label."
+        )
+    return x, t, valid, ann
+
+
+def _masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of ``values`` [B, *S] over ``valid`` voxels; 0 (graph kept) when no voxel is valid."""
+    if valid is None:
+        return values.mean()
+    zeros = torch.zeros((), dtype=values.dtype, device=values.device)
+    total = torch.where(valid, values, zeros).sum()
+    return total / valid.sum().clamp_min(1).to(values.dtype)
+
+
+def _merge_log_probs(logp: Tensor, ann: Tensor) -> Tensor:
+    """Core of :func:`merged_background_log_probs` on already-normalised log-probabilities."""
+    view = (*ann.shape, *([1] * (logp.ndim - 2)))
+    unann = (~ann).reshape(view)
+    merge = unann.clone()
+    merge[:, 0] = True
+    neg_inf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+    log_bg = torch.logsumexp(torch.where(merge, logp, neg_inf), dim=1, keepdim=True)
+    fg = torch.where(unann[:, 1:], neg_inf, logp[:, 1:])
+    return torch.cat([log_bg, fg], dim=1)
+
+
+def _ce_from_log_probs(logp: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor) -> Tensor:
+    merged = _merge_log_probs(logp, ann)
+    nll = -merged.gather(1, t.unsqueeze(1)).squeeze(1)
+    return _masked_mean(nll, valid)
+
+
+def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor, smooth: float) -> Tensor:
+    n_classes = probs.shape[1]
+    onehot = F.one_hot(t, n_classes).movedim(-1, 1).to(probs.dtype)
+    if valid is not None:
+        v = valid.unsqueeze(1).to(probs.dtype)
+        probs = probs * v
+        onehot = onehot * v
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * onehot).sum(dims)
+    denom = probs.sum(dims) + onehot.sum(dims)
+    dice = (2.0 * inter + smooth) / (denom + smooth)  # [B, K+1]
+    pairs = ann.clone()
+    pairs[:, 0] = False
+    zeros = torch.zeros((), dtype=dice.dtype, device=dice.device)
+    total = torch.where(pairs, 1.0 - dice, zeros).sum()
+    return total / pairs.sum().clamp_min(1).to(dice.dtype)
+
+
+def _check_smooth(smooth: float) -> None:
+    if not smooth > 0:
+        raise ValueError(f"smooth must be > 0 (it makes empty classes well defined), got {smooth}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# partial-label losses
+# ----------------------------------------------------------------------------------------------------------
+
+
+def merged_background_log_probs(logits: Tensor, annotated: Tensor) -> Tensor:
+    """Log-probabilities with every unannotated class merged into background.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel 0 background.
+        annotated: [B, K+1] bool, which classes are annotated in each sample (column 0 is treated as True).
+
+    Returns:
+        [B, K+1, *S] log-probabilities of the softmax over all channels, except that channel 0 holds
+        ``log(p_0 + sum_{j unannotated} p_j)`` and unannotated foreground channels hold ``-inf``. The result
+        exponentiates to a distribution over {merged background} U {annotated classes} per voxel.
+
+    Raises:
+        ValueError: on non-floating logits, a non-bool ``annotated`` or one whose shape is not [B, K+1].
+    """
+    _check_class_tensor(logits, "logits")
+    x = _as_compute_dtype(logits, "logits")
+    ann = _check_annotated(annotated, logits)
+    return _merge_log_probs(F.log_softmax(x, dim=1), ann)
+
+
+def partial_label_ce(
+    logits: Tensor, target: Tensor, annotated: Tensor, ignore_index: int | None = None
+) -> Tensor:
+    """Cross-entropy for partially annotated labels (marginal background).
+
+    A voxel labelled ``k > 0`` contributes ``-log p_k`` (softmax over all K+1 channels). A voxel labelled 0
+    contributes ``-log(p_0 + sum_{j not annotated in its sample} p_j)``: in a case where only the liver was
+    drawn, an unlabelled voxel may be background or any organ nobody drew there. Computed as a
+    ``logsumexp`` of log-probabilities over the merged set, so it is stable for extreme logits. When every
+    class is annotated this equals ``F.cross_entropy(logits, target)``.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel 0 background, channel k the global class k.
+        target: [B, *S] integer labels in 0..K (global class indices), or ``ignore_index``.
+        annotated: [B, K+1] bool, which classes were annotated for each sample; column 0 is always treated
+            as True.
+        ignore_index: label value whose voxels are excluded (may lie outside 0..K, e.g. 255 or -1).
+
+    Returns:
+        Scalar tensor: mean over non-ignored voxels of the whole batch (0, still attached to the graph, when
+        every voxel is ignored). float32 for half-precision logits, else the logits' dtype.
+
+    Raises:
+        ValueError: shape or dtype mismatch (both shapes named), a label outside 0..K, or a voxel labelled
+            with a class that is not annotated for its sample (the class index and sample are named).
+    """
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    return _ce_from_log_probs(F.log_softmax(x, dim=1), t, valid, ann)
+
+
+def partial_dice_loss(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    smooth: float = 1e-5,
+    ignore_index: int | None = None,
+) -> Tensor:
+    """Soft Dice loss over the annotated foreground classes of each sample.
+
+    For every pair (sample b, class k >= 1) with ``annotated[b, k]`` the soft Dice over the non-ignored voxels
+    of that sample is ``(2 sum p_k g_k + smooth) / (sum p_k + sum g_k + smooth)`` with ``p`` the softmax over
+    all K+1 channels and ``g`` the one-hot target. The loss is ``1 - mean`` of these Dice values; pairs that
+    are not annotated (and background) never enter, so an unannotated class only acts through the softmax
+    normalisation of the annotated ones. With no annotated foreground pair in the batch the loss is 0.
+
+    Empty classes: a class annotated in a sample but absent from its target gets Dice
+    ``smooth / (sum p_k + smooth)``, which is 1 only when the predicted soft mass is far below ``smooth``;
+    with the default 1e-5 it therefore acts as a push of ``p_k`` towards zero in that sample ("annotated and
+    absent" is real information). Absent in both target and prediction gives Dice 1 (loss 0), matching the
+    metric convention in DESIGN.md. This is the same formula as MONAI's
+    ``DiceLoss(include_background=False, smooth_nr=smooth, smooth_dr=smooth)`` per sample and class (checked
+    in the tests); MONAI has no per-(sample, class) mask, hence plain torch here.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel 0 background.
+        target: [B, *S] integer labels in 0..K, or ``ignore_index``.
+        annotated: [B, K+1] bool, annotated classes per sample (column 0 ignored here).
+        smooth: > 0, added to numerator and denominator.
+        ignore_index: label value whose voxels are excluded from both prediction and target sums.
+
+    Returns:
+        Scalar tensor in [0, 1].
+
+    Raises:
+        ValueError: as :func:`partial_label_ce`, or ``smooth <= 0``.
+    """
+    _check_smooth(smooth)
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    return _dice_from_probs(torch.softmax(x, dim=1), t, valid, ann, smooth)
+
+
+def partial_label_loss(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    ignore_index: int | None = None,
+    smooth: float = 1e-5,
+) -> Tensor:
+    """``ce_weight * partial_label_ce + dice_weight * partial_dice_loss`` with one validation and softmax.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel 0 background.
+        target: [B, *S] integer labels in 0..K, or ``ignore_index``.
+        annotated: [B, K+1] bool, annotated classes per sample.
+        ce_weight: weight of the partial cross-entropy (>= 0).
+        dice_weight: weight of the partial soft Dice (>= 0).
+        ignore_index: label value whose voxels are excluded from both terms.
+        smooth: Dice smoothing term, see :func:`partial_dice_loss`.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: as the two terms, or a negative weight.
+    """
+    if ce_weight < 0 or dice_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got ce_weight={ce_weight}, dice_weight={dice_weight}.")
+    _check_smooth(smooth)
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    logp = F.log_softmax(x, dim=1)
+    loss = logp.new_zeros(())
+    if ce_weight:
+        loss = loss + ce_weight * _ce_from_log_probs(logp, t, valid, ann)
+    if dice_weight:
+        loss = loss + dice_weight * _dice_from_probs(logp.exp(), t, valid, ann, smooth)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distillation
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_student_teacher(student: Tensor, teacher: Tensor, s_name: str, t_name: str) -> None:
+    _check_class_tensor(student, s_name)
+    _check_class_tensor(teacher, t_name)
+    if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
+        raise ValueError(
+            f"{s_name} has shape {tuple(student.shape)} and {t_name} has shape {tuple(teacher.shape)}; batch "
+            f"and spatial sizes must match (only the channel axis may differ)."
+        )
+    if student.shape[1] < teacher.shape[1]:
+        raise ValueError(
+            f"{s_name} has shape {tuple(student.shape)} with fewer channels than {t_name} of shape "
+            f"{tuple(teacher.shape)}; the student must keep all of the teacher's channels first."
+        )
+
+
+def mib_distillation(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    n_old: int,
+    temperature: float = 1.0,
+    mask: Tensor | None = None,
+    *,
+    scale_by_t2: bool = False,
+) -> Tensor:
+    """MiB unbiased knowledge distillation with the background shift folded in (Cermelli et al., CVPR 2020).
+
+    The teacher knows background + ``n_old`` classes; the student knows those (same order, first) plus new
+    ones. In the teacher's eyes a new class is background, so the student's new-class mass is folded into
+    its background before comparing::
+
+        q          = softmax(teacher / T)                                   over the n_old+1 channels
+        log p~_0   = logsumexp_{j in {0} U new}(student_j / T) - logsumexp_all(student / T)
+        log p~_k   = student_k / T - logsumexp_all(student / T)              for old k = 1..n_old
+        loss       = -mean_voxels sum_k q_k log p~_k
+
+    This is the cross-entropy form of ``KL(q || p~)``: the two differ by the teacher entropy ``H(q)``, a
+    constant for the student, so the gradients are identical; the loss equals ``H(q)`` when ``p~ = q``.
+    Unlike the reference MiB code the sum over channels is not divided by ``n_old + 1`` (a constant factor).
+
+    Args:
+        student_logits: [B, K_new+1, *S] with K_new >= n_old; channels 0..n_old match the teacher's.
+        teacher_logits: [B, n_old+1, *S]; treated as a constant (detached).
+        n_old: number of old foreground classes (>= 0).
+        temperature: T > 0, divides both student and teacher logits.
+        mask: optional [B, *S] bool of voxels to include; the mean runs over those voxels only (0 if none).
+        scale_by_t2: multiply the loss by ``T**2`` (Hinton et al.) to keep gradient magnitudes comparable
+            across temperatures. Off by default.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: on channel counts that do not match ``n_old``, mismatched batch/spatial shapes (both
+            shapes named), a bad mask or a non-positive temperature.
+    """
+    if not isinstance(n_old, int) or isinstance(n_old, bool) or n_old < 0:
+        raise ValueError(f"n_old must be a non-negative int, got {n_old!r}.")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    _check_student_teacher(student_logits, teacher_logits, "student_logits", "teacher_logits")
+    if teacher_logits.shape[1] != n_old + 1:
+        raise ValueError(
+            f"teacher_logits has shape {tuple(teacher_logits.shape)} but n_old={n_old} needs {n_old + 1} "
+            f"channels (background + old classes)."
+        )
+    expected_mask = (student_logits.shape[0], *student_logits.shape[2:])
+    _check_mask(mask, expected_mask, "student_logits", tuple(student_logits.shape))
+
+    s = _as_compute_dtype(student_logits, "student_logits") / temperature
+    t = _as_compute_dtype(teacher_logits, "teacher_logits").detach().to(s.dtype) / temperature
+    q = torch.softmax(t, dim=1)
+    log_norm = torch.logsumexp(s, dim=1)  # [B, *S]
+    bg_and_new = torch.cat([s[:, :1], s[:, n_old + 1 :]], dim=1)
+    log_bg = torch.logsumexp(bg_and_new, dim=1) - log_norm
+    log_old = s[:, 1 : n_old + 1] - log_norm.unsqueeze(1)
+    per_voxel = -(q[:, 0] * log_bg + (q[:, 1:] * log_old).sum(dim=1))
+    loss = _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
+    if scale_by_t2:
+        loss = loss * temperature**2
+    return loss
+
+
+def similarity_distillation(student_sim: Tensor, teacher_sim: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error between student and teacher similarity maps over the teacher's classes.
+
+    Args:
+        student_sim: [B, C_s, *S] similarity (e.g. cosine or cosine/tau) maps; only the first ``C_t``
+            channels (background + old classes) are compared.
+        teacher_sim: [B, C_t, *S] with C_t <= C_s; treated as a constant (detached).
+        mask: optional [B, *S] bool of voxels to include.
+
+    Returns:
+        Scalar tensor: mean over included voxels and the C_t channels of the squared difference.
+
+    Raises:
+        ValueError: mismatched batch/spatial shapes or a student narrower than the teacher (both shapes
+            named), or a bad mask.
+    """
+    _check_student_teacher(student_sim, teacher_sim, "student_sim", "teacher_sim")
+    _check_mask(mask, (student_sim.shape[0], *student_sim.shape[2:]), "student_sim", tuple(student_sim.shape))
+    s = _as_compute_dtype(student_sim, "student_sim")[:, : teacher_sim.shape[1]]
+    t = _as_compute_dtype(teacher_sim, "teacher_sim").detach().to(s.dtype)
+    per_voxel = (s - t).pow(2).mean(dim=1)
+    return _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
+
+
+def feature_distillation(
+    student_feat: Tensor,
+    teacher_feat: Tensor,
+    mask: Tensor | None = None,
+    *,
+    normalize: bool = False,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Mean squared error between student and teacher feature maps.
+
+    Args:
+        student_feat: [B, F, *S] features.
+        teacher_feat: [B, F, *S] features of the same shape; treated as a constant (detached).
+        mask: optional [B, *S] bool of voxels to include.
+        normalize: L2-normalise each voxel's feature vector (over F) first, making the term scale-free
+            (then per voxel ``||a - b||^2 / F = (2 - 2 cos(a, b)) / F``).
+        eps: floor on the norm when normalising.
+
+    Returns:
+        Scalar tensor: mean over included voxels and the F channels of the squared difference.
+
+    Raises:
+        ValueError: on differing shapes (both named) or a bad mask.
+    """
+    _check_class_tensor(student_feat, "student_feat")
+    if student_feat.shape != teacher_feat.shape:
+        raise ValueError(
+            f"student_feat has shape {tuple(student_feat.shape)} but teacher_feat has shape "
+            f"{tuple(teacher_feat.shape)}; they must be equal (project the student's features first if "
+            f"widths differ)."
+        )
+    _check_mask(
+        mask, (student_feat.shape[0], *student_feat.shape[2:]), "student_feat", tuple(student_feat.shape)
+    )
+    s = _as_compute_dtype(student_feat, "student_feat")
+    t = _as_compute_dtype(teacher_feat, "teacher_feat").detach().to(s.dtype)
+    if normalize:
+        s = F.normalize(s, dim=1, eps=eps)
+        t = F.normalize(t, dim=1, eps=eps)
+    per_voxel = (s - t).pow(2).mean(dim=1)
+    return _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))

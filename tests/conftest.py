@@ -51,6 +51,20 @@ def make_nnunet(root: Path, labels: dict[str, int], n_cases: int = 3, shape=(12,
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _text_cache(tmp_path_factory):
+    """Text-embedding cache shared by the session (and its subprocesses), never the user's home."""
+    os.environ["CFSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("cfseg_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_phantoms(tmp_path_factory) -> list[Path]:
+    """The synthetic 'tiny' preset (two 32^3 sites: a partially annotated CT, an LPS MRI)."""
+    from cfseg.data.synthetic import make_datasets
+
+    return make_datasets(tmp_path_factory.mktemp("phantoms"), "tiny", seed=0)
+
+
 @pytest.fixture
 def tiny_nnunet(tmp_path: Path) -> Path:
     return make_nnunet(tmp_path / "Dataset001_tiny", {"liver": 1, "right kidney": 3, "Spleen": 7})

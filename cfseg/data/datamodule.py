@@ -140,6 +140,18 @@ def split_cases(
     return {"train": [by_id[i] for i in train], "val": [by_id[i] for i in val], "test": [by_id[i] for i in test]}
 
 
+def checkpoint_classes(path: str | Path) -> list[str]:
+    """Foreground class names stored in a cfseg checkpoint (read without executing pickled code)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: previous checkpoint not found (model.previous_checkpoint)")
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        return list(ckpt["cfseg"]["class_names"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"{p}: not a cfseg checkpoint (no class names)") from e
+
+
 class SegDataModule(L.LightningDataModule):
     """Several partially labelled datasets, one global class list.
 
@@ -162,6 +174,9 @@ class SegDataModule(L.LightningDataModule):
         num_workers: DataLoader workers.
         seed: split seed.
         train_repeats: how many times the training set is repeated per epoch (short datasets, fewer epochs).
+        previous_checkpoint: in an incremental stage, the previous stage's checkpoint: its classes come first
+            in the global class list (in their order), then this stage's new classes. Linked from
+            ``model.previous_checkpoint`` by the CLI.
     """
 
     def __init__(
@@ -182,6 +197,7 @@ class SegDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         train_repeats: int = 1,
+        previous_checkpoint: str | None = None,
     ):
         super().__init__()
         if not datasets:
@@ -200,7 +216,11 @@ class SegDataModule(L.LightningDataModule):
              {canonical_name(x) for x in ds.config.classes}]
             for ds in self.datasets if ds.config.labeled
         ]
-        self.vocab = Vocabulary(classes) if classes is not None else Vocabulary.union(dataset_classes)
+        old = checkpoint_classes(previous_checkpoint) if previous_checkpoint else []
+        if classes is not None:
+            self.vocab = Vocabulary.union([old, classes])
+        else:
+            self.vocab = Vocabulary.union([old, *dataset_classes])
         for ds in self.datasets:
             unknown = [c for c in ds.info.classes if c not in self.vocab]
             if unknown and ds.config.labeled and ds.config.classes is None:
@@ -216,7 +236,8 @@ class SegDataModule(L.LightningDataModule):
     def _load(self, cfg: DatasetConfig) -> LoadedDataset:
         info = read_dataset(cfg.path, cfg.format, cfg.modality, cfg.name, require_labels=cfg.labeled)
         cases = info.cases[: cfg.max_cases] if cfg.max_cases is not None else info.cases
-        split = split_cases(cases, self.hparams.seed, info.name, cfg.val_fraction, cfg.test_fraction,
+        # the split key is the folder name, so a dataset splits the same under any tag (labelled or image-only)
+        split = split_cases(cases, self.hparams.seed, Path(cfg.path).name, cfg.val_fraction, cfg.test_fraction,
                             cfg.split_file)
         return LoadedDataset(cfg, info, split)
 
@@ -263,7 +284,7 @@ class SegDataModule(L.LightningDataModule):
                 "domain": ds.domain,
                 "case_id": case.case_id,
             }
-            if case.label is not None:
+            if case.label is not None and ds.config.labeled:
                 item["label"] = str(case.label)
                 item["label_lut"] = make_label_lut(ds.info.labels, ds.annotated(case), gidx)
             out.append(item)
@@ -320,8 +341,15 @@ class SegDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
                           collate_fn=list_data_collate, persistent_workers=self.hparams.num_workers > 0)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True, self.hparams.batch_size)
+    def train_dataloader(self):
+        """Labelled patches; with image-only entries, a CombinedLoader ``{"labeled", "unlabeled"}``."""
+        labeled = self._loader("train", True, self.hparams.batch_size)
+        unlabeled = self.unlabeled_dataloader()
+        if unlabeled is None:
+            return labeled
+        from lightning.pytorch.utilities import CombinedLoader
+
+        return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", False, 1)

@@ -1,0 +1,77 @@
+"""Scoring a trained module on the cases of one or more datasets (per-class Dice, partial annotation aware)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from cfseg.data.datamodule import DatasetConfig, SegDataModule
+from cfseg.data.transforms import build_transforms
+from cfseg.inference import predict_volume
+from cfseg.metrics import DICE_CONVENTION, dice_per_class, mean_ignore_nan
+from cfseg.module import CFSegModule
+
+
+def evaluate_datasets(
+    module: CFSegModule,
+    datasets: Sequence[DatasetConfig | dict],
+    split: str = "test",
+    classes: Sequence[str] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    keep_first: bool = False,
+) -> dict[str, Any]:
+    """Dice per class on a split of ``datasets``, predicted with ``module``.
+
+    Args:
+        module: trained module (its vocabulary and preprocessing are used).
+        datasets: dataset configs (their split settings decide which cases are in ``split``; use ``"all"`` to
+            score every case).
+        split: ``"train"``, ``"val"``, ``"test"`` or ``"all"``.
+        classes: score only these classes (default: every class annotated in a case). A case is scored only
+            on classes annotated for it.
+        seed: split seed (the same as in training, so test cases are the held-out ones).
+        device: where the network runs.
+        keep_first: also return the first case's volume and prediction (for plots).
+
+    Returns:
+        ``{"per_class_dice": {name: mean}, "mean_dice": float, "n_cases": int, "dice_convention": str}``
+        (classes never annotated in the scored cases are NaN and left out of the mean).
+    """
+    configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
+    if split == "all":
+        configs = [replace(c, val_fraction=0.0, test_fraction=0.0, split_file=None) for c in configs]
+    pre = next(iter(module.preprocessing.values()))
+    dm = SegDataModule(configs, classes=module.class_names, spacing=tuple(pre["spacing"]),
+                       ct_window=tuple(pre.get("ct_window", (-175.0, 250.0))), cache="none", seed=seed)
+    names = module.bank.names
+    wanted = set(range(1, len(names))) if classes is None else {module.bank.index(c) for c in classes}
+    scores: dict[str, list[float]] = {names[k]: [] for k in sorted(wanted)}
+    n_cases, first = 0, None
+    for ds in dm.datasets:
+        items = dm.items(ds, "train" if split == "all" else split)
+        if not items:
+            continue
+        transform = build_transforms(dm.preprocessing(ds.info.modality), train=False)
+        for item in items:
+            vol = transform(item)
+            out = predict_volume(module, vol["image"], device=device)
+            ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
+            for k, d in zip(ks, dice_per_class(out["labels"], vol["label"][0].long(), ks).tolist(), strict=True):
+                scores[names[k]].append(d)
+            n_cases += 1
+            if keep_first and first is None:
+                first = (vol, predict_volume(module, vol["image"], device=device, similarity=True))
+    per_class = {n: (mean_ignore_nan(v) if v else float("nan")) for n, v in scores.items()}
+    result: dict[str, Any] = {
+        "per_class_dice": per_class,
+        "mean_dice": mean_ignore_nan(list(per_class.values())),
+        "n_cases": n_cases,
+        "dice_convention": DICE_CONVENTION,
+    }
+    if keep_first:
+        result["first"] = first
+    return result

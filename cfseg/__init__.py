@@ -5,3 +5,13 @@ from cfseg._torchvision_compat import install_import_hook as _install_tv_hook
 __version__ = "0.1.0"
 
 _install_tv_hook()
+
+
+def segment(image, checkpoint, classes=None, **kwargs):
+    """Segment a NIfTI image (path or nibabel image) with a cfseg checkpoint; see :func:`cfseg.segmentation.segment`.
+
+    Returns a dict of nibabel images in the input's geometry (imported lazily so ``import cfseg`` stays light).
+    """
+    from cfseg.segmentation import segment as _segment
+
+    return _segment(image, checkpoint, classes, **kwargs)

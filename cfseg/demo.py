@@ -22,6 +22,7 @@ from cfseg.data.synthetic import PRESETS, make_datasets
 from cfseg.metrics import DICE_CONVENTION, dice_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+PROTOCOL = Path(__file__).resolve().parents[1] / "configs" / "incremental" / "synthetic.yaml"
 
 
 def ensure_datasets(out: Path, preset: str, seed: int = 0) -> list[Path]:
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", type=Path, default=CONFIG)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-epochs", type=int, default=None, help="override the config's training budget")
+    p.add_argument("--skip-protocol", action="store_true", help="only the joint-training part")
+    p.add_argument("--protocol", type=Path, default=PROTOCOL)
     a = p.parse_args(argv)
     t0 = time.time()
     paths = ensure_datasets(a.data, "demo", a.seed)
@@ -113,8 +116,18 @@ def main(argv: list[str] | None = None) -> int:
     metrics = evaluate(ckpt, test_path, a.out)
     print(f"\nHeld-out Dice ({metrics['n_cases']} cases; {DICE_CONVENTION}):\n")
     print(dice_table(metrics["per_class_dice"]))
-    print(f"\nwrote {a.out / 'metrics.json'} and {a.out / 'demo.png'} in {time.time() - t0:.0f} s")
-    print(f"segment your own file: .venv/bin/cfseg-segment -i image.nii.gz -o masks/ --ckpt {ckpt}")
+    print(f"\nwrote {a.out / 'metrics.json'} and {a.out / 'demo.png'} ({time.time() - t0:.0f} s so far)")
+    if not a.skip_protocol:
+        from cfseg.protocol import load_protocol, print_results, run_protocol
+
+        ensure_datasets(a.data, "incremental", a.seed)
+        spec = load_protocol(a.protocol)
+        spec["output"] = str(a.out / "incremental")
+        print(f"\nContinual-learning protocol {a.protocol} (distill / finetune / joint) ...\n")
+        results = run_protocol(spec)
+        print_results(results)
+        print(f"\nwrote accuracy matrices (JSON, CSV, PNG) under {spec['output']}")
+    print(f"\ndemo finished in {time.time() - t0:.0f} s")
     return 0
 
 

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         args.append(f"--trainer.max_epochs={a.max_epochs}")
     print(f"\nTraining: cfseg {' '.join(args)}\n")
     run = cli(args)
-    ckpt = Path(run.trainer.checkpoint_callback.best_model_path or run.trainer.checkpoint_callback.last_model_path)
+    ckpt = a.out / "cfseg-demo.ckpt"  # a fixed path for the README's segmentation example
+    run.trainer.save_checkpoint(ckpt)
     print(f"\ncheckpoint: {ckpt}\nSegmenting the held-out cases of {test_path.name} ...")
     metrics = evaluate(ckpt, test_path, a.out)
     print(f"\nHeld-out Dice ({metrics['n_cases']} cases; {DICE_CONVENTION}):\n")
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         print_results(results)
         print(f"\nwrote accuracy matrices (JSON, CSV, PNG) under {spec['output']}")
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
+    print(f"segment your own NIfTI file: .venv/bin/cfseg-segment -i image.nii.gz -o masks/ --ckpt {ckpt}")
     return 0
 
 

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import torch
+from torchmetrics import Metric
 
 DICE_CONVENTION = "empty prediction and empty ground truth: Dice 1; only one empty: 0; only annotated classes scored"
 
@@ -63,3 +64,33 @@ def backward_transfer(R: Sequence[Sequence[float]]) -> float:
 def average_after_last(R: Sequence[Sequence[float]]) -> float:
     """Mean of the last row of R: average Dice over all stages' test sets after the last stage."""
     return float(sum(R[-1]) / len(R[-1]))
+
+
+class PerClassDice(Metric):
+    """Mean Dice per class over cases, where each case contributes only its annotated classes.
+
+    States are sums and counts per class (summed across processes), so every rank computes the same result
+    with one synchronisation, whichever classes its own cases annotate.
+
+    Args:
+        num_classes: K + 1 (index 0, background, is never scored).
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("total", default=torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(num_classes, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, classes: Sequence[int], dice: torch.Tensor) -> None:
+        """Add one case's Dice ``dice`` [len(classes)] for class indices ``classes``."""
+        for k, d in zip(classes, dice.tolist(), strict=True):
+            self.total[k] += d
+            self.count[k] += 1
+
+    def compute(self) -> torch.Tensor:
+        """[K+1] mean Dice per class; NaN where a class was never scored."""
+        out = self.total / self.count
+        out[self.count == 0] = float("nan")
+        return out

@@ -21,10 +21,9 @@ import lightning as L
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
-from torchmetrics import MeanMetric
 
 from cfseg.losses import feature_distillation, mib_distillation, partial_label_loss, similarity_distillation
-from cfseg.metrics import dice_per_class
+from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter
 from cfseg.prototypes import PrototypeBank, build_encoder
 from cfseg.vocab import Vocabulary
@@ -169,7 +168,7 @@ class CFSegModule(L.LightningModule):
             if strategy == "distill":
                 teacher.freeze()  # eval mode, requires_grad False
                 self._teacher.append(teacher)
-        self.val_dice = nn.ModuleDict({n: MeanMetric() for n in self.bank.classes})
+        self.val_dice = PerClassDice(len(self.bank.names))
 
     @staticmethod
     def _extend_teacher_bank(teacher: CFSegModule, class_names: list[str] | None, new_classes: list[str] | None,
@@ -286,46 +285,35 @@ class CFSegModule(L.LightningModule):
             return self.net.logits_from_features(feats, self.prototypes)
         return self.net.logits_from_features(feats)
 
-    def _evaluate_volume(self, batch: dict[str, Any]) -> dict[str, float]:
+    def _evaluate_volume(self, batch: dict[str, Any]) -> None:
         logits = self.sliding_window_logits(batch["image"])
         pred = logits.argmax(1)
         target = batch["label"][:, 0].long()
-        scores: dict[str, float] = {}
         for b in range(pred.shape[0]):
-            ann = torch.nonzero(batch["annotated"][b]).flatten().tolist()
-            ks = [k for k in ann if k > 0]
-            for k, d in zip(ks, dice_per_class(pred[b].cpu(), target[b].cpu(), ks).tolist(), strict=True):
-                scores[self.bank.names[k]] = d
-                self.val_dice[self.bank.names[k]].update(d)
-        return scores
+            ks = [k for k in torch.nonzero(batch["annotated"][b]).flatten().tolist() if k > 0]
+            self.val_dice.update(ks, dice_per_class(pred[b].cpu(), target[b].cpu(), ks))
+
+    def _log_dice(self, prefix: str) -> None:
+        per_class = self.val_dice.compute()  # every rank calls this once (DDP-safe)
+        self.val_dice.reset()
+        scored = [(n, per_class[k]) for k, n in enumerate(self.bank.names) if k > 0 and not per_class[k].isnan()]
+        for name, v in scored:  # classes never annotated in these cases are not scored
+            self.log(f"{prefix}/dice_{name}", v.float(), rank_zero_only=True)
+        if scored:
+            self.log(f"{prefix}/mean_dice", torch.stack([v for _, v in scored]).mean().float(), prog_bar=True,
+                     rank_zero_only=True)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_volume(batch)
 
     def on_validation_epoch_end(self) -> None:
-        values = []
-        for name, metric in self.val_dice.items():
-            if metric.update_count:  # classes never annotated in validation are not scored
-                v = metric.compute()
-                self.log(f"val/dice_{name}", v, sync_dist=True)
-                values.append(v)
-            metric.reset()
-        if values:
-            self.log("val/mean_dice", torch.stack(values).mean(), prog_bar=True, sync_dist=True)
+        self._log_dice("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_volume(batch)
 
     def on_test_epoch_end(self) -> None:
-        values = []
-        for name, metric in self.val_dice.items():
-            if metric.update_count:
-                v = metric.compute()
-                self.log(f"test/dice_{name}", v, sync_dist=True)
-                values.append(v)
-            metric.reset()
-        if values:
-            self.log("test/mean_dice", torch.stack(values).mean(), sync_dist=True)
+        self._log_dice("test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         logits = self.sliding_window_logits(batch["image"])

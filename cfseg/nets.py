@@ -12,10 +12,11 @@ the ``D``-channel embedding map ``W z`` is never built at full resolution. Inste
 * the numerator uses ``A = P W`` (``[K+1, F]``, a tiny matrix), and
 * the norm uses ``||W z||^2 = z^T G z`` with ``G = W^T W`` (``[F, F]``),
 
-so the per-voxel cost is ``F * (K + 1 + F)`` multiply-adds and every full-resolution tensor kept for backward
-has ``F`` (or one) channels, like a conventional ``F -> K+1`` softmax head. The voxel is rescaled *before*
-the class matmul (``A (z / ||W z||)``), so no ``K+1``-channel intermediate is saved either: the only
-``K+1``-channel full-resolution tensor is the output, exactly as for a ``1x1x1`` convolution head.
+so the per-voxel cost is ``F * (K + 1 + F)`` multiply-adds. A hand-written backward (``_CosineHead``) keeps
+only the head's input ``z`` and ``||W z||^2`` (one channel) for backward and works in place where it can, so
+the head costs about what a conventional ``1x1x1`` convolution ``F -> K+1`` costs in time and memory (see
+``benchmarks/README.md``). ``_cosine_head_autograd`` is the same maths through plain autograd, kept as a
+reference for tests and benchmarks.
 
 Both segmenters take their backbone as an injected ``nn.Module`` (YAML picks it by ``class_path``).
 """
@@ -100,9 +101,14 @@ class _CosineHead(torch.autograd.Function):
         sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)  # z^T G z = z^T sym(G) z
         buf = _left_matmul(sym, zf)  # [B, F, N] scratch
         sq = buf.mul_(zf).sum(dim=1, keepdim=True)  # [B, 1, N] = ||W z||^2
-        r = sq.clamp_min(eps * eps).rsqrt_()  # 1 / max(||W z||, eps)
-        zhat = torch.mul(z, r, out=buf) if cd == z.dtype else z * r.to(z.dtype)
-        out = _left_matmul(a.to(z.dtype), zhat)  # [B, K+1, N]
+        r = sq.clamp_min(eps * eps).rsqrt_().to(z.dtype)  # 1 / max(||W z||, eps)
+        a_z = a.to(z.dtype)
+        if a.shape[0] <= z.shape[1]:  # scale whichever side has fewer channels
+            out = _left_matmul(a_z, z).mul_(r)  # [B, K+1, N]
+        else:
+            zhat = torch.mul(z, r, out=buf) if buf.dtype == z.dtype else z * r
+            out = _left_matmul(a_z, zhat)
+        del buf
         ctx.save_for_backward(z, a, gram, sq)
         ctx.eps = eps
         return out
@@ -117,21 +123,24 @@ class _CosineHead(torch.autograd.Function):
             cd = sq.dtype
             zf, g = z.to(cd), grad_out.to(cd)
             r = sq.clamp_min(ctx.eps * ctx.eps).rsqrt_()  # [B, 1, N]
-            buf = zf * r  # [B, F, N] scratch, first holding zhat = z r
-            if need_a:  # dL/dA = sum_{b,n} g zhat^T
-                grad_a = torch.matmul(g, buf.transpose(1, 2)).sum(0).to(a.dtype)
+            if need_a:  # dL/dA = sum_{b,n} g r z^T, scaling whichever side has fewer channels
+                if a.shape[0] <= z.shape[1]:
+                    grad_a = torch.matmul(g * r, zf.transpose(1, 2))
+                else:
+                    grad_a = torch.matmul(g, (zf * r).transpose(1, 2))
+                grad_a = grad_a.sum(0).to(a.dtype)
             if need_z or need_gram:
                 h = _left_matmul(a.to(cd).transpose(0, 1), g)  # dL/dzhat, [B, F, N]; becomes dL/dz in place
                 # dL/dsq = <dL/dzhat, z> * (-r^3 / 2) where the clamp is inactive.
-                dsq = torch.mul(h, zf, out=buf).sum(dim=1, keepdim=True)
-                dsq.mul_(r.pow(3)).mul_(-0.5).mul_(sq >= ctx.eps * ctx.eps)
+                buf = h * zf  # [B, F, N] scratch
+                dsq = buf.sum(dim=1, keepdim=True).mul_(r.pow(3)).mul_(-0.5).mul_(sq >= ctx.eps * ctx.eps)
+                zd = torch.mul(zf, dsq, out=buf)  # dsq z
                 if need_gram:  # d(z^T G z)/dG = z z^T
-                    zd = torch.mul(zf, dsq, out=buf)
                     grad_gram = torch.matmul(zd, zf.transpose(1, 2)).sum(0).to(gram.dtype)
-                if need_z:  # dL/dz = r dL/dzhat + 2 dsq sym(G) z
+                if need_z:  # dL/dz = r dL/dzhat + 2 sym(G) (dsq z), one fused multiply-add
                     sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)
-                    hz = _left_matmul(sym, zf, out=buf)
-                    grad_z = h.mul_(r).addcmul_(hz, dsq, value=2.0).to(z.dtype)
+                    h.mul_(r).baddbmm_(sym.expand(zd.shape[0], *sym.shape), zd, alpha=2.0)
+                    grad_z = h.to(z.dtype)
         return grad_z, grad_a, grad_gram, None
 
 
@@ -187,8 +196,8 @@ def cosine_logits(
 
     Computes ``A = P W / tau`` (``[K+1, F]``) and ``G = W^T W`` (``[F, F]``) once, rescales each voxel feature
     by ``1 / ||W z||`` with ``||W z||^2 = z^T G z``, then applies ``A``. Per voxel this is ``F * (K+1+F)``
-    multiply-adds instead of ``D * (K+1+F)`` for the naive version, and no ``D``- or ``K+1``-channel
-    intermediate is kept for backward.
+    multiply-adds instead of ``D * (K+1+F)`` for the naive version, and besides ``z`` only one channel
+    (``||W z||^2``) is kept for backward.
 
     Args:
         features: voxel features ``z`` of shape ``[B, F, *S]``.

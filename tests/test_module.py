@@ -80,7 +80,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_phantoms):
            f"--data.datasets={datasets_arg(tiny_phantoms)}", f"--trainer.logger.init_args.save_dir={tmp_path}",
            f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp", "--trainer.devices=2",
            "--trainer.accelerator=cpu", "--trainer.max_steps=3"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=420, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in r.stderr + r.stdout or "world_size=2" in (r.stderr + r.stdout).replace(" ", "")
     ckpts = list(Path(tmp_path).rglob("tiny.ckpt"))

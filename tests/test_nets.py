@@ -327,9 +327,10 @@ def test_cosine_head_keeps_only_its_input_and_one_channel_for_backward():
 # ----------------------------------------------------------------------------------------------------
 # Hand-written backward
 # ----------------------------------------------------------------------------------------------------
-def test_fused_backward_matches_autograd_of_naive_computation_float64():
+@pytest.mark.parametrize("f, k1", [(5, 7), (7, 3)])  # both orders of the K+1 vs F shortcut
+def test_fused_backward_matches_autograd_of_naive_computation_float64(f, k1):
     g = torch.Generator().manual_seed(11)
-    b, f, d, k1 = 2, 5, 24, 7
+    b, d = 2, 24
     z = torch.randn(b, f, 3, 4, 5, generator=g, dtype=torch.float64)
     z[1, :, 2, 3, 4] = 0.0  # one clamped voxel (||W z|| < eps): no NaN, its norm path gets no gradient
     w = torch.randn(d, f, generator=g, dtype=torch.float64)
@@ -353,10 +354,11 @@ def test_fused_backward_matches_autograd_of_naive_computation_float64():
         torch.testing.assert_close(a_, b_, rtol=1e-7, atol=1e-9, msg=f"gradient w.r.t. {name}")
 
 
-def test_fused_head_passes_gradcheck_including_non_symmetric_gram():
+@pytest.mark.parametrize("k1", [2, 4])
+def test_fused_head_passes_gradcheck_including_non_symmetric_gram(k1):
     g = torch.Generator().manual_seed(12)
     z = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
-    a = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    a = torch.randn(k1, 3, generator=g, dtype=torch.float64, requires_grad=True)
     m = torch.randn(3, 3, generator=g, dtype=torch.float64)
     gram = (m @ m.T + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
     assert torch.autograd.gradcheck(lambda zz, aa, gg: _cosine_head_fused(zz, aa, gg, 1e-6), (z, a, gram))

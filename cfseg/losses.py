@@ -183,7 +183,8 @@ def _ce_from_log_probs(logp: Tensor, t: Tensor, valid: Tensor | None, ann: Tenso
     return _masked_mean(nll, valid)
 
 
-def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor, smooth: float) -> Tensor:
+def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor, smooth: float,
+                     batch_dice: bool = False) -> Tensor:
     n_classes = probs.shape[1]
     onehot = F.one_hot(t, n_classes).movedim(-1, 1).to(probs.dtype)
     if valid is not None:
@@ -193,9 +194,13 @@ def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor
     dims = tuple(range(2, probs.ndim))
     inter = (probs * onehot).sum(dims)
     denom = probs.sum(dims) + onehot.sum(dims)
-    dice = (2.0 * inter + smooth) / (denom + smooth)  # [B, K+1]
     pairs = ann.clone()
     pairs[:, 0] = False
+    if batch_dice:  # one Dice per class over the samples that annotate it (nnU-Net's batch Dice)
+        w = pairs.to(inter.dtype)
+        inter, denom = (inter * w).sum(0, keepdim=True), (denom * w).sum(0, keepdim=True)
+        pairs = pairs.any(0, keepdim=True)
+    dice = (2.0 * inter + smooth) / (denom + smooth)  # [B, K+1] (or [1, K+1] for batch Dice)
     zeros = torch.zeros((), dtype=dice.dtype, device=dice.device)
     total = torch.where(pairs, 1.0 - dice, zeros).sum()
     return total / pairs.sum().clamp_min(1).to(dice.dtype)
@@ -268,6 +273,7 @@ def partial_dice_loss(
     annotated: Tensor,
     smooth: float = 1e-5,
     ignore_index: int | None = None,
+    batch_dice: bool = False,
 ) -> Tensor:
     """Soft Dice loss over the annotated foreground classes of each sample.
 
@@ -291,6 +297,9 @@ def partial_dice_loss(
         annotated: [B, K+1] bool, annotated classes per sample (column 0 ignored here).
         smooth: > 0, added to numerator and denominator.
         ignore_index: label value whose voxels are excluded from both prediction and target sums.
+        batch_dice: pool each class's sums over the samples of the batch that annotate it (one Dice per
+            class, as nnU-Net's batch Dice). A small organ absent from most patches then no longer gets a
+            loss of 1 from every patch that happens to miss it, which otherwise suppresses small organs.
 
     Returns:
         Scalar tensor in [0, 1].
@@ -300,7 +309,7 @@ def partial_dice_loss(
     """
     _check_smooth(smooth)
     x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
-    return _dice_from_probs(torch.softmax(x, dim=1), t, valid, ann, smooth)
+    return _dice_from_probs(torch.softmax(x, dim=1), t, valid, ann, smooth, batch_dice)
 
 
 def partial_label_loss(
@@ -311,6 +320,7 @@ def partial_label_loss(
     dice_weight: float = 1.0,
     ignore_index: int | None = None,
     smooth: float = 1e-5,
+    batch_dice: bool = False,
 ) -> Tensor:
     """``ce_weight * partial_label_ce + dice_weight * partial_dice_loss`` with one validation and softmax.
 
@@ -322,6 +332,7 @@ def partial_label_loss(
         dice_weight: weight of the partial soft Dice (>= 0).
         ignore_index: label value whose voxels are excluded from both terms.
         smooth: Dice smoothing term, see :func:`partial_dice_loss`.
+        batch_dice: see :func:`partial_dice_loss`.
 
     Returns:
         Scalar tensor.
@@ -338,7 +349,7 @@ def partial_label_loss(
     if ce_weight:
         loss = loss + ce_weight * _ce_from_log_probs(logp, t, valid, ann)
     if dice_weight:
-        loss = loss + dice_weight * _dice_from_probs(logp.exp(), t, valid, ann, smooth)
+        loss = loss + dice_weight * _dice_from_probs(logp.exp(), t, valid, ann, smooth, batch_dice)
     return loss
 
 

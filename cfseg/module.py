@@ -73,6 +73,7 @@ class CFSegModule(L.LightningModule):
         warmup_fraction: fraction of steps with linear warm-up before cosine decay.
         ce_weight: weight of the partial-label cross-entropy.
         dice_weight: weight of the partial soft Dice.
+        batch_dice: Dice pooled over the batch per class (see :func:`cfseg.losses.partial_dice_loss`).
         roi_size: sliding-window size for validation/inference (defaults to the training patch).
         sw_batch_size: windows per forward pass.
         sw_overlap: window overlap.
@@ -110,6 +111,7 @@ class CFSegModule(L.LightningModule):
         warmup_fraction: float = 0.05,
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
+        batch_dice: bool = True,
         roi_size: tuple[int, int, int] = (64, 64, 64),
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
@@ -235,8 +237,9 @@ class CFSegModule(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         target = batch["label"][:, 0].long()
-        return partial_label_loss(logits, target, batch["annotated"].bool(), self.hparams.ce_weight,
-                                  self.hparams.dice_weight)
+        h = self.hparams
+        return partial_label_loss(logits, target, batch["annotated"].bool(), h.ce_weight, h.dice_weight,
+                                  batch_dice=h.get("batch_dice", True))
 
     @property
     def teacher(self) -> CFSegModule | None:

@@ -461,3 +461,29 @@ def test_shape_and_dtype_errors():
         similarity_distillation(torch.randn(2, 2, 3, 3), torch.randn(2, 3, 3, 3))
     with pytest.raises(ValueError, match=r"\(2, 4, 3, 3\).*\(2, 5, 3, 3\)"):
         feature_distillation(torch.randn(2, 4, 3, 3), torch.randn(2, 5, 3, 3))
+
+
+def test_batch_dice_matches_numpy_and_pools_samples():
+    """Batch Dice: one Dice per class, summed over the samples that annotate it."""
+    from cfseg.losses import partial_dice_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 4, (3, 5, 6), generator=g)
+    target[0][target[0] == 3] = 0  # class 3 absent from sample 0 (annotated there) ...
+    annotated = torch.tensor([[1, 1, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1]], dtype=torch.bool)
+    target[0][target[0] == 2] = 0
+    target[2][target[2] == 1] = 0
+    p = torch.softmax(logits, 1).numpy()
+    t = target.numpy()
+    dices = []
+    for k in (1, 2, 3):
+        rows = [b for b in range(3) if annotated[b, k]]
+        inter = sum((p[b, k] * (t[b] == k)).sum() for b in rows)
+        den = sum(p[b, k].sum() + (t[b] == k).sum() for b in rows)
+        dices.append((2 * inter + 1e-5) / (den + 1e-5))
+    ref = 1 - np.mean(dices)
+    got = partial_dice_loss(logits, target, annotated, batch_dice=True)
+    assert got.item() == pytest.approx(ref, rel=1e-10)
+    # ... and pooled, the absent-in-one-sample class is not forced to Dice ~0 there
+    assert got.item() < partial_dice_loss(logits, target, annotated, batch_dice=False).item()

@@ -83,7 +83,7 @@ def _left_matmul(m: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
 
 
 class _CosineHead(torch.autograd.Function):
-    """``out = A (z / max(sqrt(z^T G z), eps))`` for features ``z`` ``[B, F, N]``, with a hand-written backward.
+    """``out = A (z / max(sqrt(z^T G z), eps))`` for features ``z`` ``[B, F, N]``; hand-written backward.
 
     Saves only ``z`` (the head's input, which any head keeps) and ``||W z||^2`` (one channel). Plain autograd
     would also keep ``G z`` and ``z / ||W z||`` (two more ``F``-channel full-resolution tensors) and allocate

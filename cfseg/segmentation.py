@@ -78,28 +78,96 @@ def resolve_classes(module, classes: Sequence[str] | None) -> list[int]:
     return [module.bank.index(c) for c in classes]
 
 
-def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
-                 order: int, cval: float = 0.0, slab: int = 32) -> np.ndarray:
-    """Resample ``src`` [C, *S] (world-aligned by ``src_affine``) onto a voxel grid, slab by slab in z.
+def _grid_map(src_affine: np.ndarray, src_shape: Sequence[int], dst_affine: np.ndarray,
+              tol: float = 1e-3) -> tuple[list[int], list[bool], list[int]] | None:
+    """How the ``dst`` voxel grid sits on the ``src`` grid when no interpolation is needed, else None.
 
-    Returns [C, *dst_shape] float32 (order 1: linear; order 0: nearest).
+    That is the case when ``inv(src_affine) @ dst_affine`` is a signed axis permutation with an integer shift
+    (up to ``tol`` voxels): the network grid is the input grid reoriented (same spacing, e.g. after
+    ``Orientationd`` and a no-op ``Spacingd``), possibly cropped or padded.
+
+    Returns:
+        ``(axes, flips, shifts)``: dst axis ``j`` reads src axis ``axes[j]``, flipped when ``flips[j]``, at
+        index ``d + shifts[j]`` of the (flipped) src axis for dst index ``d``.
     """
-    from scipy.ndimage import map_coordinates
-
     M = np.linalg.inv(src_affine) @ dst_affine
-    out = np.empty((src.shape[0], *dst_shape), np.float32)
-    gx, gy = np.meshgrid(np.arange(dst_shape[0]), np.arange(dst_shape[1]), indexing="ij")
-    for z0 in range(0, dst_shape[2], slab):
-        z = np.arange(z0, min(z0 + slab, dst_shape[2]))
-        X = np.broadcast_to(gx[..., None], (*gx.shape, len(z)))
-        Y = np.broadcast_to(gy[..., None], (*gy.shape, len(z)))
-        Z = np.broadcast_to(z[None, None, :], (*gx.shape, len(z)))
-        pts = np.stack([X.ravel(), Y.ravel(), Z.ravel(), np.ones(X.size)])
-        coords = (M @ pts)[:3]
-        for c in range(src.shape[0]):
-            out[c, :, :, z0:z0 + len(z)] = map_coordinates(
-                src[c], coords, order=order, mode="constant", cval=cval if c else 0.0
-            ).reshape(*gx.shape, len(z))
+    R, t = M[:3, :3], M[:3, 3]
+    P = np.round(R)
+    if np.abs(R - P).max() > tol or np.abs(t - np.round(t)).max() > tol:
+        return None
+    if not (np.abs(P).sum(0) == 1).all() or not (np.abs(P).sum(1) == 1).all():
+        return None
+    axes, flips, shifts = [], [], []
+    for j in range(3):
+        i = int(np.flatnonzero(P[:, j])[0])
+        flip = bool(P[i, j] < 0)
+        ti = int(np.round(t[i]))  # src index s = +-d + t_i; on the flipped axis s' = n - 1 - s = d + (n - 1 - t_i)
+        axes.append(i)
+        flips.append(flip)
+        shifts.append(int(src_shape[i]) - 1 - ti if flip else ti)
+    return axes, flips, shifts
+
+
+def _take_grid(src: np.ndarray, mapping: tuple[list[int], list[bool], list[int]], dst_shape: Sequence[int],
+               fill: float | Sequence[float] = 0.0) -> np.ndarray:
+    """Copy ``src`` [*C, X, Y, Z] onto the dst grid of :func:`_grid_map` (exact; ``fill`` outside src).
+
+    ``fill`` is a scalar or one value per leading channel. Returns [*C, *dst_shape] with ``src``'s dtype.
+    """
+    axes, flips, shifts = mapping
+    lead = src.ndim - 3
+    a = np.transpose(src, (*range(lead), *(lead + i for i in axes)))
+    flip_axes = tuple(lead + j for j in range(3) if flips[j])
+    if flip_axes:
+        a = np.flip(a, flip_axes)
+    out = np.empty((*src.shape[:lead], *dst_shape), src.dtype)
+    fill_arr = np.asarray(fill, src.dtype)
+    out[...] = fill_arr.reshape(*fill_arr.shape, 1, 1, 1) if fill_arr.ndim else fill_arr
+    dst_sl, src_sl = [], []
+    for j in range(3):
+        n_src, n_dst, t = a.shape[lead + j], int(dst_shape[j]), shifts[j]
+        d0, d1 = max(0, -t), min(n_dst, n_src - t)
+        if d1 <= d0:
+            return out  # no overlap
+        dst_sl.append(slice(d0, d1))
+        src_sl.append(slice(d0 + t, d1 + t))
+    out[(..., *dst_sl)] = a[(..., *src_sl)]
+    return out
+
+
+def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
+                 order: int, cval: float | Sequence[float] = 0.0, slab: int = 32) -> np.ndarray:
+    """Resample ``src`` [C, *S] (world-aligned by ``src_affine``) onto a voxel grid, slab by slab.
+
+    Trilinear (``order=1``) or nearest (``order=0``) by ``torch.nn.functional.grid_sample``, all channels at
+    once. ``cval`` (a scalar or one value per channel) is what lies outside ``src``: a dst voxel within one
+    voxel of the edge blends towards it.
+
+    Returns [C, *dst_shape] float32.
+    """
+    import torch.nn.functional as F
+
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
+    C = src.shape[0]
+    fill = np.broadcast_to(np.asarray(cval, np.float32), (C,)).reshape(C, 1, 1, 1)
+    M = np.linalg.inv(src_affine) @ dst_affine
+    n_src = np.asarray(src.shape[1:], np.float64)
+    A = M[:3, :3] * (2 / n_src)[:, None]  # dst voxel index -> src normalised coordinate (align_corners=False)
+    b = (2 * M[:3, 3] + 1) / n_src - 1
+    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32) - fill)[None]  # padding is 0: shift by fill
+    out = np.empty((C, *dst_shape), np.float32)
+    nx, ny, nz = (int(n) for n in dst_shape)
+    ys, zs = (torch.arange(n, dtype=torch.float64) for n in (ny, nz))
+    for x0 in range(0, nx, slab):
+        xs = torch.arange(x0, min(x0 + slab, nx), dtype=torch.float64)
+        grid = torch.empty(1, len(xs), ny, nz, 3)  # last dim (z, y, x): grid_sample's (W, H, D) order
+        for k in range(3):  # separable: one broadcast sum per src axis
+            grid[0, ..., 2 - k] = ((A[k, 0] * xs + b[k]).float()[:, None, None] + (A[k, 1] * ys).float()[:, None]
+                                   + (A[k, 2] * zs).float())
+        res = F.grid_sample(vol, grid, mode="bilinear" if order else "nearest", padding_mode="zeros",
+                            align_corners=False)
+        out[:, x0:x0 + len(xs)] = res[0].numpy() + fill
     return out
 
 
@@ -160,10 +228,15 @@ def segment(
     work = _preprocess(img, pre)
     out = predict_volume(module, work["image"], idx, device=device, similarity=similarity)
     src_affine = work["image"].affine.numpy()
-    probs = _resample_to(out["probs"].numpy(), src_affine, img.shape, img.affine, order=1, cval=1.0)
-    local = probs.argmax(0)
-    table = np.array([0, *idx], dtype=np.uint8)
-    labels = table[local]
+    # Network grid = input grid up to axis permutation/flip/crop (same spacing): copy, no interpolation.
+    mapping = _grid_map(src_affine, work["image"].shape[1:], img.affine)
+    if mapping is not None:
+        labels = _take_grid(out["labels"].numpy(), mapping, img.shape, fill=0)
+    else:  # interpolate the probabilities, then argmax; outside the network grid is background
+        cval = [1.0] + [0.0] * len(idx)
+        probs = _resample_to(out["probs"].numpy(), src_affine, img.shape, img.affine, order=1, cval=cval)
+        labels = np.array([0, *idx], dtype=np.uint8)[probs.argmax(0)]
+        del probs
     if region is not None:  # paste back into the full grid, background outside the box
         full = np.zeros(full_shape, np.uint8)
         offs = [c.start for c in ctx]
@@ -178,7 +251,11 @@ def segment(
         for k in idx:
             result[names[k]] = _nifti((labels == k).astype(np.uint8), full_affine)
     if similarity:
-        sims = _resample_to(out["similarity"].numpy(), src_affine, img.shape, img.affine, order=1, cval=-1.0)
+        sim = out["similarity"].numpy()
+        if mapping is not None:
+            sims = _take_grid(sim, mapping, img.shape, fill=-1.0)
+        else:
+            sims = _resample_to(sim, src_affine, img.shape, img.affine, order=1, cval=-1.0)
         for j, k in enumerate(idx, start=1):
             s = sims[j]
             if region is not None:

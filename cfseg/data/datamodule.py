@@ -351,7 +351,11 @@ class SegDataModule(L.LightningDataModule):
 
         return CombinedLoader({"labeled": labeled, "unlabeled": unlabeled}, mode="max_size_cycle")
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        """Whole validation volumes; an empty list (validation skipped, with a warning) when there are none."""
+        if self.split_dataset("val") is None:
+            log.warning("no validation cases (val_fraction too small for these datasets): validation is skipped")
+            return []
         return self._loader("val", False, 1)
 
     def test_dataloader(self) -> DataLoader:

@@ -155,3 +155,12 @@ def test_real_ct_and_mr_one_vocabulary():
     for vol in dm.split_dataset("train"):
         lab = vol[0]["label"]
         assert int(lab.max()) <= 5
+
+
+def test_no_validation_cases_skips_validation(two_sites):
+    a, _ = two_sites
+    dm = SegDataModule([DatasetConfig(str(a), val_fraction=0.0, test_fraction=0.2)], spacing=(1.0, 1.0, 1.0),
+                       patch_size=(8, 8, 8))
+    assert dm.val_dataloader() == []
+    with pytest.raises(DatasetError, match="no test cases"):
+        SegDataModule([DatasetConfig(str(a), val_fraction=0.2, test_fraction=0.0)]).test_dataloader()

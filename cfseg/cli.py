@@ -32,5 +32,11 @@ def main(args: list[str] | None = None) -> CFSegCLI:
     )
 
 
+def run(args: list[str] | None = None) -> int:
+    """Console entry point (``cfseg ...``): exit status 0 on success (errors raise)."""
+    main(sys.argv[1:] if args is None else args)
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run())

@@ -89,3 +89,12 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_phantoms):
     assert metrics and "train/loss_step" in metrics[0].read_text()
     model = load_checkpoint(str(ckpts[0]))
     assert torch.isfinite(model.net.head.weight).all()
+
+
+def test_console_script_exit_status(tmp_path, tiny_phantoms):
+    """`cfseg fit ...` exits 0 after a successful run (the CLI object is not the exit status)."""
+    cmd = [sys.executable, "-m", "cfseg.cli", "fit", "--config", str(CONFIG),
+           f"--data.datasets={datasets_arg(tiny_phantoms[:1])}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+           f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,37 +42,65 @@ def evaluate_datasets(
         ``{"per_class_dice": {name: mean}, "mean_dice": float, "n_cases": int, "dice_convention": str}``
         (classes never annotated in the scored cases are NaN and left out of the mean).
     """
-    configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
-    if split == "all":
-        configs = [replace(c, val_fraction=0.0, test_fraction=0.0, split_file=None) for c in configs]
+    return evaluate_groups(module, [(datasets, classes)], split=split, seed=seed, device=device,
+                           keep_first=keep_first)[0]
+
+
+def evaluate_groups(
+    module: CFSegModule,
+    groups: Sequence[tuple[Sequence[DatasetConfig | dict], Sequence[str] | None]],
+    split: str = "test",
+    seed: int = 0,
+    device: str = "cpu",
+    keep_first: bool = False,
+) -> list[dict[str, Any]]:
+    """:func:`evaluate_datasets` for several (datasets, classes) groups, each case predicted once.
+
+    Groups that share cases (for example the stages of a protocol, which share one test set but score
+    different classes) reuse the prediction of a case (keyed by dataset folder and case id) instead of running
+    the network again; each group still reads the label with its own annotated classes.
+
+    Returns:
+        one result dict per group, as :func:`evaluate_datasets` returns.
+    """
     pre = next(iter(module.preprocessing.values()))
-    dm = SegDataModule(configs, classes=module.class_names, spacing=tuple(pre["spacing"]),
-                       ct_window=tuple(pre.get("ct_window", (-175.0, 250.0))), cache="none", seed=seed)
     names = module.bank.names
-    wanted = set(range(1, len(names))) if classes is None else {module.bank.index(c) for c in classes}
-    scores: dict[str, list[float]] = {names[k]: [] for k in sorted(wanted)}
-    n_cases, first = 0, None
-    for ds in dm.datasets:
-        items = dm.items(ds, "train" if split == "all" else split)
-        if not items:
-            continue
-        transform = build_transforms(dm.preprocessing(ds.info.modality), train=False)
-        for item in items:
-            vol = transform(item)
-            out = predict_volume(module, vol["image"], device=device)
-            ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
-            for k, d in zip(ks, dice_per_class(out["labels"], vol["label"][0].long(), ks).tolist(), strict=True):
-                scores[names[k]].append(d)
-            n_cases += 1
-            if keep_first and first is None:
-                first = (vol, predict_volume(module, vol["image"], device=device, similarity=True))
-    per_class = {n: (mean_ignore_nan(v) if v else float("nan")) for n, v in scores.items()}
-    result: dict[str, Any] = {
-        "per_class_dice": per_class,
-        "mean_dice": mean_ignore_nan(list(per_class.values())),
-        "n_cases": n_cases,
-        "dice_convention": DICE_CONVENTION,
-    }
-    if keep_first:
-        result["first"] = first
-    return result
+    predictions: dict[tuple[str, str], torch.Tensor] = {}
+    results = []
+    for datasets, classes in groups:
+        configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
+        if split == "all":
+            configs = [replace(c, val_fraction=0.0, test_fraction=0.0, split_file=None) for c in configs]
+        dm = SegDataModule(configs, classes=module.class_names, spacing=tuple(pre["spacing"]),
+                           ct_window=tuple(pre.get("ct_window", (-175.0, 250.0))), cache="none", seed=seed)
+        wanted = set(range(1, len(names))) if classes is None else {module.bank.index(c) for c in classes}
+        scores: dict[str, list[float]] = {names[k]: [] for k in sorted(wanted)}
+        n_cases, first = 0, None
+        for ds in dm.datasets:
+            items = dm.items(ds, "train" if split == "all" else split)
+            if not items:
+                continue
+            transform = build_transforms(dm.preprocessing(ds.info.modality), train=False)
+            for item in items:
+                vol = transform(item)
+                key = (str(Path(ds.config.path).resolve()), item["case_id"])
+                if key not in predictions:
+                    predictions[key] = predict_volume(module, vol["image"], device=device)["labels"]
+                ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
+                dices = dice_per_class(predictions[key], vol["label"][0].long(), ks).tolist()
+                for k, d in zip(ks, dices, strict=True):
+                    scores[names[k]].append(d)
+                n_cases += 1
+                if keep_first and first is None:
+                    first = (vol, predict_volume(module, vol["image"], device=device, similarity=True))
+        per_class = {n: (mean_ignore_nan(v) if v else float("nan")) for n, v in scores.items()}
+        result: dict[str, Any] = {
+            "per_class_dice": per_class,
+            "mean_dice": mean_ignore_nan(list(per_class.values())),
+            "n_cases": n_cases,
+            "dice_convention": DICE_CONVENTION,
+        }
+        if keep_first:
+            result["first"] = first
+        results.append(result)
+    return results

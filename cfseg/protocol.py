@@ -103,20 +103,22 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
 
 
 def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int) -> list[float]:
-    """Mean Dice of ``ckpt`` on the test cases of stages 0..upto, each on its own classes."""
-    from cfseg.evaluation import evaluate_datasets
+    """Mean Dice of ``ckpt`` on the test cases of stages 0..upto, each on its own classes.
+
+    Stages that share test cases (one fixed test set, as in the OpenKBP protocol) predict each case once.
+    """
+    from cfseg.evaluation import evaluate_groups
     from cfseg.module import load_checkpoint
 
     module = load_checkpoint(str(ckpt))
-    row = []
+    groups = []
     for j in range(upto + 1):
         st = spec["stages"][j]
         datasets = [{**d, "classes": None} for d in _stage_datasets(st)]
         classes = st.get("classes") or sorted({c for d in _stage_datasets(st) for c in (d.get("classes") or [])}) \
             or None
-        res = evaluate_datasets(module, datasets, split="test", classes=classes, seed=spec["seed"])
-        row.append(res["mean_dice"])
-    return row
+        groups.append((datasets, classes))
+    return [res["mean_dice"] for res in evaluate_groups(module, groups, split="test", seed=spec["seed"])]
 
 
 def plot_matrix(R: list[list[float]], names: list[str], title: str, path: Path) -> None:

@@ -120,3 +120,20 @@ def test_protocol_writes_matrices(tiny_phantoms, tmp_path):
         assert (out / f"{s}_matrix.csv").read_text().startswith("after_stage,test_s0,test_s1")
     assert res["distill"]["R"][0] == res["finetune"]["R"][0]  # stage 0 trained once, shared
     assert json.loads((out / "summary.json").read_text())["strategies"].keys() == {"distill", "finetune", "joint"}
+
+
+def test_grouped_evaluation_predicts_shared_cases_once(stage0_ckpt, tiny_phantoms, monkeypatch):
+    """Protocol rows score one shared test set on several class groups: one prediction per case, same Dice."""
+    import cfseg.evaluation as ev
+
+    module = load_checkpoint(str(stage0_ckpt))
+    data = [ds(tiny_phantoms[0])]
+    separate = [ev.evaluate_datasets(module, data, classes=c) for c in (STAGE0[:2], STAGE0[2:])]
+    calls = []
+    real = ev.predict_volume
+    monkeypatch.setattr(ev, "predict_volume", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grouped = ev.evaluate_groups(module, [(data, STAGE0[:2]), (data, STAGE0[2:])])
+    assert len(calls) == grouped[0]["n_cases"] == grouped[1]["n_cases"] > 0
+    for g, s in zip(grouped, separate, strict=True):
+        assert g["per_class_dice"] == pytest.approx(s["per_class_dice"], nan_ok=True)
+        assert set(g["per_class_dice"]) == set(s["per_class_dice"])

@@ -190,10 +190,25 @@ def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None) -> d
                 w.writerow([names[i], *[f"{v:.4f}" for v in row], *[""] * (len(names) - len(row))])
         plot_matrix(R, names, f"{strategy}: avg Dice {res['average_dice']:.3f}, BWT {res['bwt']:+.3f}",
                     out / f"{strategy}_matrix.png")
-    summary = {s: {"average_dice": r["average_dice"], "bwt": r["bwt"]} for s, r in results.items()}
-    (out / "summary.json").write_text(json.dumps({"strategies": summary, "total_wall_time_s":
-                                                   round(time.time() - t_start, 1)}, indent=2))
+    write_summary(out, last_wall_time_s=round(time.time() - t_start, 1))
     return results
+
+
+def write_summary(out: Path, last_wall_time_s: float | None = None) -> dict[str, Any]:
+    """``summary.json`` over every ``<strategy>_matrix.json`` in ``out``.
+
+    Built from the files, so strategies run in separate invocations (for example side by side, sharing the
+    stage-0 checkpoint) end up in one summary instead of the last run overwriting the others.
+    """
+    summary = {}
+    for s in STRATEGIES:
+        f = out / f"{s}_matrix.json"
+        if f.is_file():
+            r = json.loads(f.read_text())
+            summary[s] = {"average_dice": r["average_dice"], "bwt": r["bwt"], "wall_time_s": r.get("wall_time_s")}
+    doc = {"strategies": summary, "last_invocation_wall_time_s": last_wall_time_s}
+    (out / "summary.json").write_text(json.dumps(doc, indent=2))
+    return doc
 
 
 def print_results(results: dict[str, Any]) -> None:

@@ -120,6 +120,10 @@ def test_protocol_writes_matrices(tiny_phantoms, tmp_path):
         assert (out / f"{s}_matrix.csv").read_text().startswith("after_stage,test_s0,test_s1")
     assert res["distill"]["R"][0] == res["finetune"]["R"][0]  # stage 0 trained once, shared
     assert json.loads((out / "summary.json").read_text())["strategies"].keys() == {"distill", "finetune", "joint"}
+    # a later invocation for one strategy reuses the checkpoints and keeps the others in the summary
+    again = run_protocol(load_protocol(spec_path), ["finetune"])
+    assert again["finetune"]["R"] == res["finetune"]["R"]
+    assert json.loads((out / "summary.json").read_text())["strategies"].keys() == {"distill", "finetune", "joint"}
 
 
 def test_grouped_evaluation_predicts_shared_cases_once(stage0_ckpt, tiny_phantoms, monkeypatch):

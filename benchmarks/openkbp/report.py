@@ -4,7 +4,7 @@
         --ckpt softmax=results/openkbp/joint_softmax.ckpt --out benchmarks/openkbp
 
 A case is scored only on the classes annotated for it (partial_labels.json); Dice convention in
-cfseg.metrics.DICE_CONVENTION. Writes <out>/joint_dice.json, <out>/joint_dice.md and <out>/joint_dice.png.
+cfseg.metrics.DICE_CONVENTION. Writes <out>/<prefix>.json, .md and .png (prefix joint_dice by default).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--split", type=Path, default=ROOT / "configs" / "openkbp" / "split_joint.json")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "openkbp")
+    p.add_argument("--prefix", default="joint_dice", help="output file names: <out>/<prefix>.{json,md,png}")
+    p.add_argument("--title", default="OpenKBP organs at risk: joint training, 40 test cases")
     a = p.parse_args()
     from cfseg.evaluation import evaluate_datasets
     from cfseg.metrics import DICE_CONVENTION
@@ -42,14 +44,14 @@ def main() -> None:
         results[name] = res
         print(name, f"mean {res['mean_dice']:.3f}", {k: round(v, 3) for k, v in res["per_class_dice"].items()})
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "joint_dice.json").write_text(json.dumps(results, indent=2))
+    (a.out / f"{a.prefix}.json").write_text(json.dumps(results, indent=2))
     names = list(results)
     lines = ["| class | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for c in CLASSES:
         lines.append(f"| {c} | " + " | ".join(f"{results[n]['per_class_dice'][c]:.3f}" for n in names) + " |")
     lines.append("| **mean** | " + " | ".join(f"**{results[n]['mean_dice']:.3f}**" for n in names) + " |")
     lines.append(f"\nTest cases: {results[names[0]]['n_cases']}. Dice: {DICE_CONVENTION}.")
-    (a.out / "joint_dice.md").write_text("\n".join(lines) + "\n")
+    (a.out / f"{a.prefix}.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,8 +67,8 @@ def main() -> None:
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice (test, annotated cases)")
     ax.legend()
-    ax.set_title("OpenKBP organs at risk: joint training, 40 test cases")
-    fig.savefig(a.out / "joint_dice.png", dpi=100, bbox_inches="tight")
+    ax.set_title(a.title)
+    fig.savefig(a.out / f"{a.prefix}.png", dpi=100, bbox_inches="tight")
     print("\n".join(lines))
 
 

@@ -84,10 +84,13 @@ def evaluate_groups(
             for item in items:
                 vol = transform(item)
                 key = (str(Path(ds.config.path).resolve()), item["case_id"])
-                if key not in predictions:
-                    predictions[key] = predict_volume(module, vol["image"], device=device)["labels"]
+                labels = predictions.get(key)
+                if labels is None:
+                    labels = predict_volume(module, vol["image"], device=device)["labels"]  # uint8 [*S]
+                    if len(groups) > 1:  # kept only where a later group may score the same case
+                        predictions[key] = labels
                 ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
-                dices = dice_per_class(predictions[key], vol["label"][0].long(), ks).tolist()
+                dices = dice_per_class(labels, vol["label"][0].long(), ks).tolist()
                 for k, d in zip(ks, dices, strict=True):
                     scores[names[k]].append(d)
                 n_cases += 1

@@ -85,17 +85,18 @@ def evaluate_groups(
                 vol = transform(item)
                 key = (str(Path(ds.config.path).resolve()), item["case_id"])
                 labels = predictions.get(key)
-                if labels is None:
+                if keep_first and first is None:  # one pass gives the plot's similarity maps and the labels
+                    first = (vol, predict_volume(module, vol["image"], device=device, similarity=True))
+                    labels = first[1]["labels"]
+                elif labels is None:
                     labels = predict_volume(module, vol["image"], device=device)["labels"]  # uint8 [*S]
-                    if len(groups) > 1:  # kept only where a later group may score the same case
-                        predictions[key] = labels
+                if len(groups) > 1:  # kept only where a later group may score the same case
+                    predictions[key] = labels
                 ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
                 dices = dice_per_class(labels, vol["label"][0].long(), ks).tolist()
                 for k, d in zip(ks, dices, strict=True):
                     scores[names[k]].append(d)
                 n_cases += 1
-                if keep_first and first is None:
-                    first = (vol, predict_volume(module, vol["image"], device=device, similarity=True))
         per_class = {n: (mean_ignore_nan(v) if v else float("nan")) for n, v in scores.items()}
         result: dict[str, Any] = {
             "per_class_dice": per_class,

@@ -97,11 +97,11 @@ class MonaiPipeline:
             Spacingd,
         )
 
-        from cfseg.module import instantiate
+        from cfseg.builder import build_network
         from cfseg.nets import SoftmaxSegmenter
 
         torch.manual_seed(cfg["seed"] + 1)
-        self.net = SoftmaxSegmenter(instantiate(cfg["backbone"]), cfg["feature_channels"], len(OPENKBP_CLASSES) + 1)
+        self.net = SoftmaxSegmenter(build_network(cfg["backbone"]), cfg["feature_channels"], len(OPENKBP_CLASSES) + 1)
         self.net.backbone.load_state_dict(cfseg_module.net.backbone.state_dict())  # the same backbone weights
         self.net.eval()
         self.cfg = cfg

@@ -2,16 +2,27 @@
 
 The class list and the preprocessing flow from the data module to the model by argument linking, and the
 training patch size is the sliding-window size, so a config names each of them once.
+
+Class indices follow names wherever a checkpoint meets a data module: with ``--ckpt_path <file>`` the data module
+indexes labels in the checkpoint's class order (``data.classes`` defaults to it), and the module refuses a
+checkpoint of another vocabulary (:meth:`cfseg.module.CFSegModule.on_load_checkpoint`).
+
+User errors (bad data, a checkpoint of another vocabulary, an untrusted network spec) end in one line
+``cfseg: error: ...`` and exit status 2; set ``CFSEG_DEBUG=1`` for the traceback.
 """
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 
-from cfseg.data.datamodule import SegDataModule
+from cfseg.data.datamodule import SegDataModule, checkpoint_classes
+from cfseg.data.formats import DatasetError
 from cfseg.module import CFSegModule
+from cfseg.vocab import canonical_name
 
 
 class CFSegCLI(LightningCLI):
@@ -20,6 +31,31 @@ class CFSegCLI(LightningCLI):
         parser.link_arguments("data.preprocessing_by_modality", "model.preprocessing", apply_on="instantiate")
         parser.link_arguments("data.patch_size", "model.roi_size")
         parser.link_arguments("model.previous_checkpoint", "data.previous_checkpoint")
+
+    def before_instantiate_classes(self) -> None:
+        """With ``--ckpt_path <file>``, the data's class order is the checkpoint's (indices follow names)."""
+        cfg = self.config.get(self.subcommand) if self.subcommand else self.config
+        ckpt = cfg.get("ckpt_path") if cfg is not None else None
+        if not ckpt or not Path(str(ckpt)).is_file() or cfg.model.get("previous_checkpoint"):
+            return  # "last"/"best" resolve later; the module's own check still refuses another vocabulary
+        theirs = checkpoint_classes(ckpt)
+        if cfg.data.get("classes") is None:
+            cfg.data.classes = theirs
+
+    def before_fit(self) -> None:
+        """``fit --ckpt_path`` resumes one stage: data annotating classes the checkpoint lacks are refused."""
+        ckpt = self.config.fit.get("ckpt_path")
+        if not ckpt or not Path(str(ckpt)).is_file() or self.model.hparams.get("previous_checkpoint"):
+            return
+        known = set(checkpoint_classes(ckpt))
+        extra = sorted({c for d in self.datamodule.datasets if d.config.labeled for c in d.info.classes
+                        if (d.config.classes is None or c in {canonical_name(x) for x in d.config.classes})
+                        and c not in known})
+        if extra:
+            raise ValueError(
+                f"{ckpt}: the data annotate {extra}, which this checkpoint does not know; resuming cannot add "
+                "classes: start an incremental stage (model.previous_checkpoint=...) instead"
+            )
 
 
 def main(args: list[str] | None = None) -> CFSegCLI:
@@ -33,8 +69,15 @@ def main(args: list[str] | None = None) -> CFSegCLI:
 
 
 def run(args: list[str] | None = None) -> int:
-    """Console entry point (``cfseg ...``): exit status 0 on success (errors raise)."""
-    main(sys.argv[1:] if args is None else args)
+    """Console entry point (``cfseg ...``): 0 on success, 2 with one line on a user error."""
+    try:
+        main(sys.argv[1:] if args is None else args)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("CFSEG_DEBUG"):
+            raise
+        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"cfseg: error: {msg}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,7 +11,6 @@ the stage history; ``hyper_parameters`` holds the network spec.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -22,6 +21,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from cfseg.builder import UntrustedSpecError, build_network, check_spec
 from cfseg.losses import feature_distillation, mib_distillation, partial_label_loss, similarity_distillation
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter
@@ -39,18 +39,6 @@ DEFAULT_BACKBONE: dict[str, Any] = {
 }
 HEADS = ("prototype", "softmax")
 STRATEGIES = ("distill", "finetune", "joint")
-
-
-def instantiate(spec: dict[str, Any]) -> Any:
-    """Build an object from ``{"class_path": "pkg.mod.Class", "init_args": {...}}``."""
-    if not isinstance(spec, dict) or "class_path" not in spec:
-        raise ValueError(f"expected {{'class_path': ..., 'init_args': {{...}}}}, got {spec!r}")
-    module_name, _, cls_name = spec["class_path"].rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"cannot import {spec['class_path']!r}: {e}") from e
-    return cls(**spec.get("init_args", {}))
 
 
 class CFSegModule(L.LightningModule):
@@ -93,6 +81,9 @@ class CFSegModule(L.LightningModule):
         optimizer: optional callable ``params -> Optimizer`` (LightningCLI injection).
         bank_state: a saved bank (:meth:`PrototypeBank.state`) to restore instead of encoding names; used when
             loading checkpoints, never written to hyper-parameters.
+        trusted_modules: packages besides MONAI's networks and ``cfseg.nets`` that ``backbone`` may name (your own
+            network code; see :mod:`cfseg.builder`). Never read back from a checkpoint: pass it again (or set
+            ``CFSEG_TRUSTED_MODULES``) when loading one.
     """
 
     def __init__(
@@ -125,6 +116,7 @@ class CFSegModule(L.LightningModule):
         feat_weight: float = 0.0,
         optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None,
         bank_state: dict[str, Any] | None = None,
+        trusted_modules: list[str] | None = None,
     ):
         super().__init__()
         if head not in HEADS:
@@ -137,20 +129,21 @@ class CFSegModule(L.LightningModule):
             raise ValueError("class_names is empty: give model.class_names or link it from the data module")
         self.save_hyperparameters(ignore=["optimizer", "bank_state"])
         self.hparams["backbone"] = backbone = backbone or DEFAULT_BACKBONE
-        teacher = load_checkpoint(previous_checkpoint) if previous_checkpoint else None
+        teacher = load_checkpoint(previous_checkpoint, trusted_modules=trusted_modules) if previous_checkpoint else None
         if teacher is not None:
             self.bank = self._extend_teacher_bank(teacher, class_names, new_classes, encoder, backbone, head)
         elif bank_state is not None:
             self.bank = PrototypeBank.from_state(bank_state)
-            if class_names and Vocabulary(class_names).names != self.bank.names:
-                raise ValueError(
-                    f"class_names {class_names} do not match the checkpoint's vocabulary {self.bank.classes}"
-                )
         else:
             self.bank = PrototypeBank.build(Vocabulary(class_names).classes, build_encoder(encoder),
                                             modality=prompt_modality)
+        if class_names and self.bank.classes != Vocabulary(class_names).classes:
+            raise ValueError(  # indices must follow names: the data indexes labels in class_names' order
+                f"class order mismatch: the model's classes are {self.bank.classes} but the data indexes labels "
+                f"as {Vocabulary(class_names).classes}"
+            )
         self.hparams["class_names"] = self.bank.classes
-        net_backbone = instantiate(backbone)
+        net_backbone = build_network(backbone, trusted_modules)
         if head == "prototype":
             self.net: nn.Module = PrototypeSegmenter(
                 net_backbone, feature_channels, self.bank.dim, temperature, learnable_temperature, hidden_channels
@@ -160,12 +153,14 @@ class CFSegModule(L.LightningModule):
         self._optimizer_fn = optimizer
         self.preprocessing = preprocessing or {}
         self.stage_history: list[dict[str, Any]] = []
+        self._n_earlier_stages = 0  # stage entries of earlier stages; this stage's entry comes after them
         self.n_old = 0
         self._teacher: list[CFSegModule] = []  # a list keeps the teacher out of state_dict and parameters()
         if teacher is not None:
             self.net.load_state_dict(teacher.net.state_dict())
-            self.preprocessing = preprocessing or teacher.preprocessing
+            self.preprocessing = merge_preprocessing(teacher.preprocessing, self.preprocessing, previous_checkpoint)
             self.stage_history = list(teacher.stage_history)
+            self._n_earlier_stages = len(self.stage_history)
             self.n_old = len(teacher.bank.names) - 1
             if strategy == "distill":
                 teacher.freeze()  # eval mode, requires_grad False
@@ -182,20 +177,24 @@ class CFSegModule(L.LightningModule):
                 f"  this stage: {backbone}\nan incremental stage must keep the teacher's network"
             )
         old = teacher.bank.classes
+        # the data's order decides (it indexes the labels); new_classes only declares which classes are new
+        from_data = [c for c in Vocabulary(class_names or []).classes if c not in old]
         if new_classes is not None:
+            declared = Vocabulary(new_classes).classes
             again = [c for c in new_classes if c in teacher.bank._index or Vocabulary([c]).classes[0] in old]
             if again:
                 raise ValueError(
                     f"new_classes repeats classes the previous checkpoint already knows: {again} "
                     f"(known: {old}); a stage adds only new class names"
                 )
-            added = Vocabulary(new_classes).classes
+            if class_names and set(declared) != set(from_data):
+                raise ValueError(
+                    f"new_classes {declared} differ from the classes the data adds to the previous checkpoint's "
+                    f"{old}: {from_data}; list the same classes (their order follows the data)"
+                )
+            added = from_data if class_names else declared
         else:
-            added = [c for c in Vocabulary(class_names or []).classes if c not in old]
-        if class_names:
-            unknown = [c for c in Vocabulary(class_names).classes if c not in old and c not in added]
-            if unknown:
-                raise ValueError(f"the data annotates {unknown}, which are neither old classes nor new_classes")
+            added = from_data
         if added and head == "softmax":
             raise ValueError("a softmax head cannot add classes; use head: prototype for class-incremental stages")
         bank = PrototypeBank.from_state(teacher.bank.state())
@@ -225,13 +224,21 @@ class CFSegModule(L.LightningModule):
         return self.net(x, P)
 
     def sliding_window_logits(self, image: torch.Tensor, class_indices: Sequence[int] | None = None,
+                              sw_device: torch.device | str | None = None,
                               device: torch.device | str | None = None) -> torch.Tensor:
-        """Whole-volume logits by Gaussian-weighted sliding windows. image [B, C, *S] -> [B, K'+1, *S]."""
+        """Whole-volume logits by Gaussian-weighted sliding windows. image [B, C, *S] -> [B, K'+1, *S].
+
+        Args:
+            sw_device: where the windows run; default the module's own device (so CUDA windows stay on the GPU).
+            device: where the stitched output lives; default ``image``'s device (``"cpu"`` bounds GPU memory).
+        """
         h = self.hparams
+        if sw_device is None:
+            sw_device = next(self.parameters()).device
         return sliding_window_inference(
             image, roi_size=tuple(h.roi_size), sw_batch_size=h.sw_batch_size,
             predictor=lambda x: self(x, class_indices), overlap=h.sw_overlap, mode="gaussian",
-            sw_device=device, device=device,
+            sw_device=sw_device, device=device if device is not None else image.device,
         )
 
     # ---- training ------------------------------------------------------------------------------------
@@ -343,26 +350,20 @@ class CFSegModule(L.LightningModule):
     def on_fit_start(self) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "preprocessing_by_modality"):
-            self.preprocessing = {**dm.preprocessing_by_modality, **self.preprocessing}
+            self.preprocessing = merge_preprocessing(self.preprocessing, dm.preprocessing_by_modality, "the data")
         datasets = [{"name": d.name, "path": str(d.info.root), "domain": d.domain,
                      "classes": [c for c in d.info.classes if d.config.classes is None or c in d.config.classes]}
                     for d in getattr(dm, "datasets", [])]
         stage = {
-            "stage": len(self.stage_history),
+            "stage": self._n_earlier_stages,
             "strategy": self.hparams.strategy,
             "new_classes": self.bank.classes[self.n_old:],
             "classes": self.bank.classes,
             "datasets": datasets,
             "previous_checkpoint": self.hparams.previous_checkpoint,
         }
-        if not self.stage_history or self.stage_history[-1].get("_open") is not True:
-            self.stage_history.append({**stage, "_open": True})
-        else:
-            self.stage_history[-1] = {**stage, "_open": True}
-
-    def on_fit_end(self) -> None:
-        if self.stage_history:
-            self.stage_history[-1].pop("_open", None)
+        # one entry per stage: a resumed fit (``--ckpt_path``) replaces this stage's entry, never appends another
+        self.stage_history = [*self.stage_history[: self._n_earlier_stages], stage]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cfseg"] = {
@@ -374,20 +375,69 @@ class CFSegModule(L.LightningModule):
             "prototype_bank": self.bank.state(),
             "preprocessing": self.preprocessing,
             "head": self.hparams.head,
-            "stage_history": [{k: v for k, v in st.items() if k != "_open"} for st in self.stage_history],
+            "stage_history": list(self.stage_history),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get("cfseg", {})
-        self.preprocessing = meta.get("preprocessing", self.preprocessing)
+        """Restore cfseg's metadata; refuse a checkpoint whose classes (names or order) differ from this model's.
+
+        Called by Lightning before the weights are loaded (``fit/validate/test --ckpt_path``), so a checkpoint of
+        another vocabulary never replaces the bank: adding classes is an incremental stage
+        (``model.previous_checkpoint``), not a resume.
+        """
+        meta = checkpoint.get("cfseg")
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a cfseg checkpoint (no 'cfseg' metadata of format {CHECKPOINT_FORMAT})")
+        theirs = [str(n) for n in meta.get("vocabulary", [])]
+        if theirs != self.bank.names:
+            hint = ("the same classes in another order" if sorted(theirs) == sorted(self.bank.names)
+                    else "another vocabulary")
+            raise ValueError(
+                f"the checkpoint has {hint}: {theirs[1:]} vs this run's {self.bank.classes}; to add classes start "
+                "an incremental stage (model.previous_checkpoint=...), to evaluate let the data follow the "
+                "checkpoint's class order (data.classes)"
+            )
+        if meta.get("head", self.hparams.head) != self.hparams.head:
+            raise ValueError(f"the checkpoint has a {meta.get('head')!r} head, this run a {self.hparams.head!r} head")
+        self.preprocessing = merge_preprocessing(meta.get("preprocessing") or {}, self.preprocessing, "this run")
         self.stage_history = list(meta.get("stage_history", []))
 
 
-def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> CFSegModule:
-    """Load a cfseg checkpoint without executing pickled code (``torch.load(weights_only=True)``).
+def _canonical_preprocessing(p: Any) -> Any:
+    return json.loads(json.dumps(p))  # tuples and lists compare equal
+
+
+def merge_preprocessing(known: dict[str, Any], new: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """Preprocessing per modality of every domain seen so far: ``known`` plus ``new``'s modalities.
+
+    A model that learnt CT in one stage and MRI in the next must still read CT, so nothing is dropped; one
+    modality preprocessed two ways (another spacing, window, orientation) is an error, because the weights
+    learnt on one cannot serve both.
 
     Raises:
-        ValueError: if the file is not a cfseg checkpoint.
+        ValueError: a modality present in both with different settings.
+    """
+    out = dict(known or {})
+    for modality, pre in (new or {}).items():
+        if modality in out and _canonical_preprocessing(out[modality]) != _canonical_preprocessing(pre):
+            raise ValueError(
+                f"two preprocessings for {modality!r}: {_canonical_preprocessing(out[modality])} (learnt earlier) "
+                f"vs {_canonical_preprocessing(pre)} ({where or 'new'}); keep the earlier spacing, orientation and "
+                "intensity settings for this modality"
+            )
+        out.setdefault(modality, pre)
+    return out
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
+                    trusted_modules: list[str] | None = None) -> CFSegModule:
+    """Load a cfseg checkpoint as data: no pickled code (``torch.load(weights_only=True)``) and a network built
+    only from the allow-list of :mod:`cfseg.builder` (``trusted_modules`` extends it; the file cannot).
+
+    Raises:
+        FileNotFoundError: no such file.
+        UntrustedSpecError: the checkpoint names a network outside the allow-list (nothing was imported or called).
+        ValueError: the file is not a cfseg checkpoint or is damaged.
     """
     from pathlib import Path
 
@@ -398,15 +448,25 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> CFSe
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for non-checkpoints
         raise ValueError(f"{p}: not a loadable cfseg checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("cfseg", {}).get("format") != CHECKPOINT_FORMAT:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("cfseg"), dict) \
+            or ckpt["cfseg"].get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{p}: not a cfseg checkpoint (no 'cfseg' metadata of format {CHECKPOINT_FORMAT})")
     meta = ckpt["cfseg"]
     import inspect
 
-    skip = {"self", "class_names", "preprocessing", "previous_checkpoint", "new_classes"}
+    skip = {"self", "class_names", "preprocessing", "previous_checkpoint", "new_classes", "trusted_modules",
+            "bank_state", "optimizer"}
     allowed = set(inspect.signature(CFSegModule.__init__).parameters) - skip
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in allowed}
-    module = CFSegModule(bank_state=meta["prototype_bank"], preprocessing=meta.get("preprocessing"), **hp)
-    module.load_state_dict(ckpt["state_dict"])
-    module.on_load_checkpoint(ckpt)
+    hp["backbone"] = hp.get("backbone") or DEFAULT_BACKBONE
+    check_spec(hp["backbone"], trusted_modules)  # refuse before anything else is built or imported
+    try:
+        module = CFSegModule(bank_state=meta["prototype_bank"], preprocessing=meta.get("preprocessing"),
+                             trusted_modules=trusted_modules, **hp)
+        module.load_state_dict(ckpt["state_dict"])
+        module.on_load_checkpoint(ckpt)
+    except UntrustedSpecError as e:
+        raise UntrustedSpecError(f"{p}: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{p}: damaged cfseg checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
     return module.eval()

@@ -1,11 +1,13 @@
-"""Whole-volume prediction with a trained module: preprocessing from the checkpoint, sliding windows, argmax
-over background plus any requested subset of classes in one forward pass, similarity maps."""
+"""Whole-volume prediction with a trained module: preprocessing from the checkpoint, modality detection,
+sliding windows, argmax over background plus any requested subset of classes in one forward pass, similarity
+maps."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from cfseg.data.transforms import Preprocessing, build_transforms
@@ -25,6 +27,95 @@ def preprocessing_for(module: CFSegModule, modality: str | None) -> Preprocessin
     if modality not in pre:
         raise ValueError(f"the checkpoint was trained on {sorted(pre)}, not {modality!r}")
     return Preprocessing.from_dict(pre[modality])
+
+
+class ModalityError(ValueError):
+    """The image's modality is unclear, or does not match what the checkpoint was trained on."""
+
+
+#: Intensity at or below which a voxel counts as air in Hounsfield units (CT air is about -1000 HU).
+AIR_HU = -500.0
+#: Fraction of voxels at or below :data:`AIR_HU` that makes an image CT (air around or inside the body).
+MIN_AIR_FRACTION = 1e-3
+#: An MRI is essentially non-negative: its 0.5th percentile is at least ``-MRI_NEGATIVE_TOLERANCE`` times its
+#: 99.5th (magnitude images; interpolation and bias correction leave small negatives).
+MRI_NEGATIVE_TOLERANCE = 0.05
+
+
+def detect_modality(array: np.ndarray | torch.Tensor, max_samples: int = 2_000_000) -> tuple[str, str]:
+    """Tell CT from MRI by intensities: CT is in Hounsfield units, MRI in non-negative arbitrary units.
+
+    Rule: CT when at least :data:`MIN_AIR_FRACTION` of the voxels are at or below :data:`AIR_HU` (air, about
+    -1000 HU); MRI when there is no such air and the intensities are essentially non-negative (0.5th percentile
+    >= -:data:`MRI_NEGATIVE_TOLERANCE` x 99.5th percentile). Anything else (negative values but no air, e.g. a
+    CT cropped inside the body or a z-scored MRI) is unclear. A CT stored without its HU offset (all values
+    >= 0) looks like MRI: pass the modality explicitly then.
+
+    Args:
+        array: image intensities, any shape (a regular subsample of at most ``max_samples`` voxels is used).
+
+    Returns:
+        ``(modality, reason)``: ``"ct"`` or ``"mri"`` and a short human-readable reason.
+
+    Raises:
+        ModalityError: when the image fits neither rule.
+    """
+    a = torch.as_tensor(array).detach().cpu().numpy() if not isinstance(array, np.ndarray) else array
+    a = a.ravel()
+    if a.size == 0:
+        raise ModalityError("cannot tell CT from MRI: the image is empty")
+    if a.size > max_samples:
+        a = a[:: -(-a.size // max_samples)]
+    a = a.astype(np.float32, copy=False)
+    a = a[np.isfinite(a)]
+    air = float(np.mean(a <= AIR_HU)) if a.size else 0.0
+    lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5])) if a.size else (0.0, 0.0)
+    if air >= MIN_AIR_FRACTION:
+        return "ct", f"{air:.1%} of voxels <= {AIR_HU:g}, air in Hounsfield units; minimum {float(a.min()):g}"
+    if lo >= -MRI_NEGATIVE_TOLERANCE * abs(hi):
+        return "mri", f"non-negative arbitrary units (0.5th-99.5th percentile {lo:g} to {hi:g}), no air at -1000"
+    raise ModalityError(
+        f"cannot tell CT from MRI: no air (<= {AIR_HU:g}) as in a CT, but negative values (0.5th percentile "
+        f"{lo:g}) unlike an MRI; pass --modality ct or --modality mri"
+    )
+
+
+def choose_modality(module: CFSegModule, array: np.ndarray | torch.Tensor,
+                    modality: str | None = None) -> tuple[str, str, str | None]:
+    """The modality to preprocess ``array`` with: the given one, else the detected one (:func:`detect_modality`).
+
+    Returns:
+        ``(modality, note, warning)``: ``note`` says how it was chosen (``"modality ct (detected: ...)"``);
+        ``warning`` is set when a given modality contradicts what the image looks like.
+
+    Raises:
+        ModalityError: no modality given and the image is unclear, or looks like a modality the checkpoint was
+            not trained on (pass ``modality`` to force it), or a given modality the checkpoint does not know.
+    """
+    known = sorted(module.preprocessing or {})
+    if not known:
+        raise ValueError("the checkpoint records no preprocessing; it was not trained with a cfseg data module")
+    if modality is not None:
+        if modality not in known:
+            raise ModalityError(f"the checkpoint was trained on {known}, not {modality!r}")
+        try:
+            detected, reason = detect_modality(array)
+        except ModalityError:
+            return modality, f"modality {modality} (given)", None
+        warning = None
+        if detected != modality:
+            warning = f"the image looks like {detected} ({reason}) but modality {modality} was given; using {modality}"
+        return modality, f"modality {modality} (given)", warning
+    try:
+        detected, reason = detect_modality(array)
+    except ModalityError as e:
+        raise ModalityError(f"{e} (the checkpoint knows {' and '.join(known)})") from None
+    if detected not in known:
+        raise ModalityError(
+            f"the image looks like {detected} ({reason}) but the checkpoint was trained on {' and '.join(known)} "
+            f"only; pass modality {known[0]!r} (--modality {known[0]}) to force it"
+        )
+    return detected, f"modality {detected} (detected: {reason})", None
 
 
 def load_case(path: str, pre: Preprocessing, label: str | None = None, label_lut=None) -> dict[str, Any]:
@@ -49,7 +140,8 @@ def predict_volume(
         module: trained module (eval mode).
         image: [C, *S] preprocessed image.
         class_indices: global indices of the classes to segment (background always included); None = all.
-        device: where the network runs; windows are stitched on the CPU.
+        device: where the network runs (the sliding windows run there too); windows are stitched on the CPU,
+            which bounds accelerator memory.
         similarity: also return cosine similarity maps (prototype head only).
 
     Returns:
@@ -58,7 +150,7 @@ def predict_volume(
     """
     module = module.to(device).eval()
     idx = list(range(1, len(module.bank.names))) if class_indices is None else [int(i) for i in class_indices]
-    logits = module.sliding_window_logits(image[None].to(device), idx, device="cpu")[0]
+    logits = module.sliding_window_logits(image[None].to(device), idx, sw_device=device, device="cpu")[0]
     probs = logits.softmax(0)
     local = probs.argmax(0)
     table = torch.tensor([0, *idx], dtype=torch.uint8)

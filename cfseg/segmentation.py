@@ -1,11 +1,35 @@
 """``cfseg-segment``: masks for your own NIfTI files, in their own geometry.
 
     cfseg-segment -i ct.nii.gz -o masks/ --ckpt model.ckpt [--classes liver spleen] [--multilabel]
-                  [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--list-classes]
+                  [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--modality ct|mri]
+                  [--max-voxels N] [--list-classes]
 
 The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding
 windows over background plus the requested classes in one forward pass, and the result is resampled back onto
 the input's own voxel grid: every output has the input's shape and affine, whatever its orientation.
+
+Modality: without ``--modality`` it is read off the image (CT: air at about -1000 Hounsfield units; MRI:
+non-negative arbitrary units) and printed (``case.nii.gz: modality ct (detected: ...)``). An image that looks
+like a modality the checkpoint was not trained on, or that fits neither rule, is refused; ``--modality`` forces
+one (with a warning when the image looks otherwise).
+
+Output layout: for one input file, ``-o/<class>.nii.gz`` (or ``labels.nii.gz`` + ``labels.json``,
+``similarity_<class>.nii.gz``); each file is replaced atomically and the files the previous single-file run
+wrote into ``-o`` but this one does not (e.g. a class no longer requested) are removed (they are listed in
+``-o/.cfseg-segment.json``). For a folder, ``-o/<case>/...`` per input, ``<case>`` being the file name without
+``.nii``/``.nii.gz`` and ``_0000`` (characters other than letters, digits, ``_ . -`` become ``_``, leading dots
+are dropped, so it stays inside ``-o``; inputs whose case names would coincide keep their full file name,
+``a.nii`` -> ``a_nii``). A case directory is written in a temporary directory inside ``-o`` and swapped in
+whole, so it never mixes two runs' files. A lock (``-o/.cfseg-segment.lock``) stops a second run writing into
+the same ``-o`` at the same time.
+
+Sanity limits, checked on the header before any voxel is read: finite, invertible affine; voxel spacing in
+(0.001, 100) mm; at most ``--max-voxels`` voxels (default 2**28 = 512 x 512 x 1024) in the input and in the
+grid it is resampled to. Constant or near-empty images are refused.
+
+Errors: one line ``cfseg-segment: error: <file>: <problem>`` on stderr, never a traceback. Exit codes: 0 all
+done; 1 a folder run in which some cases failed (the others are written; the failed ones are listed at the
+end); 2 a usage error, a bad checkpoint or output folder, or a failed single-file run (nothing is written).
 
 The Python API is :func:`segment`, also exported as ``cfseg.segment`` (hence this module is not named
 ``segment.py``: the package attribute is the function).
@@ -15,10 +39,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+import uuid
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +56,23 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from cfseg.geometry import (  # noqa: F401  (re-exported: the grid helpers used to live here)
+    DEFAULT_MAX_VOXELS,
+    GeometryError,
+    _grid_map,
+    _resample_to,
+    _take_grid,
+    check_affine,
+    check_size,
+    resampled_shape,
+)
+
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LOCK_NAME = ".cfseg-segment.lock"
+MANIFEST_NAME = ".cfseg-segment.json"
+TMP_PREFIX = ".cfseg-tmp-"
+OLD_PREFIX = ".cfseg-old-"
+log = logging.getLogger(__name__)
 
 
 class SegmentError(ValueError):
@@ -45,130 +91,125 @@ def _case_name(path: Path) -> str:
     return name[:-5] if name.endswith("_0000") else name
 
 
-def load_input(image: str | Path | nib.Nifti1Image) -> tuple[nib.Nifti1Image, str]:
-    """A 3D NIfTI image (path or nibabel image) checked for dimensionality and finite values."""
+def safe_name(name: str) -> str:
+    """``name`` as a single path component that stays inside its folder and is not hidden.
+
+    Characters other than letters, digits, ``_``, ``.`` and ``-`` become ``_``; leading dots are dropped
+    (``..``, ``.`` and ``""`` become ``"unnamed"``).
+    """
+    s = re.sub(r"[^\w.-]", "_", name).lstrip(".")
+    return s or "unnamed"
+
+
+def case_names(files: Sequence[Path]) -> dict[Path, str]:
+    """One output folder name per input, unique (case-insensitively) and safe.
+
+    Names come from :func:`_case_name`; inputs whose names coincide (``a.nii`` / ``a.nii.gz`` / ``a_0000.nii.gz``)
+    keep their full file name instead (``a_nii``, ``a_nii_gz``, ``a_0000_nii_gz``).
+
+    Raises:
+        SegmentError: when two inputs would still share a name.
+    """
+    names = {f: safe_name(_case_name(f)) for f in files}
+    counts = Counter(n.casefold() for n in names.values())
+    for f in files:
+        if counts[names[f].casefold()] > 1:
+            names[f] = safe_name(f.name.replace(".", "_"))
+    seen: dict[str, Path] = {}
+    for f in files:
+        key = names[f].casefold()
+        if key in seen:
+            raise SegmentError(f"{f}: its output folder {names[f]!r} would be the same as that of {seen[key]} "
+                               f"(rename one of them)")
+        seen[key] = f
+    return names
+
+
+def check_path(path: Path) -> None:
+    """Cheap checks of an input path before anything is read (exists, plain file, NIfTI name, not empty)."""
+    if path.is_dir():
+        raise SegmentError(f"{path}: is a folder, not a NIfTI file")
+    if not path.exists():
+        raise SegmentError(f"{path}: file not found")
+    if not path.is_file():
+        raise SegmentError(f"{path}: not a regular file")
+    if not _is_nifti(path):
+        raise SegmentError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+    if path.stat().st_size == 0:
+        raise SegmentError(f"{path}: empty file (0 bytes)")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or repr(e)
+    return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
+
+
+def load_input(image: str | Path | nib.Nifti1Image,
+               max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[nib.Nifti1Image, str]:
+    """A 3D NIfTI image (path or nibabel image), checked before and after its voxels are read.
+
+    Before: the path (:func:`check_path`), that nibabel reads the header, 3D (or 4D with one volume), a finite
+    invertible affine with spacing in range and at most ``max_voxels`` voxels (:mod:`cfseg.geometry`). After:
+    the data could be read in full (a truncated ``.nii.gz`` fails only here), finite, not constant or near-empty.
+
+    Returns:
+        ``(image, where)``: an in-memory float32 image with the input's affine; ``where`` names it in messages.
+
+    Raises:
+        SegmentError: ``"<path>: <problem>"``.
+    """
     if isinstance(image, nib.spatialimages.SpatialImage):
         img, where = image, "<in-memory image>"
     else:
         path = Path(image)
         where = str(path)
-        if not path.is_file():
-            raise SegmentError(f"{path}: file not found")
-        if not _is_nifti(path):
-            raise SegmentError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
+        check_path(path)
         try:
             img = nib.load(str(path))
         except Exception as e:  # nibabel raises several types
-            raise SegmentError(f"{path}: cannot be read as NIfTI ({e})") from e
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        img = nib.Nifti1Image(np.asarray(img.dataobj)[..., 0], img.affine, img.header)
-    elif len(shape) != 3:
-        raise SegmentError(f"{where}: expected a 3D image, got shape {tuple(shape)}")
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    if not np.isfinite(data).all():
-        raise SegmentError(f"{where}: {int((~np.isfinite(data)).sum())} NaN/infinite intensities")
+            raise SegmentError(f"{path}: not a readable NIfTI file ({_one_line(e)})") from e
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
+        raise SegmentError(f"{where}: expected a 3D image, got shape {shape}")
+    try:
+        check_affine(img.affine)
+        check_size(shape[:3], max_voxels)
+    except GeometryError as e:
+        raise SegmentError(f"{where}: {e}") from None
+    try:
+        data = np.asarray(img.dataobj[..., 0] if len(shape) == 4 else img.dataobj, dtype=np.float32)
+    except Exception as e:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
+        raise SegmentError(f"{where}: the image data cannot be read ({_one_line(e)}; truncated or corrupt "
+                           f"file?)") from e
+    finite = np.isfinite(data)
+    if not finite.all():
+        raise SegmentError(f"{where}: {int((~finite).sum())} NaN/infinite intensities")
+    del finite
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise SegmentError(f"{where}: constant image (every voxel is {lo:g}); nothing to segment")
+    med = float(np.median(data[:: max(1, data.size // 1_000_000)]))
+    n_off = int(np.count_nonzero(data != med))
+    if n_off < max(10, 1e-4 * data.size):
+        raise SegmentError(f"{where}: near-empty image (only {n_off} of {data.size} voxels differ from {med:g}); "
+                           f"nothing to segment")
     return nib.Nifti1Image(data, img.affine), where
 
 
 def resolve_classes(module, classes: Sequence[str] | None) -> list[int]:
-    """Global indices of the requested classes (any spelling); unknown names fail with close matches."""
+    """Global indices of the requested classes (any spelling, duplicates dropped); unknown names fail with close
+    matches, ``background`` is refused (it is what no requested class claims)."""
     if not classes:
         return list(range(1, len(module.bank.names)))
-    return [module.bank.index(c) for c in classes]
-
-
-def _grid_map(src_affine: np.ndarray, src_shape: Sequence[int], dst_affine: np.ndarray,
-              tol: float = 1e-3) -> tuple[list[int], list[bool], list[int]] | None:
-    """How the ``dst`` voxel grid sits on the ``src`` grid when no interpolation is needed, else None.
-
-    That is the case when ``inv(src_affine) @ dst_affine`` is a signed axis permutation with an integer shift
-    (up to ``tol`` voxels): the network grid is the input grid reoriented (same spacing, e.g. after
-    ``Orientationd`` and a no-op ``Spacingd``), possibly cropped or padded.
-
-    Returns:
-        ``(axes, flips, shifts)``: dst axis ``j`` reads src axis ``axes[j]``, flipped when ``flips[j]``, at
-        index ``d + shifts[j]`` of the (flipped) src axis for dst index ``d``.
-    """
-    M = np.linalg.inv(src_affine) @ dst_affine
-    R, t = M[:3, :3], M[:3, 3]
-    P = np.round(R)
-    if np.abs(R - P).max() > tol or np.abs(t - np.round(t)).max() > tol:
-        return None
-    if not (np.abs(P).sum(0) == 1).all() or not (np.abs(P).sum(1) == 1).all():
-        return None
-    axes, flips, shifts = [], [], []
-    for j in range(3):
-        i = int(np.flatnonzero(P[:, j])[0])
-        flip = bool(P[i, j] < 0)
-        ti = int(np.round(t[i]))  # src index s = +-d + t_i; on the flipped axis s' = n - 1 - s = d + (n - 1 - t_i)
-        axes.append(i)
-        flips.append(flip)
-        shifts.append(int(src_shape[i]) - 1 - ti if flip else ti)
-    return axes, flips, shifts
-
-
-def _take_grid(src: np.ndarray, mapping: tuple[list[int], list[bool], list[int]], dst_shape: Sequence[int],
-               fill: float | Sequence[float] = 0.0) -> np.ndarray:
-    """Copy ``src`` [*C, X, Y, Z] onto the dst grid of :func:`_grid_map` (exact; ``fill`` outside src).
-
-    ``fill`` is a scalar or one value per leading channel. Returns [*C, *dst_shape] with ``src``'s dtype.
-    """
-    axes, flips, shifts = mapping
-    lead = src.ndim - 3
-    a = np.transpose(src, (*range(lead), *(lead + i for i in axes)))
-    flip_axes = tuple(lead + j for j in range(3) if flips[j])
-    if flip_axes:
-        a = np.flip(a, flip_axes)
-    out = np.empty((*src.shape[:lead], *dst_shape), src.dtype)
-    fill_arr = np.asarray(fill, src.dtype)
-    out[...] = fill_arr.reshape(*fill_arr.shape, 1, 1, 1) if fill_arr.ndim else fill_arr
-    dst_sl, src_sl = [], []
-    for j in range(3):
-        n_src, n_dst, t = a.shape[lead + j], int(dst_shape[j]), shifts[j]
-        d0, d1 = max(0, -t), min(n_dst, n_src - t)
-        if d1 <= d0:
-            return out  # no overlap
-        dst_sl.append(slice(d0, d1))
-        src_sl.append(slice(d0 + t, d1 + t))
-    out[(..., *dst_sl)] = a[(..., *src_sl)]
-    return out
-
-
-def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
-                 order: int, cval: float | Sequence[float] = 0.0, slab: int = 32) -> np.ndarray:
-    """Resample ``src`` [C, *S] (world-aligned by ``src_affine``) onto a voxel grid, slab by slab.
-
-    Trilinear (``order=1``) or nearest (``order=0``) by ``torch.nn.functional.grid_sample``, all channels at
-    once. ``cval`` (a scalar or one value per channel) is what lies outside ``src``: a dst voxel within one
-    voxel of the edge blends towards it.
-
-    Returns [C, *dst_shape] float32.
-    """
-    import torch.nn.functional as F
-
-    if order not in (0, 1):
-        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
-    C = src.shape[0]
-    fill = np.broadcast_to(np.asarray(cval, np.float32), (C,)).reshape(C, 1, 1, 1)
-    M = np.linalg.inv(src_affine) @ dst_affine
-    n_src = np.asarray(src.shape[1:], np.float64)
-    A = M[:3, :3] * (2 / n_src)[:, None]  # dst voxel index -> src normalised coordinate (align_corners=False)
-    b = (2 * M[:3, 3] + 1) / n_src - 1
-    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32) - fill)[None]  # padding is 0: shift by fill
-    out = np.empty((C, *dst_shape), np.float32)
-    nx, ny, nz = (int(n) for n in dst_shape)
-    ys, zs = (torch.arange(n, dtype=torch.float64) for n in (ny, nz))
-    for x0 in range(0, nx, slab):
-        xs = torch.arange(x0, min(x0 + slab, nx), dtype=torch.float64)
-        grid = torch.empty(1, len(xs), ny, nz, 3)  # last dim (z, y, x): grid_sample's (W, H, D) order
-        for k in range(3):  # separable: one broadcast sum per src axis
-            grid[0, ..., 2 - k] = ((A[k, 0] * xs + b[k]).float()[:, None, None] + (A[k, 1] * ys).float()[:, None]
-                                   + (A[k, 2] * zs).float())
-        res = F.grid_sample(vol, grid, mode="bilinear" if order else "nearest", padding_mode="zeros",
-                            align_corners=False)
-        out[:, x0:x0 + len(xs)] = res[0].numpy() + fill
-    return out
+    idx: list[int] = []
+    for c in classes:
+        k = module.bank.index(c)
+        if k == 0:
+            raise SegmentError(f"class {c!r} is the background, not a class to segment (every voxel that no "
+                               f"requested class claims is background; leave it out of --classes)")
+        if k not in idx:
+            idx.append(k)
+    return idx
 
 
 def _check_box(box: Sequence[int], shape: Sequence[int]) -> tuple[slice, slice, slice]:
@@ -192,6 +233,8 @@ def segment(
     device: str = "cpu",
     modality: str | None = None,
     context: int = 16,
+    max_voxels: int = DEFAULT_MAX_VOXELS,
+    notify: Callable[[str, str], None] | None = None,
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one image; every returned image has the input's shape and affine.
 
@@ -204,27 +247,50 @@ def segment(
         similarity: also return ``"similarity_<class>"`` float maps (cosine to the class prototype).
         box: ``(x0, y0, z0, x1, y1, z1)`` voxel box of the input (end exclusive); outside is background.
         device: ``"cpu"`` or ``"cuda"``.
-        modality: ``"ct"`` or ``"mri"`` when the checkpoint knows several.
+        modality: ``"ct"`` or ``"mri"``; None = detected from the image
+            (:func:`cfseg.inference.detect_modality`); an image that looks like a modality the checkpoint was not
+            trained on is refused unless ``modality`` is given (then a warning).
         context: voxels of context around ``box`` given to the network.
+        max_voxels: largest input grid and largest resampled grid accepted (see :mod:`cfseg.geometry`).
+        notify: ``notify(level, message)`` with level ``"info"`` (the modality used and why) or ``"warning"``;
+            None logs the info (logger ``cfseg.segmentation``) and issues warnings with :func:`warnings.warn`.
+
+    Raises:
+        SegmentError: a bad image, box, class or modality (the message names the file and the problem).
 
     Returns:
         name -> image: ``<class>`` masks (uint8 0/1) or ``"labels"``; ``similarity_<class>`` when asked.
     """
     from cfseg.data.transforms import Preprocessing
-    from cfseg.inference import predict_volume, preprocessing_for
+    from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
     from cfseg.module import CFSegModule, load_checkpoint
 
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     idx = resolve_classes(module, classes)
-    img, where = load_input(image)
-    pre: Preprocessing = preprocessing_for(module, modality)
+    img, where = load_input(image, max_voxels)
+    try:
+        chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality)
+    except ModalityError as e:
+        raise SegmentError(f"{where}: {e}") from None
+    _notify(notify, "info", f"{where}: {note}")
+    if warning:
+        _notify(notify, "warning", f"{where}: {warning}")
+    pre: Preprocessing = preprocessing_for(module, chosen)
     full_shape, full_affine = img.shape, img.affine
     region = None
     if box is not None:
-        region = _check_box(box, full_shape)
+        try:
+            region = _check_box(box, full_shape)
+        except SegmentError as e:
+            raise SegmentError(f"{where}: {e}") from None
         ctx = tuple(slice(max(0, r.start - context), min(n, r.stop + context))
                     for r, n in zip(region, full_shape, strict=True))
         img = img.slicer[ctx]
+    try:
+        grid = resampled_shape(img.shape, img.affine, pre.spacing, pre.orientation)
+        check_size(grid, max_voxels, f"resampled to {'x'.join(f'{s:g}' for s in pre.spacing)} mm, the image")
+    except GeometryError as e:
+        raise SegmentError(f"{where}: {e}") from None
     work = _preprocess(img, pre)
     out = predict_volume(module, work["image"], idx, device=device, similarity=similarity)
     src_affine = work["image"].affine.numpy()
@@ -263,8 +329,16 @@ def segment(
                 f[region] = s[inner]
                 s = f
             result[f"similarity_{names[k]}"] = _nifti(s.astype(np.float32), full_affine)
-    del where
     return result
+
+
+def _notify(notify: Callable[[str, str], None] | None, level: str, message: str) -> None:
+    if notify is not None:
+        notify(level, message)
+    elif level == "warning":
+        warnings.warn(message, stacklevel=3)
+    else:
+        log.info(message)
 
 
 def _nifti(arr: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -298,18 +372,146 @@ def labels_json(module, classes: Sequence[str] | None) -> dict[str, str]:
     return {"0": "background", **{str(k): module.bank.names[k] for k in idx}}
 
 
-def _inputs(path: Path) -> list[Path]:
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if _is_nifti(p))
-        if not files:
-            raise SegmentError(f"{path}: no .nii/.nii.gz files in this folder")
-        return files
-    return [path]
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (exit 2), like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {' '.join(message.split())} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class OutputLock:
+    """An exclusive, non-blocking ``fcntl.flock`` on ``<folder>/.cfseg-segment.lock``, removed on release.
+
+    Raises:
+        BlockingIOError: another process holds it.
+        OSError: the folder is not writable.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino  # not unlinked by a finishing holder
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                self.fd = fd
+                return self
+            os.close(fd)
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _fresh_dir(parent: Path) -> Path:
+    """A temporary directory inside ``parent`` with the permissions of a normally created one."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=TMP_PREFIX))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
+
+
+def _write_outputs(folder: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> list[str]:
+    names = [f"{safe_name(n)}.nii.gz" for n in images]
+    if len(set(names)) != len(names):
+        raise SegmentError(f"two outputs would share a file name: {sorted(images)}")
+    for name, img in zip(names, images.values(), strict=True):
+        nib.save(img, str(folder / name))
+    if labels is not None:
+        (folder / "labels.json").write_text(json.dumps(labels, indent=2))
+        names.append("labels.json")
+    return names
+
+
+def write_case_dir(out: Path, case: str, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> Path:
+    """Write a case's outputs as ``out/<case>/``, replacing an earlier one whole (never a mix of two runs)."""
+    tmp = _fresh_dir(out)
+    try:
+        _write_outputs(tmp, images, labels)
+        dest = out / case
+        old = None
+        if dest.exists() or dest.is_symlink():
+            old = out / f"{OLD_PREFIX}{uuid.uuid4().hex}"
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        if old is not None:
+            _remove(old)
+        return dest
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_manifest(path: Path) -> list[str]:
+    """File names an earlier single-file run wrote (only plain output names; anything else is ignored)."""
+    try:
+        files = json.loads(path.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str) and safe_name(f) == f
+            and (f.endswith(".nii.gz") or f == "labels.json")]
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex}.json")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def write_flat(out: Path, source: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> None:
+    """Write one input's outputs directly into ``out`` (each file replaced atomically), then remove the files the
+    previous single-file run wrote there that this one does not (tracked in ``out/.cfseg-segment.json``)."""
+    tmp = _fresh_dir(out)
+    try:
+        new = _write_outputs(tmp, images, labels)
+        manifest = out / MANIFEST_NAME
+        old = _read_manifest(manifest)
+        _write_json(manifest, {"input": str(source), "files": sorted(set(old) | set(new))})  # crash-safe superset
+        for name in new:
+            os.replace(tmp / name, out / name)
+        for name in sorted(set(old) - set(new)):
+            (out / name).unlink(missing_ok=True)
+        _write_json(manifest, {"input": str(source), "files": new})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fail(message: str) -> int:
+    print(f"cfseg-segment: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _where(path: Path, e: BaseException) -> str:
+    text = _one_line(e)
+    return text if text.startswith(str(path)) else f"{path}: {text}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cfseg-segment", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``cfseg-segment``; returns the exit code (0 done, 1 some cases of a folder failed, 2 error)."""
+    p = _Parser(prog="cfseg-segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--input", type=Path, help="NIfTI file or folder of NIfTI files")
     p.add_argument("-o", "--output", type=Path, help="output folder")
     p.add_argument("--ckpt", type=Path, required=True, help="cfseg checkpoint")
@@ -318,55 +520,108 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--similarity", action="store_true", help="also write similarity maps (float NIfTI)")
     p.add_argument("--box", type=int, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), default=None)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modality", default=None, choices=["ct", "mri"])
+    p.add_argument("--modality", default=None, choices=["ct", "mri"],
+                   help="force the modality (default: detected from the image)")
+    p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS,
+                   help=f"largest input and resampled grid, in voxels (default {DEFAULT_MAX_VOXELS} = 2**28)")
     p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
     a = p.parse_args(argv)
     from cfseg.module import load_checkpoint
 
+    if a.ckpt.is_dir():
+        return _fail(f"{a.ckpt}: is a folder, not a checkpoint file")
+    if a.ckpt.is_file() and a.ckpt.stat().st_size == 0:
+        return _fail(f"{a.ckpt}: empty file (0 bytes), not a checkpoint")
     try:
         module = load_checkpoint(str(a.ckpt))
-        if a.list_classes:
-            for name in module.bank.classes:
-                print(name)
-            return 0
-        if a.input is None or a.output is None:
-            p.error("-i and -o are required unless --list-classes")
+    except Exception as e:  # any failure to load is the checkpoint's problem, reported in one line
+        return _fail(_where(a.ckpt, e))
+    if a.list_classes:
+        for name in module.bank.classes:
+            print(name)
+        return 0
+    if a.input is None or a.output is None:
+        p.error("-i and -o are required unless --list-classes")
+    if a.max_voxels <= 0:
+        p.error(f"--max-voxels must be positive, got {a.max_voxels}")
+    try:
         resolve_classes(module, a.classes)  # unknown names fail before any work
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise SegmentError("--device cuda: no CUDA device is available here")
-        files = _inputs(a.input)
-        for f in files:
-            if not (f.is_file() and _is_nifti(f)):
-                raise SegmentError(f"{f}: not a NIfTI file (expected .nii or .nii.gz)" if f.exists()
-                                   else f"{f}: file not found")
-        from tqdm import tqdm
+    except ValueError as e:
+        return _fail(_where(a.ckpt, e))
+    if a.device == "cuda" and not torch.cuda.is_available():
+        return _fail("--device cuda: no CUDA device is available here")
+    folder = a.input.is_dir() and not _is_nifti(a.input)
+    try:
+        if folder:
+            files = sorted(f for f in a.input.iterdir() if _is_nifti(f))
+            if not files:
+                raise SegmentError(f"{a.input}: no .nii/.nii.gz files in this folder")
+            cases = case_names(files)
+        else:
+            files, cases = [a.input], {}
+            check_path(a.input)
+    except SegmentError as e:
+        return _fail(str(e))
+    out: Path = a.output
+    if out.exists() and not out.is_dir():
+        return _fail(f"{out}: exists and is not a folder (choose another -o)")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return _fail(f"{out}: cannot create the output folder ({e.strerror or e})")
+    failures: list[str] = []
+    done = 0
+    try:
+        with OutputLock(out):
+            for leftover in out.iterdir():  # temp/old dirs of a run that was killed (we hold the lock)
+                if leftover.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                    _remove(leftover)
+            done, failures = _run(a, module, files, cases, out, folder)
+    except BlockingIOError:
+        return _fail(f"{out}: another cfseg-segment run is writing into this folder ({LOCK_NAME}); wait for it "
+                     f"or choose another -o")
+    except OSError as e:
+        return _fail(f"{out}: cannot write into the output folder ({e.strerror or e})")
+    finally:
+        if created and done == 0:
+            try:
+                out.rmdir()
+            except OSError:
+                pass
+    for msg in failures:
+        print(f"cfseg-segment: error: {msg}", file=sys.stderr)
+    if failures and folder:
+        print(f"cfseg-segment: {len(failures)} of {len(files)} cases failed; the other {done} are in {out}",
+              file=sys.stderr)
+        return 1
+    return 2 if failures else 0
 
-        a.output.mkdir(parents=True, exist_ok=True)
-        for f in tqdm(files, desc="segmenting", unit="case", disable=len(files) == 1):
-            dest = a.output if len(files) == 1 else a.output / _case_name(f)
-            _write_case(f, dest, module, a)
-    except (SegmentError, ValueError, FileNotFoundError) as e:
-        print(f"cfseg-segment: error: {e}", file=sys.stderr)
-        return 2
-    return 0
 
+def _run(a, module, files: list[Path], cases: dict[Path, str], out: Path, folder: bool) -> tuple[int, list[str]]:
+    """Segment every file, writing each case as soon as it is done. Returns (cases written, failure messages)."""
+    from tqdm import tqdm
 
-def _write_case(f: Path, dest: Path, module, a) -> None:
-    """Segment one file and move its outputs into ``dest`` only when all of them are written."""
-    images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality)
-    dest.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=".cfseg-tmp-") as tmp:
-        written = []
-        for name, img in images.items():
-            path = Path(tmp) / f"{name}.nii.gz"
-            nib.save(img, str(path))
-            written.append(path)
-        if a.multilabel:
-            path = Path(tmp) / "labels.json"
-            path.write_text(json.dumps(labels_json(module, a.classes), indent=2))
-            written.append(path)
-        for path in written:
-            shutil.move(str(path), dest / path.name)
+    def notify(level: str, message: str) -> None:
+        if level == "warning":
+            tqdm.write(f"cfseg-segment: warning: {message}", file=sys.stderr)
+        else:
+            tqdm.write(message, file=sys.stdout)
+
+    labels = labels_json(module, a.classes) if a.multilabel else None
+    done, failures = 0, []
+    for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
+        try:
+            images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
+                             max_voxels=a.max_voxels, notify=notify)
+            if folder:
+                write_case_dir(out, cases[f], images, labels)
+            else:
+                write_flat(out, f, images, labels)
+            done += 1
+        except Exception as e:  # one case's failure is reported in one line; the others go on
+            failures.append(_where(f, e))
+    return done, failures
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""cfseg-segment and cfseg.segment: outputs in the input's geometry, class subsets, boxes, bad input."""
+"""cfseg-segment and cfseg.segment: outputs in the input's geometry, class subsets, boxes, bad input, modality
+detection, output layout (unique names, atomic replacement, lock), device plumbing, and the Dice a tiny trained
+model reaches on phantoms through cfseg-segment. The catalogue of bad inputs is in test_bad_inputs.py."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -25,19 +28,25 @@ def ckpt(tiny_phantoms, tmp_path_factory):
     return Path(run.trainer.checkpoint_callback.best_model_path)
 
 
+def _visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
 @pytest.mark.parametrize("name,modality,codes", [("totalseg_ct", "ct", ("R", "A", "S")),
                                                   ("totalseg_mr", "mri", ("L", "P", "S"))])
-def test_real_outputs_in_input_geometry(ckpt, tmp_path, name, modality, codes):
+def test_real_outputs_in_input_geometry(ckpt, tmp_path, name, modality, codes, capsys):
     root = real_dataset(name)
     image = next((root / "imagesTr").glob("*.nii.gz"))
     src = nib.load(image)
     assert nib.aff2axcodes(src.affine) == codes
     rc = segment_main(["-i", str(image), "-o", str(tmp_path), "--ckpt", str(ckpt), "--classes", "Liver",
-                       "right kidney", "--modality", modality, "--similarity"])
+                       "right kidney", "--similarity"])  # no --modality: detected from the image
     assert rc == 0
-    files = sorted(p.name for p in tmp_path.iterdir())
+    assert f"{image}: modality {modality} (detected: " in capsys.readouterr().out
+    files = _visible(tmp_path)
     assert files == ["kidney_right.nii.gz", "liver.nii.gz", "similarity_kidney_right.nii.gz",
                      "similarity_liver.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".cfseg-segment.json"]
     for f in files:
         out = nib.load(tmp_path / f)
         assert out.shape == src.shape
@@ -69,7 +78,7 @@ def test_cli_folder_multilabel_and_list(ckpt, tiny_phantoms, tmp_path, capsys):
     rc = segment_main(["-i", str(folder), "-o", str(tmp_path / "out"), "--ckpt", str(ckpt), "--multilabel",
                        "--modality", "ct"])
     assert rc == 0
-    cases = sorted(p.name for p in (tmp_path / "out").iterdir())
+    cases = sorted(p.name for p in (tmp_path / "out").iterdir())  # no lock, no temporary folder left
     assert len(cases) == 4 and all((tmp_path / "out" / c / "labels.nii.gz").is_file() for c in cases)
     labels = json.loads((tmp_path / "out" / cases[0] / "labels.json").read_text())
     assert labels["0"] == "background" and "liver" in labels.values()
@@ -135,3 +144,221 @@ def test_grid_copy_equals_world_lookup():
         assert np.allclose(fast[(slice(None), *idx)], expected)
         assert np.allclose(slow[(slice(None), *idx)], expected)
     assert _grid_map(src_affine, src.shape[1:], np.diag([1.5, 2.0, 3.0, 1.0])) is None  # other spacing
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Modality detection
+# ---------------------------------------------------------------------------------------------------------
+def _ct_array(shape=(20, 20, 20), seed=0):
+    rng = np.random.default_rng(seed)
+    a = np.full(shape, -1000.0)
+    a[4:-4, 4:-4, 4:-4] = 40.0
+    return (a + rng.normal(0, 12, shape)).astype(np.float32)
+
+
+def test_detect_modality_synthetic_arrays():
+    from cfseg.inference import ModalityError, detect_modality
+
+    rng = np.random.default_rng(0)
+    assert detect_modality(_ct_array())[0] == "ct"
+    assert "air" in detect_modality(_ct_array())[1]
+    assert detect_modality(np.round(_ct_array()).astype(np.int16))[0] == "ct"
+    mri = np.sqrt(rng.normal(200, 20, (20, 20, 20)) ** 2 + rng.normal(0, 20, (20, 20, 20)) ** 2)  # Rician
+    assert detect_modality(mri)[0] == "mri"
+    small_negatives = mri.copy()
+    small_negatives.flat[:50] = -5.0  # interpolation undershoot stays MRI
+    assert detect_modality(small_negatives)[0] == "mri"
+    with pytest.raises(ModalityError, match="cannot tell CT from MRI.*--modality ct or --modality mri"):
+        detect_modality(rng.normal(0, 1, (20, 20, 20)))  # z-scored: neither rule
+    soft_tissue_ct = rng.normal(0, 80, (20, 20, 20))  # a CT crop inside the body, fat and no air
+    with pytest.raises(ModalityError):
+        detect_modality(soft_tissue_ct)
+
+
+def test_detect_modality_real_and_phantom_files(tiny_phantoms):
+    from cfseg.inference import detect_modality
+
+    for root, expected in ((tiny_phantoms[0], "ct"), (tiny_phantoms[1], "mri")):
+        for f in sorted((root / "imagesTr").glob("*.nii.gz")):
+            assert detect_modality(np.asarray(nib.load(f).dataobj))[0] == expected, f
+    for name, expected in (("totalseg_ct", "ct"), ("totalseg_mr", "mri")):
+        f = next((real_dataset(name) / "imagesTr").glob("*.nii.gz"))
+        assert detect_modality(np.asarray(nib.load(f).dataobj))[0] == expected, f
+
+
+def test_choose_modality_rules():
+    from types import SimpleNamespace
+
+    from cfseg.inference import ModalityError, choose_modality
+
+    both = SimpleNamespace(preprocessing={"ct": {}, "mri": {}})
+    ct_only = SimpleNamespace(preprocessing={"ct": {}})
+    ct, mri = _ct_array(), np.abs(_ct_array()) + 1000
+    assert choose_modality(both, ct)[:1] == ("ct",)
+    assert choose_modality(both, mri)[1].startswith("modality mri (detected: ")
+    with pytest.raises(ModalityError, match="looks like mri.*trained on ct only.*--modality ct"):
+        choose_modality(ct_only, mri)
+    modality, note, warning = choose_modality(ct_only, mri, "ct")  # an explicit override wins, with a warning
+    assert (modality, note) == ("ct", "modality ct (given)") and "looks like mri" in warning
+    with pytest.raises(ModalityError, match="trained on \\['ct'\\], not 'mri'"):
+        choose_modality(ct_only, ct, "mri")
+    with pytest.raises(ModalityError, match="the checkpoint knows ct and mri"):
+        choose_modality(both, np.random.default_rng(0).normal(0, 1, (9, 9, 9)))
+
+
+def _ct_only(ckpt: Path, tmp: Path) -> Path:
+    import torch
+
+    c = torch.load(ckpt, weights_only=True)
+    c["cfseg"]["preprocessing"] = {"ct": c["cfseg"]["preprocessing"]["ct"]}
+    torch.save(c, tmp / "ct_only.ckpt")
+    return tmp / "ct_only.ckpt"
+
+
+def test_ct_checkpoint_refuses_mri_unless_forced(ckpt, tiny_phantoms, tmp_path, capsys):
+    mri = sorted((tiny_phantoms[1] / "imagesTr").glob("*.nii.gz"))[0]
+    ct_only = _ct_only(ckpt, tmp_path)
+    out = tmp_path / "out"
+    assert segment_main(["-i", str(mri), "-o", str(out), "--ckpt", str(ct_only), "--classes", "liver"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{mri}: the image looks like mri" in err and "--modality ct" in err
+    assert not out.exists()
+    rc = segment_main(["-i", str(mri), "-o", str(out), "--ckpt", str(ct_only), "--classes", "liver",
+                       "--modality", "ct"])
+    cap = capsys.readouterr()
+    assert rc == 0 and "cfseg-segment: warning:" in cap.err and "looks like mri" in cap.err
+    assert f"{mri}: modality ct (given)" in cap.out
+    assert _visible(out) == ["liver.nii.gz"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device plumbing
+# ---------------------------------------------------------------------------------------------------------
+def test_predict_volume_runs_windows_on_the_model_device_and_stitches_on_cpu(ckpt, monkeypatch):
+    import torch
+
+    import cfseg.module as cm
+    from cfseg.inference import predict_volume
+    from cfseg.module import load_checkpoint
+
+    module = load_checkpoint(str(ckpt))
+    seen = {}
+    real = cm.sliding_window_inference
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cm, "sliding_window_inference", spy)
+    out = predict_volume(module, torch.rand(1, 20, 20, 20), [1, 2], device="cpu")
+    assert torch.device(seen["sw_device"]) == next(module.parameters()).device  # windows where the model is
+    assert str(seen["device"]) == "cpu"  # the stitched volume on the CPU, whatever the model's device
+    assert out["labels"].shape == (20, 20, 20) and out["labels"].device.type == "cpu"
+    calls = []
+    monkeypatch.setattr(type(module), "sliding_window_logits",
+                        lambda self, image, idx, **kw: calls.append(kw) or torch.zeros(1, 3, *image.shape[2:]))
+    predict_volume(module, torch.rand(1, 8, 8, 8), [1, 2], device="cpu")
+    assert calls == [{"sw_device": "cpu", "device": "cpu"}]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output layout: unique safe names, atomic replacement without stale files
+# ---------------------------------------------------------------------------------------------------------
+def test_case_names_unique_and_inside_output():
+    from cfseg.segmentation import case_names, safe_name
+
+    files = [Path(n) for n in ("a.nii", "a.nii.gz", "a_0000.nii.gz", "...nii.gz", ".nii.gz", "b_0000.nii.gz",
+                               "x\\y.nii.gz")]
+    names = case_names(files)
+    assert names[Path("b_0000.nii.gz")] == "b"
+    assert len({n.casefold() for n in names.values()}) == len(files)
+    for n in names.values():
+        assert n == safe_name(n) and n not in ("", ".", "..") and "/" not in n and "\\" not in n
+        assert not n.startswith(".") and Path("/out", n).parent == Path("/out")
+    assert names[Path("a.nii")] == "a_nii" and names[Path("a.nii.gz")] == "a_nii_gz"
+    assert names[Path("a_0000.nii.gz")] == "a_0000_nii_gz"
+
+
+def test_folder_run_names_and_stale_outputs(ckpt, tiny_phantoms, tmp_path, capsys):
+    src = sorted((tiny_phantoms[0] / "imagesTr").glob("*.nii.gz"))[0]
+    d = tmp_path / "in"
+    d.mkdir()
+    for n in ("a.nii.gz", "a_0000.nii.gz", "...nii.gz"):
+        shutil.copy(src, d / n)
+    out = tmp_path / "out"
+    args = ["-i", str(d), "-o", str(out), "--ckpt", str(ckpt)]
+    assert segment_main([*args, "--classes", "liver", "spleen"]) == 0
+    assert _visible(out) == sorted(p.name for p in out.iterdir()) == ["a_0000_nii_gz", "a_nii_gz", "unnamed"]
+    (out / "a_nii_gz" / "notes.txt").write_text("from an earlier run")
+    assert segment_main([*args, "--classes", "liver"]) == 0  # spleen no longer requested
+    for case in ("a_0000_nii_gz", "a_nii_gz", "unnamed"):
+        assert sorted(p.name for p in (out / case).iterdir()) == ["liver.nii.gz"]  # the case folder swapped whole
+    assert not list(tmp_path.glob("*.nii.gz"))  # nothing escaped -o
+    capsys.readouterr()
+
+
+def test_single_file_replaces_its_own_outputs(ckpt, tiny_phantoms, tmp_path, capsys):
+    image = sorted((tiny_phantoms[0] / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("a user's file")
+    args = ["-i", str(image), "-o", str(out), "--ckpt", str(ckpt)]
+    assert segment_main([*args, "--classes", "liver", "spleen", "--similarity"]) == 0
+    assert _visible(out) == ["liver.nii.gz", "mine.txt", "similarity_liver.nii.gz", "similarity_spleen.nii.gz",
+                             "spleen.nii.gz"]
+    assert segment_main([*args, "--multilabel", "--classes", "liver"]) == 0
+    assert _visible(out) == ["labels.json", "labels.nii.gz", "mine.txt"]  # stale masks gone, user's file kept
+    manifest = json.loads((out / ".cfseg-segment.json").read_text())
+    assert manifest == {"input": str(image), "files": ["labels.nii.gz", "labels.json"]}
+    capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tiny trained model reaches a stated Dice through cfseg-segment
+# ---------------------------------------------------------------------------------------------------------
+#: Liver Dice the tiny model must reach on held-out easy phantoms (measured: about 0.85-0.9 after 60 steps;
+#: all-background scores 0, all-body about 0.1).
+LIVER_DICE = 0.6
+
+
+def _easy_phantoms(root: Path, n: int, seed: int, shape=(24, 24, 24), spacing=4.0) -> Path:
+    """CT-like phantoms in HU: air outside an ellipsoid body (0 HU), a liver ball (+60), a spleen ball (+130)."""
+    rng = np.random.default_rng(seed)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "spleen": 2}, "numTraining": n,
+        "file_ending": ".nii.gz"}))
+    g = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(np.float32)
+    c = (np.asarray(shape) - 1) / 2
+    body = (((g - c) / (np.asarray(shape) * 0.45)) ** 2).sum(-1) <= 1
+    affine = np.diag([spacing] * 3 + [1.0])
+    for i in range(n):
+        lab = np.zeros(shape, np.uint8)
+        lab[(((g - c - rng.uniform(-2, 2, 3) - [-3, 0, 0]) / rng.uniform(4, 6)) ** 2).sum(-1) <= 1] = 1
+        lab[(((g - c - rng.uniform(-1, 1, 3) - [6, 0, 0]) / rng.uniform(2, 3)) ** 2).sum(-1) <= 1] = 2
+        lab[~body] = 0
+        img = np.where(body, 0.0, -1000.0) + np.choose(lab, [0.0, 60.0, 130.0]) + rng.normal(0, 10, shape)
+        write_nifti(root / "imagesTr" / f"easy{i}_0000.nii.gz", img.astype(np.int16), affine)
+        write_nifti(root / "labelsTr" / f"easy{i}.nii.gz", lab, affine)
+    return root
+
+
+def test_tiny_model_reaches_stated_dice_through_cfseg_segment(tmp_path, capsys):
+    train = _easy_phantoms(tmp_path / "Dataset900_easy", 4, seed=0)
+    test = _easy_phantoms(tmp_path / "held_out", 2, seed=99)
+    datasets = [{"path": str(train), "val_fraction": 0.0, "test_fraction": 0.0}]
+    run = cli(["fit", "--config", str(CONFIG), f"--data.datasets={json.dumps(datasets)}",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+               "--data.spacing=[4.0, 4.0, 4.0]", "--trainer.max_steps=60", "--trainer.max_epochs=-1",
+               "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=false"])
+    ckpt = run.trainer.checkpoint_callback.last_model_path or run.trainer.checkpoint_callback.best_model_path
+    out = tmp_path / "masks"
+    assert segment_main(["-i", str(test / "imagesTr"), "-o", str(out), "--ckpt", ckpt, "--classes", "liver"]) == 0
+    dice = []
+    for i in range(2):
+        pred = np.asarray(nib.load(out / f"easy{i}" / "liver.nii.gz").dataobj) > 0
+        gt = np.asarray(nib.load(test / "labelsTr" / f"easy{i}.nii.gz").dataobj) == 1
+        dice.append(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
+    assert min(dice) > LIVER_DICE, dice
+    capsys.readouterr()

@@ -1,0 +1,348 @@
+"""A catalogue of bad inputs: each kind fails in one line, with the documented exit code, leaving nothing behind.
+
+Every case runs ``cfseg-segment`` and checks: exit code 2 (1 for a folder run in which some cases failed),
+stderr is exactly one line ``cfseg-segment: error: <file>: <problem>`` naming the file and the problem (no
+traceback), and ``-o`` holds no half-written output (no temporary directory, no mask, no lock).
+
+cfseg-segment side (input images):
+    missing file; empty file (0 bytes); non-NIfTI bytes named ``.nii.gz``; truncated ``.nii.gz`` (nibabel reads
+    the header, the data read fails); a folder named ``.nii.gz``; a ``.txt`` file; a 2D image; a 4D image;
+    NaN intensities; zero affine; singular affine; non-finite affine; a header declaring 2000^3 voxels; absurd
+    spacing (1e6 mm); tiny spacing (1e-5 mm); a resampled grid above ``--max-voxels``; an input above
+    ``--max-voxels``; a constant image; a near-empty image (one voxel set); an image that looks like MRI for a
+    CT-only checkpoint; an image whose modality is unclear.
+cfseg-segment side (arguments and output):
+    ``--classes background``; an unknown class; ``--box`` out of range; a malformed ``--box`` (argparse, one
+    line); an input folder without NIfTI files; an output path that is an existing file; a read-only output
+    folder; a second run into a locked ``-o``; a folder whose output names cannot be made unique.
+Checkpoint loading side:
+    missing checkpoint; a folder as checkpoint; an empty file; bytes that are not a checkpoint; a truncated
+    checkpoint; a torch file without cfseg metadata; a checkpoint whose weights do not fit its network; a
+    checkpoint naming ``os.makedirs`` or ``os.system`` as its backbone (refused before anything is called: no
+    ``pwned`` file or folder appears).
+Folder runs:
+    good cases are written, failed ones listed at the end (one line each plus a count), exit code 1.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from conftest import write_nifti
+
+from cfseg.data.transforms import Preprocessing
+from cfseg.module import CFSegModule
+from cfseg.segmentation import OutputLock
+from cfseg.segmentation import main as segment_main
+
+BACKBONE = {"class_path": "monai.networks.nets.UNet",
+            "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 8, "channels": [8, 16],
+                          "strides": [2], "num_res_units": 0}}
+SPACING = (4.0, 4.0, 4.0)
+
+
+def _save(module: CFSegModule, path: Path) -> Path:
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> dict[str, Path]:
+    """Untrained checkpoints (the failures come before the network matters): CT+MRI and CT-only."""
+    tmp = tmp_path_factory.mktemp("bad_ckpt")
+    pre = {m: Preprocessing(modality=m, spacing=SPACING).to_dict() for m in ("ct", "mri")}
+    torch.manual_seed(0)
+    both = CFSegModule(class_names=["liver", "spleen"], backbone=BACKBONE, feature_channels=8,
+                       roi_size=(16, 16, 16), preprocessing=pre)
+    out = {"both": _save(both, tmp / "both.ckpt")}
+    both.preprocessing = {"ct": pre["ct"]}
+    out["ct"] = _save(both, tmp / "ct_only.ckpt")
+    return out
+
+
+def _ct(shape=(16, 16, 16), seed=0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full(shape, -1000.0, np.float32)
+    img[3:-3, 3:-3, 3:-3] = 40.0
+    return (img + rng.normal(0, 10, shape)).astype(np.float32)
+
+
+def _mri(shape=(16, 16, 16), seed=0) -> np.ndarray:
+    return np.abs(np.random.default_rng(seed).normal(300, 100, shape)).astype(np.float32)
+
+
+def _aff(spacing: float = 4.0) -> np.ndarray:
+    return np.diag([spacing] * 3 + [1.0])
+
+
+def _header_only(path: Path, shape, spacing=1.0) -> Path:
+    """A .nii whose header declares ``shape`` but holds (almost) no data."""
+    hdr = nib.Nifti1Header()
+    hdr.set_data_dtype(np.int16)
+    hdr.set_data_shape(shape)
+    hdr.set_zooms((spacing,) * len(shape))
+    hdr.set_sform(np.diag([spacing] * 3 + [1.0]), code=1)
+    hdr["vox_offset"] = 352
+    path.write_bytes(hdr.binaryblock + b"\0" * 4 + b"\0" * 64)
+    return path
+
+
+def _with_affine(path: Path, affine: np.ndarray) -> Path:
+    """A valid image whose sform (and qform) hold ``affine`` verbatim, however broken."""
+    img = nib.Nifti1Image(_ct(), np.eye(4))
+    hdr = img.header
+    hdr["sform_code"], hdr["qform_code"] = 1, 0
+    hdr["srow_x"], hdr["srow_y"], hdr["srow_z"] = affine[0], affine[1], affine[2]
+    nib.save(nib.Nifti1Image(_ct(), None, hdr), str(path))
+    return path
+
+
+def _bad_input(kind: str, tmp: Path) -> tuple[Path, list[str], str]:
+    """(input path, extra arguments, expected message fragment) for one kind of bad image."""
+    d = tmp / "in"
+    d.mkdir(exist_ok=True)
+    if kind == "missing":
+        return d / "nope.nii.gz", [], "file not found"
+    if kind == "empty_file":
+        (d / "e.nii.gz").write_bytes(b"")
+        return d / "e.nii.gz", [], "empty file"
+    if kind == "not_nifti_content":
+        (d / "x.nii.gz").write_bytes(b"hello, I am not an image" * 20)
+        return d / "x.nii.gz", [], "not a readable NIfTI file"
+    if kind == "truncated":
+        good = write_nifti(d / "good.nii.gz", _ct((24, 24, 24)))
+        raw = good.read_bytes()
+        (d / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+        return d / "cut.nii.gz", [], "image data cannot be read"
+    if kind == "folder_named_nifti":
+        (d / "dir.nii.gz").mkdir()
+        return d / "dir.nii.gz", [], "is a folder, not a NIfTI file"
+    if kind == "txt_suffix":
+        (d / "notes.txt").write_text("x")
+        return d / "notes.txt", [], "not a NIfTI file"
+    if kind == "2d":
+        return write_nifti(d / "flat.nii.gz", np.ones((8, 8), np.float32)), [], "expected a 3D image"
+    if kind == "4d":
+        return write_nifti(d / "t.nii.gz", np.ones((8, 8, 8, 3), np.float32)), [], "got shape (8, 8, 8, 3)"
+    if kind == "nan":
+        arr = _ct()
+        arr[3, 3, 3] = np.nan
+        return write_nifti(d / "nan.nii.gz", arr, _aff()), [], "1 NaN/infinite intensities"
+    if kind == "zero_affine":
+        return _with_affine(d / "z.nii.gz", np.zeros((4, 4))), [], "affine is singular"
+    if kind == "singular_affine":
+        a = np.diag([4.0, 4.0, 4.0, 1.0])
+        a[:3, 2] = a[:3, 0]  # two parallel axes
+        return _with_affine(d / "s.nii.gz", a), [], "affine is singular"
+    if kind == "nonfinite_affine":
+        a = _aff()
+        a[0, 3] = np.inf
+        return _with_affine(d / "inf.nii.gz", a), [], "NaN/infinite entries"
+    if kind == "huge_header":
+        return _header_only(d / "huge.nii", (2000, 2000, 2000)), [], "more than the limit"
+    if kind == "absurd_spacing":
+        return write_nifti(d / "far.nii.gz", _ct(), _aff(1e6)), [], "outside (0.001, 100) mm"
+    if kind == "tiny_spacing":
+        return write_nifti(d / "near.nii.gz", _ct(), _aff(1e-5)), [], "outside (0.001, 100) mm"
+    if kind == "resampled_too_large":  # 8^3 voxels of 20 mm -> 40^3 at 4 mm
+        return (write_nifti(d / "coarse.nii.gz", _ct((8, 8, 8)), _aff(20.0)), ["--max-voxels", "10000"],
+                "resampled to 4x4x4 mm")
+    if kind == "input_too_large":
+        return write_nifti(d / "big.nii.gz", _ct(), _aff()), ["--max-voxels", "1000"], "more than the limit 1,000"
+    if kind == "constant":
+        return write_nifti(d / "c.nii.gz", np.full((16, 16, 16), 7.0, np.float32), _aff()), [], "constant image"
+    if kind == "near_empty":
+        arr = np.zeros((16, 16, 16), np.float32)
+        arr[2, 2, 2] = 5.0
+        return write_nifti(d / "dot.nii.gz", arr, _aff()), [], "near-empty image"
+    if kind == "unclear_modality":
+        arr = np.random.default_rng(0).normal(0, 1, (16, 16, 16)).astype(np.float32)  # z-scored: neither rule
+        return write_nifti(d / "z.nii.gz", arr, _aff()), [], "cannot tell CT from MRI"
+    if kind == "mri_for_ct_checkpoint":
+        return write_nifti(d / "mr.nii.gz", _mri(), _aff()), ["CT_ONLY"], "looks like mri"
+    if kind == "classes_background":
+        return write_nifti(d / "ct.nii.gz", _ct(), _aff()), ["--classes", "background"], "is the background"
+    if kind == "unknown_class":
+        return write_nifti(d / "ct.nii.gz", _ct(), _aff()), ["--classes", "livr"], "unknown class 'livr'"
+    if kind == "box_out_of_range":
+        return (write_nifti(d / "ct.nii.gz", _ct(), _aff()), ["--box", "0", "0", "0", "99", "4", "4"],
+                "--box axis 0")
+    if kind == "folder_without_nifti":
+        (d / "notes.txt").write_text("x")
+        return d, [], "no .nii/.nii.gz files"
+    if kind == "unresolvable_names":  # a.nii and a.nii.gz disambiguate to a_nii, which a_nii.nii.gz already has
+        for n in ("a.nii", "a.nii.gz", "a_nii.nii.gz"):
+            write_nifti(d / n, _ct(), _aff())
+        return d, [], "would be the same as"
+    raise AssertionError(kind)
+
+
+IMAGE_KINDS = ["missing", "empty_file", "not_nifti_content", "truncated", "folder_named_nifti", "txt_suffix", "2d",
+               "4d", "nan", "zero_affine", "singular_affine", "nonfinite_affine", "huge_header", "absurd_spacing",
+               "tiny_spacing", "resampled_too_large", "input_too_large", "constant", "near_empty",
+               "unclear_modality", "mri_for_ct_checkpoint", "classes_background", "unknown_class",
+               "box_out_of_range", "folder_without_nifti", "unresolvable_names"]
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        rc = segment_main(args)
+    except SystemExit as e:  # argparse
+        rc = e.code
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _assert_one_line(err: str, name: str, fragment: str) -> None:
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("cfseg-segment: error: ") and "Traceback" not in err, err
+    assert name in lines[0] and fragment in lines[0], err
+
+
+def _assert_nothing_left(out: Path) -> None:
+    if out.exists():
+        left = sorted(p.name for p in out.rglob("*"))
+        assert not left, f"left behind in -o: {left}"
+
+
+@pytest.mark.parametrize("kind", IMAGE_KINDS)
+def test_bad_image_or_argument(kind, ckpts, tmp_path, capsys):
+    path, extra, fragment = _bad_input(kind, tmp_path)
+    ckpt = ckpts["both"]
+    if extra[:1] == ["CT_ONLY"]:
+        ckpt, extra = ckpts["ct"], extra[1:]
+    out = tmp_path / "out"
+    rc, _, err = _run(["-i", str(path), "-o", str(out), "--ckpt", str(ckpt), *extra], capsys)
+    assert rc == 2, err
+    named = ckpt if kind in ("unknown_class", "classes_background") else path  # class errors name the checkpoint
+    _assert_one_line(err, str(named) if kind != "unresolvable_names" else str(path), fragment)
+    _assert_nothing_left(out)
+    assert not out.exists()  # a run that wrote nothing leaves no -o folder it created
+
+
+def test_malformed_box_is_one_line(ckpts, tmp_path, capsys):
+    img = write_nifti(tmp_path / "ct.nii.gz", _ct(), _aff())
+    rc, _, err = _run(["-i", str(img), "-o", str(tmp_path / "o"), "--ckpt", str(ckpts["both"]), "--box", "1", "2"],
+                      capsys)
+    assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("cfseg-segment: error: ") and "--box" in err
+
+
+def test_output_path_is_a_file(ckpts, tmp_path, capsys):
+    img = write_nifti(tmp_path / "ct.nii.gz", _ct(), _aff())
+    target = tmp_path / "masks"
+    target.write_text("keep me")
+    rc, _, err = _run(["-i", str(img), "-o", str(target), "--ckpt", str(ckpts["both"])], capsys)
+    assert rc == 2
+    _assert_one_line(err, str(target), "exists and is not a folder")
+    assert target.read_text() == "keep me"
+
+
+def test_read_only_output_folder(ckpts, tmp_path, capsys):
+    img = write_nifti(tmp_path / "ct.nii.gz", _ct(), _aff())
+    out = tmp_path / "ro"
+    out.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits; the immutable attribute stops even root
+        if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)], capture_output=True).returncode:
+            pytest.skip("running as root and cannot make a folder immutable here (chattr +i unsupported)")
+    else:
+        out.chmod(0o555)
+    try:
+        rc, _, err = _run(["-i", str(img), "-o", str(out), "--ckpt", str(ckpts["both"])], capsys)
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(out)], capture_output=True)
+        out.chmod(0o755)
+    assert rc == 2
+    _assert_one_line(err, str(out), "cannot write into the output folder")
+    _assert_nothing_left(out)
+
+
+def test_second_run_into_a_locked_output(ckpts, tmp_path, capsys):
+    img = write_nifti(tmp_path / "ct.nii.gz", _ct(), _aff())
+    out = tmp_path / "out"
+    out.mkdir()
+    with OutputLock(out):
+        rc, _, err = _run(["-i", str(img), "-o", str(out), "--ckpt", str(ckpts["both"])], capsys)
+    assert rc == 2
+    _assert_one_line(err, str(out), "another cfseg-segment run is writing into this folder")
+    _assert_nothing_left(out)
+
+
+def _bad_ckpt(kind: str, tmp: Path, good: Path) -> tuple[Path, str]:
+    p = tmp / f"{kind}.ckpt"
+    if kind == "missing":
+        return p, "checkpoint not found"
+    if kind == "folder":
+        p.mkdir()
+        return p, "is a folder"
+    if kind == "empty":
+        p.write_bytes(b"")
+        return p, "empty file (0 bytes)"
+    if kind == "not_a_checkpoint":
+        p.write_bytes(b"not a checkpoint" * 10)
+        return p, "not a loadable cfseg checkpoint"
+    if kind == "truncated":
+        raw = good.read_bytes()
+        p.write_bytes(raw[: len(raw) // 2])
+        return p, "not a loadable cfseg checkpoint"
+    if kind == "no_cfseg_metadata":
+        torch.save({"state_dict": {"w": torch.zeros(2)}, "epoch": 3}, p)
+        return p, "not a cfseg checkpoint"
+    ckpt = torch.load(good, weights_only=True)
+    if kind == "weights_do_not_fit":
+        ckpt["state_dict"] = {k: v[..., :1] if isinstance(v, torch.Tensor) and v.ndim else v
+                              for k, v in ckpt["state_dict"].items()}
+        torch.save(ckpt, p)
+        return p, ""
+    if kind == "backbone_os_makedirs":
+        ckpt["hyper_parameters"]["backbone"] = {"class_path": "os.makedirs",
+                                                "init_args": {"name": str(tmp / "pwned"), "exist_ok": True}}
+        torch.save(ckpt, p)
+        return p, "os.makedirs"
+    if kind == "backbone_os_system":
+        ckpt["hyper_parameters"]["backbone"] = {"class_path": "os.system",
+                                                "init_args": {"command": f"touch {tmp / 'pwned'}"}}
+        torch.save(ckpt, p)
+        return p, "os.system"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "folder", "empty", "not_a_checkpoint", "truncated", "no_cfseg_metadata",
+                                  "weights_do_not_fit", "backbone_os_makedirs", "backbone_os_system"])
+def test_bad_checkpoint(kind, ckpts, tmp_path, capsys):
+    ckpt, fragment = _bad_ckpt(kind, tmp_path, ckpts["both"])
+    img = write_nifti(tmp_path / "ct.nii.gz", _ct(), _aff())
+    out = tmp_path / "out"
+    rc, _, err = _run(["-i", str(img), "-o", str(out), "--ckpt", str(ckpt)], capsys)
+    assert rc == 2, err
+    _assert_one_line(err, str(ckpt), fragment)
+    assert not (tmp_path / "pwned").exists()  # nothing named by the file was called
+    _assert_nothing_left(out)
+
+
+def test_folder_run_writes_good_cases_and_lists_failed_ones(ckpts, tmp_path, capsys):
+    d = tmp_path / "in"
+    write_nifti(d / "good_0000.nii.gz", _ct(), _aff())
+    write_nifti(d / "flat.nii.gz", np.full((16, 16, 16), 3.0, np.float32), _aff())
+    raw = (d / "good_0000.nii.gz").read_bytes()
+    (d / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    out = tmp_path / "out"
+    rc, stdout, err = _run(["-i", str(d), "-o", str(out), "--ckpt", str(ckpts["both"]), "--classes", "liver"], capsys)
+    assert rc == 1
+    lines = [ln for ln in err.splitlines() if ln.startswith("cfseg-segment:")]
+    assert lines[:2] == [ln for ln in lines if ln.startswith("cfseg-segment: error: ")]
+    assert str(d / "flat.nii.gz") in lines[0] + lines[1] and str(d / "cut.nii.gz") in lines[0] + lines[1]
+    assert lines[-1].startswith("cfseg-segment: 2 of 3 cases failed") and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["good"]
+    assert sorted(p.name for p in (out / "good").iterdir()) == ["liver.nii.gz"]
+    assert "good_0000.nii.gz: modality ct (detected:" in stdout

@@ -14,6 +14,7 @@ loaded (:mod:`cfseg.data.transforms`).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,24 @@ _MRI_CHANNELS = ("mr", "mri", "t1", "t2", "flair", "adc", "dwi", "pd", "t1c", "t
 
 
 class DatasetError(ValueError):
-    """A dataset on disk is malformed. The message names the file and the problem."""
+    """A dataset on disk is malformed. The message names the file and the problem.
+
+    A DataLoader worker's exception comes back to the main process re-created as ``DatasetError("Caught
+    DatasetError in DataLoader worker process 0.\nOriginal Traceback ...")``; that form is reduced to the
+    original message (the worker's traceback is kept in :attr:`worker_traceback`), so a user still reads one
+    line naming the file.
+    """
+
+    worker_traceback: str | None = None
+
+    def __init__(self, *args: object):
+        tb = None
+        if len(args) == 1 and isinstance(args[0], str) and args[0].startswith("Caught DatasetError") \
+                and "Original Traceback" in args[0] and "DatasetError: " in args[0]:
+            tb = args[0]
+            args = (tb.rsplit("DatasetError: ", 1)[1].strip(),)
+        super().__init__(*args)
+        self.worker_traceback = tb
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,13 @@ class DatasetInfo:
             if c.case_id == case_id:
                 return c
         raise KeyError(f"case {case_id!r} not in dataset {self.name!r} ({self.root})")
+
+
+def _problem(problems: list[str] | None, message: str) -> None:
+    """Raise ``DatasetError(message)``, or collect it when a checker passes a ``problems`` list."""
+    if problems is None:
+        raise DatasetError(message)
+    problems.append(message)
 
 
 def _load_json(path: Path) -> Any:
@@ -154,8 +179,14 @@ def _parse_labels(raw: Any, path: Path, name_to_value: bool) -> dict[str, int]:
     return labels
 
 
-def _read_partial_labels(root: Path, labels: dict[str, int], case_ids: list[str]) -> dict[str, tuple[str, ...]]:
-    """Annotated classes per case from ``partial_labels.json``; all labels when the file is absent."""
+def _read_partial_labels(root: Path, labels: dict[str, int], case_ids: list[str],
+                         problems: list[str] | None = None,
+                         skipped: Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+    """Annotated classes per case from ``partial_labels.json``; all labels when the file is absent.
+
+    With ``problems``, per-case problems are collected there (those cases annotate nothing) instead of raised;
+    ``skipped`` are ids of cases left out for other problems (not reported again as unknown here).
+    """
     path = root / PARTIAL_LABELS_FILE
     everything = tuple(sorted(labels, key=labels.__getitem__))
     if not path.exists():
@@ -163,28 +194,81 @@ def _read_partial_labels(root: Path, labels: dict[str, int], case_ids: list[str]
     raw = _load_json(path)
     if not isinstance(raw, dict):
         raise DatasetError(f"{path}: expected an object mapping case id -> list of class names")
-    unknown_cases = sorted(set(raw) - set(case_ids))
+    unknown_cases = sorted(set(raw) - set(case_ids) - set(skipped))
     if unknown_cases:
-        raise DatasetError(f"{path}: cases not in the dataset: {', '.join(unknown_cases[:5])}")
+        _problem(problems, f"{path}: cases not in the dataset: {', '.join(unknown_cases[:5])}")
     out: dict[str, tuple[str, ...]] = {}
     for case_id in case_ids:
+        out[case_id] = ()
         if case_id not in raw:
-            raise DatasetError(f"{path}: case {case_id!r} is missing (list the classes annotated for it)")
+            _problem(problems, f"{path}: case {case_id!r} is missing (list the classes annotated for it)")
+            continue
         names = raw[case_id]
         if not isinstance(names, list):
-            raise DatasetError(f"{path}: case {case_id!r} must map to a list of class names, got {names!r}")
+            _problem(problems, f"{path}: case {case_id!r} must map to a list of class names, got {names!r}")
+            continue
         annotated = []
         for n in names:
             try:
                 cn = canonical_name(str(n))
             except ValueError as e:
-                raise DatasetError(f"{path}: case {case_id!r}: {e}") from e
+                if problems is None:
+                    raise DatasetError(f"{path}: case {case_id!r}: {e}") from e
+                problems.append(f"{path}: case {case_id!r}: {e}")
+                continue
             if cn not in labels:
-                raise DatasetError(f"{path}: case {case_id!r}: {unknown_class_error(n, list(labels))}")
+                _problem(problems, f"{path}: case {case_id!r}: {unknown_class_error(n, list(labels))}")
+                continue
             if cn not in annotated:
                 annotated.append(cn)
         out[case_id] = tuple(sorted(annotated, key=labels.__getitem__))
     return out
+
+
+def read_error_message(path: str | Path, err: BaseException) -> str:
+    """One line ``<path>: <what is wrong> (<hint>)`` for a NIfTI file nibabel/MONAI failed to read."""
+    import gzip
+    import zlib
+
+    from nibabel.filebasedimages import ImageFileError
+
+    detail = " ".join(str(err).split()) or type(err).__name__
+    hint = "re-export or re-copy the file"
+    if isinstance(err, EOFError):
+        what = "truncated file: the compressed data end early"
+    elif isinstance(err, zlib.error | gzip.BadGzipFile):
+        what = f"corrupt gzip data ({detail})"
+    elif isinstance(err, ImageFileError) and detail.startswith("Empty file"):
+        what = "empty file (0 bytes)"
+    elif isinstance(err, ImageFileError):
+        what = "not a NIfTI file, or its header is corrupt"
+    elif isinstance(err, FileNotFoundError):
+        what, hint = "file not found", "check the path and dataset.json"
+    elif "bytes" in detail and ("Expected" in detail or "too short" in detail):
+        what = f"truncated file ({detail})"
+    else:
+        what = f"cannot be read as NIfTI ({type(err).__name__}: {detail})"
+    return f"{path}: {what} ({hint})"
+
+
+def describe_affine_difference(affine: np.ndarray, ref: np.ndarray) -> str:
+    """Which of spacing, origin and direction differ between two 4x4 voxel-to-world affines (one line)."""
+    a, r = np.asarray(affine, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    sa, sr = np.linalg.norm(a[:3, :3], axis=0), np.linalg.norm(r[:3, :3], axis=0)
+    parts = []
+    if not np.allclose(sa, sr, atol=1e-3, rtol=1e-4):
+        parts.append(f"spacing {tuple(np.round(sa, 4).tolist())} vs {tuple(np.round(sr, 4).tolist())}")
+    if not np.allclose(a[:3, 3], r[:3, 3], atol=1e-3, rtol=1e-4):
+        parts.append(f"origin {tuple(np.round(a[:3, 3], 3).tolist())} vs {tuple(np.round(r[:3, 3], 3).tolist())}")
+    da, dr = a[:3, :3] / np.where(sa == 0, 1, sa), r[:3, :3] / np.where(sr == 0, 1, sr)
+    if not np.allclose(da, dr, atol=1e-3):
+        parts.append(f"direction {np.round(da, 3).tolist()} vs {np.round(dr, 3).tolist()}")
+    return ", ".join(parts) or "affines differ"
+
+
+def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
+    """The tolerance every check of image/label geometry uses."""
+    return bool(np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=1e-3, rtol=1e-4))
 
 
 def _check_headers(case: CaseRecord) -> None:
@@ -197,26 +281,28 @@ def _check_headers(case: CaseRecord) -> None:
         try:
             img = nib.load(str(path))
         except Exception as e:  # nibabel raises several types for unreadable files
-            raise DatasetError(f"{path}: not a readable NIfTI file ({e})") from e
+            raise DatasetError(read_error_message(path, e)) from e
         shape = tuple(img.shape[:3])
         if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
-            raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)}")
+            raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)} (one file per channel)")
         if ref_shape is None:
             ref_shape, ref_affine, ref_path = shape, img.affine, path
             continue
         if shape != ref_shape:
             raise DatasetError(f"{path}: shape {shape} does not match {ref_path.name} {ref_shape}")
-        if not np.allclose(img.affine, ref_affine, atol=1e-3, rtol=1e-4):
+        if not affines_match(img.affine, ref_affine):
             raise DatasetError(
-                f"{path}: affine does not match {ref_path.name}:\n{np.round(img.affine, 4)}\nvs\n"
-                f"{np.round(ref_affine, 4)}"
+                f"{path}: affine does not match {ref_path.name} ({describe_affine_difference(img.affine, ref_affine)})"
             )
 
 
-def read_nnunet(root: Path, require_labels: bool = True) -> tuple[dict[str, Any], list[CaseRecord], dict]:
+def read_nnunet(root: Path, require_labels: bool = True,
+                problems: list[str] | None = None) -> tuple[dict[str, Any], list[CaseRecord], dict]:
     root = Path(root)
     path = root / "dataset.json"
     meta = _load_json(path)
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("channel_names", "labels"):
         if key not in meta:
             raise DatasetError(f"{path}: missing required key {key!r}")
@@ -228,49 +314,66 @@ def read_nnunet(root: Path, require_labels: bool = True) -> tuple[dict[str, Any]
         raise DatasetError(f"{images_dir}: folder not found")
     suffix = f"_0000{ending}"
     case_ids = sorted(p.name[: -len(suffix)] for p in images_dir.glob(f"*{suffix}"))
-    cases = []
+    cases, skipped = [], []
     for cid in case_ids:
         imgs = tuple(images_dir / f"{cid}_{c:04d}{ending}" for c in range(len(channels)))
-        for p in imgs:
-            if not p.is_file():
-                raise DatasetError(f"{p}: file not found (case {cid!r} needs {len(channels)} channel(s))")
+        missing = [p for p in imgs if not p.is_file()]
+        for p in missing:
+            _problem(problems, f"{p}: file not found (case {cid!r} needs {len(channels)} channel(s))")
         lab = labels_dir / f"{cid}{ending}"
         if not lab.is_file():
             if require_labels:
-                raise DatasetError(f"{lab}: file not found (label of case {cid!r})")
+                _problem(problems, f"{lab}: file not found (label of case {cid!r})")
+                skipped.append(cid)
+                continue
             lab = None
-        cases.append((cid, imgs, lab))
-    return {"channels": channels, "labels": labels, "name": meta.get("name")}, cases, meta
+        if missing:
+            skipped.append(cid)
+        else:
+            cases.append((cid, imgs, lab))
+    if problems is not None and labels_dir.is_dir():
+        for lab in sorted(labels_dir.glob(f"*{ending}")):
+            if lab.name[: -len(ending)] not in case_ids:
+                problems.append(f"{lab}: label without an image (expected {images_dir / lab.name[: -len(ending)]}"
+                                f"_0000{ending})")
+    return {"channels": channels, "labels": labels, "name": meta.get("name"), "skipped": skipped}, cases, meta
 
 
-def read_msd(root: Path, require_labels: bool = True) -> tuple[dict[str, Any], list, dict]:
+def read_msd(root: Path, require_labels: bool = True,
+             problems: list[str] | None = None) -> tuple[dict[str, Any], list, dict]:
     root = Path(root)
     path = root / "dataset.json"
     meta = _load_json(path)
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("labels", "training"):
         if key not in meta:
             raise DatasetError(f"{path}: missing required key {key!r}")
     modality = meta.get("modality", meta.get("channel_names", {"0": "CT"}))
     channels = [modality[k] for k in sorted(modality, key=int)]
     labels = _parse_labels(meta["labels"], path, name_to_value=False)
-    cases = []
+    cases, skipped = [], []
     for i, entry in enumerate(meta["training"]):
         if not isinstance(entry, dict) or "image" not in entry:
             raise DatasetError(f"{path}: training[{i}] must be an object with 'image' (and 'label')")
         img = (root / entry["image"]).resolve()
-        if not img.is_file():
-            raise DatasetError(f"{img}: file not found (training[{i}] in {path})")
+        cid = img.name.split(".")[0]
         lab = entry.get("label")
         lab = (root / lab).resolve() if lab else None
-        if lab is not None and not lab.is_file():
-            raise DatasetError(f"{lab}: file not found (training[{i}] in {path})")
-        if lab is None and require_labels:
-            raise DatasetError(f"{path}: training[{i}] has no 'label'")
-        cid = img.name.split(".")[0]
-        cases.append((cid, (img,), lab))
+        if not img.is_file():
+            _problem(problems, f"{img}: file not found (training[{i}] in {path})")
+        elif lab is not None and not lab.is_file():
+            _problem(problems, f"{lab}: file not found (training[{i}] in {path})")
+        elif lab is None and require_labels:
+            _problem(problems, f"{path}: training[{i}] has no 'label'")
+        else:
+            cases.append((cid, (img,), lab))
+            continue
+        skipped.append(cid)
     if len({c[0] for c in cases}) != len(cases):
         raise DatasetError(f"{path}: two training entries share a case id")
-    return {"channels": channels, "labels": labels, "name": meta.get("name")}, sorted(cases), meta
+    head = {"channels": channels, "labels": labels, "name": meta.get("name"), "skipped": skipped}
+    return head, sorted(cases), meta
 
 
 def read_dataset(
@@ -280,6 +383,7 @@ def read_dataset(
     name: str | None = None,
     require_labels: bool = True,
     check_headers: bool = True,
+    problems: list[str] | None = None,
 ) -> DatasetInfo:
     """Read an nnU-Net v2 raw or MSD dataset folder.
 
@@ -291,6 +395,10 @@ def read_dataset(
         require_labels: if False, cases without a label file are image-only (for distillation on unlabelled
             images); if True, a missing label file is an error.
         check_headers: check every case's channels and label agree in shape and affine (headers only).
+        problems: if given, problems of single cases (missing files, ``partial_labels.json`` entries) are
+            appended to it, one line each, and those cases left out, instead of raising at the first; problems
+            of the dataset as a whole (``dataset.json``) still raise. For integrity checks
+            (``cfseg-data-summary --check``).
 
     Raises:
         DatasetError: naming the file and the problem (missing files, unreadable JSON, unknown class names in
@@ -301,19 +409,19 @@ def read_dataset(
         raise DatasetError(f"{root}: dataset folder not found")
     fmt = detect_format(root) if fmt == "auto" else fmt
     if fmt == "nnunet":
-        head, raw_cases, _ = read_nnunet(root, require_labels)
+        head, raw_cases, _ = read_nnunet(root, require_labels, problems)
     elif fmt == "msd":
-        head, raw_cases, _ = read_msd(root, require_labels)
+        head, raw_cases, _ = read_msd(root, require_labels, problems)
     else:
         raise ValueError(f"unknown dataset format {fmt!r}; use 'nnunet', 'msd' or 'auto'")
-    if not raw_cases:
+    if not raw_cases and not problems:
         raise DatasetError(f"{root}: the dataset has no cases (no images found)")
     if modality is None:
         modality = modality_from_channel(head["channels"][0])
     elif modality not in ("ct", "mri"):
         raise ValueError(f"modality must be 'ct' or 'mri', got {modality!r}")
     labels = head["labels"]
-    annotated = _read_partial_labels(root, labels, [c[0] for c in raw_cases])
+    annotated = _read_partial_labels(root, labels, [c[0] for c in raw_cases], problems, head["skipped"])
     cases = [
         CaseRecord(cid, imgs, lab, annotated[cid] if lab is not None else ()) for cid, imgs, lab in raw_cases
     ]

@@ -23,7 +23,7 @@ import torch
 from monai import transforms as mt
 from monai.config import KeysCollection
 
-from cfseg.data.formats import DatasetError
+from cfseg.data.formats import DatasetError, describe_affine_difference, read_error_message
 
 CT_WINDOW = (-175.0, 250.0)
 
@@ -68,6 +68,42 @@ def _filename(d: Mapping, key: str) -> str:
     return str(meta.get("filename_or_obj", f"<{key}>"))
 
 
+def _culprit(files: str | Sequence[str]) -> str:
+    """The first of ``files`` whose voxels nibabel cannot read (the files of one key, e.g. channels)."""
+    if isinstance(files, str | bytes) or not isinstance(files, Sequence):
+        return str(files)
+    import nibabel as nib
+
+    for f in files:
+        try:
+            np.asarray(nib.load(str(f)).dataobj)
+        except Exception:  # noqa: BLE001 - any failure marks the culprit
+            return str(f)
+    return ", ".join(map(str, files))
+
+
+class LoadCased(mt.LoadImaged):
+    """:class:`monai.transforms.LoadImaged` that turns a reader failure into one :class:`DatasetError`.
+
+    nibabel reads a NIfTI header eagerly but its voxels lazily, so a truncated or corrupt ``.nii.gz`` passes
+    every header check and fails only here, deep inside MONAI, with an ``EOFError``/``zlib.error`` that never
+    names the file. This names the file (the failing channel, for multi-channel cases) and the problem.
+    """
+
+    def __call__(self, data, reader=None):
+        try:
+            return super().__call__(data, reader)
+        except DatasetError:
+            raise
+        except Exception as e:
+            for key in self.key_iterator(dict(data)):  # which key failed (the image's channels, or the label)
+                try:
+                    self._loader(data[key], reader)
+                except Exception as e2:  # noqa: BLE001 - this key's own failure
+                    raise DatasetError(read_error_message(_culprit(data[key]), e2)) from e2
+            raise DatasetError(read_error_message(_culprit(data[self.keys[0]]), e)) from e
+
+
 class ValidateCased(mt.MapTransform):
     """Check a loaded case: finite intensities, image/label shape and affine agree.
 
@@ -97,9 +133,10 @@ class ValidateCased(mt.MapTransform):
             if a is not None and b is not None and not torch.allclose(
                 torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64), atol=1e-3
             ):
+                diff = describe_affine_difference(np.asarray(b, np.float64), np.asarray(a, np.float64))
                 raise DatasetError(
                     f"{_filename(d, self.label_key)}: label affine does not match image "
-                    f"{_filename(d, self.image_key)}"
+                    f"{_filename(d, self.image_key)} ({diff})"
                 )
         return d
 
@@ -184,7 +221,7 @@ def deterministic_transforms(pre: Preprocessing, labeled: bool = True) -> list[m
     keys = ["image", "label"] if labeled else ["image"]
     modes = ("bilinear", "nearest") if labeled else ("bilinear",)
     return [
-        mt.LoadImaged(keys, image_only=True, ensure_channel_first=True),
+        LoadCased(keys, image_only=True, ensure_channel_first=True),
         ValidateCased("image", "label"),
         RemapLabelsd("label"),
         mt.Orientationd(keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),

@@ -8,15 +8,24 @@ After collation the tensors gain a batch dimension and the tags become lists.
 
 Splits are deterministic: a case's split depends only on the seed, the dataset name and the sorted case ids
 (or on a committed split file), never on the order datasets are listed in.
+
+Random crops and augmentation are seeded too (MONAI's random transforms keep their own numpy RandomState,
+which ``seed_everything`` does not touch): when a training DataLoader is created, its transforms and its shuffling
+generator are seeded from ``torch.initial_seed()`` (set by ``seed_everything``/``seed_everything: N``), and each
+DataLoader worker reseeds its copy of the transforms from its own worker seed, so workers differ from each other
+and a run repeats exactly. What still varies between runs with the same seed: the number of CPU threads (float
+reductions split differently) and non-deterministic GPU kernels.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +41,97 @@ from cfseg.vocab import Vocabulary, canonical_name, unknown_class_error
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+
+
+class _Failed:
+    """A cache item whose deterministic transforms raised (carried back to the main thread)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+
+class CheckedCacheDataset(CacheDataset):
+    """A :class:`monai.data.CacheDataset` whose cache fill raises a case's error cleanly in the calling thread.
+
+    MONAI fills the cache with ``ThreadPool.imap``: the first exception leaves the ``with ThreadPool`` block at
+    once, whose ``terminate()`` does not wait for the threads still transforming other cases (inside torch ops,
+    with the GIL released). The error then ends the program while those daemon threads run; when one of them
+    comes back from a torch op and asks for the GIL during interpreter shutdown, CPython ends the thread with
+    ``pthread_exit``, whose forced unwinding through a C++ ``noexcept`` frame (pybind11's GIL guard) calls
+    ``std::terminate``: "terminate called without an active exception", SIGABRT, exit 134, and the message is lost.
+
+    Here each item's exception is caught in its worker thread; after the first one the remaining items are
+    skipped, the pool is closed and *joined*, and only then is the first failing case's error (a
+    :class:`~cfseg.data.formats.DatasetError` naming the file) raised, in the caller's thread.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        if indices is None:
+            indices = list(range(self.cache_num))
+        failed = threading.Event()
+
+        def load(i: int):
+            if failed.is_set():
+                return None
+            try:
+                return self._load_cache_item(i)
+            except BaseException as e:  # noqa: BLE001 - re-raised below, in the caller's thread
+                failed.set()
+                return _Failed(e)
+
+        pool = ThreadPool(self.num_workers)
+        try:
+            results = pool.map(load, indices, chunksize=1)
+        finally:
+            failed.set()  # an interrupt in this thread: start no more items
+            pool.close()
+            pool.join()  # no thread outlives the fill
+        errors = [r.error for r in results if isinstance(r, _Failed)]
+        if errors:
+            raise errors[0]
+        return results
+
+
+def derive_seed(*keys: int) -> int:
+    """A 32-bit seed mixed from integers (any size) with numpy's SeedSequence."""
+    return int(np.random.SeedSequence([int(k) % 2**128 for k in keys]).generate_state(1)[0])
+
+
+def seed_transforms(dataset, seed: int) -> None:
+    """Seed the random transforms of every part of a (Concat)Dataset, each part from its own derived seed."""
+    parts = getattr(dataset, "datasets", [dataset])
+    seen: set[int] = set()
+    for i, part in enumerate(parts):
+        tf = getattr(part, "transform", None)
+        if id(part) in seen or not hasattr(tf, "set_random_state"):
+            continue
+        seen.add(id(part))
+        tf.set_random_state(seed=derive_seed(seed, i))
+
+
+def _rank() -> int:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed this worker's copy of the MONAI transforms from its worker seed.
+
+    ``worker_info.seed`` is the loader's base seed (drawn from its seeded generator) + ``worker_id``, so workers
+    differ from each other and repeat across runs (cf. :func:`monai.data.utils.worker_init_fn`). numpy/random
+    are seeded as Lightning's own worker init does with ``seed_everything(workers=True)``.
+    """
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    info = torch.utils.data.get_worker_info()
+    pl_worker_init_function(worker_id)
+    if info is not None:
+        seed_transforms(info.dataset, derive_seed(info.seed, _rank()))
 
 
 @dataclass
@@ -294,7 +394,7 @@ class SegDataModule(L.LightningDataModule):
     def _dataset(self, items: list[dict], transform, tag: str):
         h = self.hparams
         if h.cache == "memory":
-            return CacheDataset(items, transform, cache_rate=1.0, num_workers=None, progress=False)
+            return CheckedCacheDataset(items, transform, cache_rate=1.0, num_workers=None, progress=False)
         if h.cache == "disk":
             cache_dir = Path(h.cache_dir or "results/cache") / tag
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -331,15 +431,21 @@ class SegDataModule(L.LightningDataModule):
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             self.split_dataset(split)
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
-        ds = self.split_dataset(split)
+    def _loader(self, split: str, shuffle: bool, batch_size: int, labeled: bool = True) -> DataLoader:
+        ds = self.split_dataset(split, labeled)
         if ds is None:
             raise DatasetError(
                 f"no {split} cases in any dataset ({', '.join(d.name for d in self.datasets)}); "
                 "adjust val_fraction/test_fraction or the split file"
             )
+        kwargs: dict[str, Any] = {}
+        if split == "train":
+            # MONAI's random transforms ignore seed_everything: seed them (and the shuffling) from the global seed
+            seed = derive_seed(torch.initial_seed(), int(labeled), _rank())
+            seed_transforms(ds, seed)
+            kwargs = {"generator": torch.Generator().manual_seed(seed), "worker_init_fn": seed_worker}
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=list_data_collate, persistent_workers=self.hparams.num_workers > 0)
+                          collate_fn=list_data_collate, persistent_workers=self.hparams.num_workers > 0, **kwargs)
 
     def train_dataloader(self):
         """Labelled patches; with image-only entries, a CombinedLoader ``{"labeled", "unlabeled"}``."""
@@ -366,11 +472,9 @@ class SegDataModule(L.LightningDataModule):
 
     def unlabeled_dataloader(self) -> DataLoader | None:
         """Image-only training entries (for distillation), or None when there are none."""
-        ds = self.split_dataset("train", labeled=False)
-        if ds is None:
+        if self.split_dataset("train", labeled=False) is None:
             return None
-        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=True,
-                          num_workers=self.hparams.num_workers, collate_fn=list_data_collate)
+        return self._loader("train", True, self.hparams.batch_size, labeled=False)
 
     # ---- reporting -----------------------------------------------------------------------------------
     def summary(self) -> str:

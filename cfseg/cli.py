@@ -17,12 +17,14 @@ import os
 import sys
 from pathlib import Path
 
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
 from cfseg.data.datamodule import SegDataModule, checkpoint_classes
 from cfseg.data.formats import DatasetError
 from cfseg.module import CFSegModule
 from cfseg.vocab import canonical_name
+from cfseg.writers import NiftiPredictionWriter
 
 
 class CFSegCLI(LightningCLI):
@@ -41,6 +43,16 @@ class CFSegCLI(LightningCLI):
         theirs = checkpoint_classes(ckpt)
         if cfg.data.get("classes") is None:
             cfg.data.classes = theirs
+
+    def before_predict(self) -> None:
+        """``cfseg predict`` writes NIfTI label maps (a :class:`NiftiPredictionWriter` under the run's folder unless
+        the config names one) and does not also keep every prediction in memory."""
+        if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
+            out = Path(self.trainer.default_root_dir) / "predictions"
+            self.trainer.callbacks.append(NiftiPredictionWriter(str(out)))
+        cfg = self.config_init[self.subcommand]
+        if cfg.get("return_predictions") is None:
+            cfg["return_predictions"] = False
 
     def before_fit(self) -> None:
         """``fit --ckpt_path`` resumes one stage: data annotating classes the checkpoint lacks are refused."""

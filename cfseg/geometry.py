@@ -170,3 +170,39 @@ def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[in
         out[:, x0:x0 + len(xs)] = res[0].numpy() + fill
     return out
 
+
+
+def to_input_grid(values: np.ndarray, net_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
+                  fill: float | Sequence[float] = 0.0) -> np.ndarray:
+    """Float maps [C, *S] on the network grid -> [C, *dst_shape] on the input's own grid.
+
+    An exact copy when the grids align (the network grid is the input grid reoriented, cropped or padded),
+    trilinear interpolation otherwise; ``fill`` (scalar or per channel) outside the network grid.
+    """
+    mapping = _grid_map(net_affine, values.shape[1:], dst_affine)
+    if mapping is not None:
+        return _take_grid(values, mapping, dst_shape, fill=fill)
+    return _resample_to(values, net_affine, dst_shape, dst_affine, order=1, cval=fill)
+
+
+def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray, class_values: Sequence[int],
+                         net_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray) -> np.ndarray:
+    """A prediction on the network grid -> a uint8 label map with the input's shape (the one geometry path of
+    ``cfseg-segment`` and ``cfseg predict``).
+
+    Args:
+        labels: uint8 [*S] label values on the network grid (used when the grids align: an exact copy).
+        probs: float [K'+1, *S] probabilities of background and the predicted classes (interpolated
+            trilinearly, then argmax, when the grids do not align; background outside the network grid).
+        class_values: the label value of each channel of ``probs`` (background 0 first).
+        net_affine: [4, 4] affine of the network grid; ``dst_shape``, ``dst_affine``: the input's grid.
+
+    Returns:
+        uint8 [*dst_shape].
+    """
+    mapping = _grid_map(net_affine, labels.shape, dst_affine)
+    if mapping is not None:
+        return _take_grid(labels, mapping, dst_shape, fill=0)
+    cval = [1.0] + [0.0] * (probs.shape[0] - 1)
+    resampled = _resample_to(probs, net_affine, dst_shape, dst_affine, order=1, cval=cval)
+    return np.asarray(class_values, dtype=np.uint8)[resampled.argmax(0)]

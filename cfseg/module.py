@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
@@ -325,9 +326,36 @@ class CFSegModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_dice("test")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        logits = self.sliding_window_logits(batch["image"])
-        return {"case_id": batch.get("case_id"), "pred": logits.argmax(1).to(torch.uint8).cpu()}
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        """Label maps on each input's own voxel grid (written by :class:`cfseg.writers.NiftiPredictionWriter`).
+
+        The collated ``image`` MetaTensor [B, C, *S] carries the network grid's affine and, from loading, each
+        input's ``original_affine`` and ``spatial_shape``; :func:`cfseg.geometry.labels_to_input_grid` maps the
+        prediction back (the same path as ``cfseg-segment``).
+
+        Returns:
+            one dict per case: ``case_id``, ``dataset``, ``labels`` uint8 [*S_input] (global class values),
+            ``affine`` [4, 4] (the input's), ``source`` (the input file).
+        """
+        from cfseg.geometry import labels_to_input_grid
+
+        image = batch["image"]
+        probs = self.sliding_window_logits(image, device="cpu").softmax(1)
+        labels = probs.argmax(1).to(torch.uint8)
+        meta = image.meta
+        values = list(range(probs.shape[1]))
+        out = []
+        for b in range(len(labels)):
+            dst_affine = np.asarray(meta["original_affine"][b], dtype=np.float64)
+            dst_shape = [int(n) for n in meta["spatial_shape"][b]]
+            net_affine = np.asarray(image.affine[b], dtype=np.float64)
+            out.append({
+                "case_id": batch["case_id"][b], "dataset": batch["dataset"][b], "source": meta["filename_or_obj"][b],
+                "affine": dst_affine,
+                "labels": labels_to_input_grid(labels[b].numpy(), probs[b].numpy(), values, net_affine, dst_shape,
+                                               dst_affine),
+            })
+        return out
 
     def configure_optimizers(self):
         h = self.hparams

@@ -56,15 +56,14 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from cfseg.geometry import (  # noqa: F401  (re-exported: the grid helpers used to live here)
+from cfseg.geometry import (
     DEFAULT_MAX_VOXELS,
     GeometryError,
-    _grid_map,
-    _resample_to,
-    _take_grid,
     check_affine,
     check_size,
+    labels_to_input_grid,
     resampled_shape,
+    to_input_grid,
 )
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -294,15 +293,8 @@ def segment(
     work = _preprocess(img, pre)
     out = predict_volume(module, work["image"], idx, device=device, similarity=similarity)
     src_affine = work["image"].affine.numpy()
-    # Network grid = input grid up to axis permutation/flip/crop (same spacing): copy, no interpolation.
-    mapping = _grid_map(src_affine, work["image"].shape[1:], img.affine)
-    if mapping is not None:
-        labels = _take_grid(out["labels"].numpy(), mapping, img.shape, fill=0)
-    else:  # interpolate the probabilities, then argmax; outside the network grid is background
-        cval = [1.0] + [0.0] * len(idx)
-        probs = _resample_to(out["probs"].numpy(), src_affine, img.shape, img.affine, order=1, cval=cval)
-        labels = np.array([0, *idx], dtype=np.uint8)[probs.argmax(0)]
-        del probs
+    labels = labels_to_input_grid(out["labels"].numpy(), out["probs"].numpy(), [0, *idx], src_affine, img.shape,
+                                  img.affine)
     if region is not None:  # paste back into the full grid, background outside the box
         full = np.zeros(full_shape, np.uint8)
         offs = [c.start for c in ctx]
@@ -317,11 +309,7 @@ def segment(
         for k in idx:
             result[names[k]] = _nifti((labels == k).astype(np.uint8), full_affine)
     if similarity:
-        sim = out["similarity"].numpy()
-        if mapping is not None:
-            sims = _take_grid(sim, mapping, img.shape, fill=-1.0)
-        else:
-            sims = _resample_to(sim, src_affine, img.shape, img.affine, order=1, cval=-1.0)
+        sims = to_input_grid(out["similarity"].numpy(), src_affine, img.shape, img.affine, fill=-1.0)
         for j, k in enumerate(idx, start=1):
             s = sims[j]
             if region is not None:

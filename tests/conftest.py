@@ -73,11 +73,12 @@ def tiny_nnunet(tmp_path: Path) -> Path:
 BOX_LABELS = {"liver": 1, "spleen": 2, "aorta": 3}
 
 
-def make_boxes(root: Path, labels: dict[str, int] | None = None, n_cases: int = 6, seed: int = 0) -> Path:
+def make_boxes(root: Path, labels: dict[str, int] | None = None, n_cases: int = 6, seed: int = 0,
+               affine: np.ndarray | None = None) -> Path:
     """An easy CT dataset a tiny network learns in a few dozen steps: three cubes of distinct HU at random places.
 
     ``labels`` maps the three class names to label values (another mapping gives the same images with the values
-    permuted, and dataset.json lists the classes in that order).
+    permuted, and dataset.json lists the classes in that order). ``affine``: default 4 mm, RAS.
     """
     labels = labels or BOX_LABELS
     rng = np.random.default_rng(seed)
@@ -85,7 +86,7 @@ def make_boxes(root: Path, labels: dict[str, int] | None = None, n_cases: int = 
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, **dict(sorted(labels.items(), key=lambda kv: kv[1]))},
         "numTraining": n_cases, "file_ending": ".nii.gz"}))
-    affine = np.diag([4.0, 4.0, 4.0, 1.0])
+    affine = np.diag([4.0, 4.0, 4.0, 1.0]) if affine is None else affine
     for i in range(n_cases):
         cls = np.zeros((24, 24, 24), np.uint8)  # 1 liver, 2 spleen, 3 aorta whatever the file's values
         for k in (1, 2, 3):

@@ -121,7 +121,7 @@ def test_bad_inputs_leave_nothing(ckpt, tmp_path, capsys):
 
 def test_grid_copy_equals_world_lookup():
     """Reoriented, shifted grids are copied exactly; interpolation agrees with the same world mapping."""
-    from cfseg.segmentation import _grid_map, _resample_to, _take_grid
+    from cfseg.geometry import _grid_map, _resample_to, _take_grid
 
     rng = np.random.default_rng(0)
     src = rng.normal(size=(2, 6, 7, 5)).astype(np.float32)

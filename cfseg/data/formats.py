@@ -241,7 +241,7 @@ def read_error_message(path: str | Path, err: BaseException) -> str:
     elif isinstance(err, ImageFileError) and detail.startswith("Empty file"):
         what = "empty file (0 bytes)"
     elif isinstance(err, ImageFileError):
-        what = "not a NIfTI file, or its header is corrupt"
+        what = _why_no_header(Path(path))
     elif isinstance(err, FileNotFoundError):
         what, hint = "file not found", "check the path and dataset.json"
     elif "bytes" in detail and ("Expected" in detail or "too short" in detail):
@@ -249,6 +249,29 @@ def read_error_message(path: str | Path, err: BaseException) -> str:
     else:
         what = f"cannot be read as NIfTI ({type(err).__name__}: {detail})"
     return f"{path}: {what} ({hint})"
+
+
+def _why_no_header(path: Path) -> str:
+    """Why nibabel could not tell the file type: a cut-off gzip stream, a short file, or not NIfTI at all."""
+    import gzip
+    import zlib
+
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                head = f.read(352)
+                while f.read(1 << 20):
+                    pass
+        else:
+            with open(path, "rb") as f:
+                head = f.read(352)
+    except EOFError:
+        return "truncated file: the compressed data end early"
+    except (OSError, zlib.error) as e:
+        return f"corrupt gzip data ({' '.join(str(e).split())})"
+    if len(head) < 348:
+        return f"truncated file: {len(head)} bytes, shorter than a NIfTI header (348)"
+    return "not a NIfTI file, or its header is corrupt"
 
 
 def describe_affine_difference(affine: np.ndarray, ref: np.ndarray) -> str:
@@ -264,6 +287,16 @@ def describe_affine_difference(affine: np.ndarray, ref: np.ndarray) -> str:
     if not np.allclose(da, dr, atol=1e-3):
         parts.append(f"direction {np.round(da, 3).tolist()} vs {np.round(dr, 3).tolist()}")
     return ", ".join(parts) or "affines differ"
+
+
+def affine_problem(affine: np.ndarray) -> str | None:
+    """What is wrong with a voxel-to-world affine (non-finite or singular), or None."""
+    a = np.asarray(affine, dtype=np.float64)
+    if not np.isfinite(a).all():
+        return "affine has NaN/infinite entries (the header's sform/qform is broken)"
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        return "affine is singular (a zero voxel spacing or collinear axes in the header)"
+    return None
 
 
 def affines_match(a: np.ndarray, b: np.ndarray) -> bool:
@@ -285,6 +318,9 @@ def _check_headers(case: CaseRecord) -> None:
         shape = tuple(img.shape[:3])
         if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
             raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)} (one file per channel)")
+        problem = affine_problem(img.affine)
+        if problem:
+            raise DatasetError(f"{path}: {problem}")
         if ref_shape is None:
             ref_shape, ref_affine, ref_path = shape, img.affine, path
             continue

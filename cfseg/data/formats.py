@@ -8,7 +8,9 @@ Per-case annotation comes from an optional ``partial_labels.json`` beside ``data
 class names). Without it every case annotates all of its dataset's labels.
 
 Everything here reads JSON and NIfTI *headers* only; voxel checks (label values, NaN) happen when a case is
-loaded (:mod:`cfseg.data.transforms`).
+loaded (:mod:`cfseg.data.transforms`) or in ``cfseg-data-summary --check`` (:mod:`cfseg.data.summary`), which
+passes a ``problems`` list to :func:`read_dataset` to collect every per-case problem instead of stopping at the
+first. Every :class:`DatasetError` message is one line ``<file>: <what is wrong> (<hint>)``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 
-from cfseg.data.datamodule import DatasetConfig, SegDataModule
 from cfseg.data.formats import (
     CaseRecord,
     DatasetError,
@@ -172,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"OK: {report.datasets} dataset(s), {report.cases} cases, {report.files} files, "
               f"{report.voxels:,} voxels read; no problems found")
         return 0
+    from cfseg.data.datamodule import DatasetConfig, SegDataModule  # lightning: slow to import, --check needs none
+
     try:
         dm = SegDataModule(
             [DatasetConfig(d, val_fraction=a.val_fraction, test_fraction=a.test_fraction) for d in a.datasets],

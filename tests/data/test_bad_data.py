@@ -242,3 +242,26 @@ def test_cfseg_fit_exits_2_with_one_line(tmp_path):
         errors = [line for line in err.splitlines() if line.startswith("cfseg: error:")]
         assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
         _one_line_naming(errors[0].removeprefix("cfseg: error: "), path, pattern)
+
+
+def test_missing_image_msd_and_stray_label_nnunet(tmp_path, capsys):
+    """An image file named in an MSD dataset.json is missing; an nnU-Net label has no image (--check only)."""
+    msd = tmp_path / "Task01_x"
+    training = []
+    for i in range(2):
+        write_nifti(msd / "imagesTr" / f"c{i}.nii.gz", np.ones((8, 8, 6), np.float32))
+        write_nifti(msd / "labelsTr" / f"c{i}.nii.gz", np.zeros((8, 8, 6), np.uint8))
+        training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (msd / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},
+                                                  "training": training}))
+    (msd / "imagesTr" / "c1.nii.gz").unlink()
+    with pytest.raises(DatasetError) as err:
+        SegDataModule([DatasetConfig(str(msd))])
+    _one_line_naming(str(err.value), str(msd.resolve() / "imagesTr" / "c1.nii.gz"), r"file not found \(training\[1\]")
+    nn = make_nnunet(tmp_path / "Dataset004_stray", {"liver": 1}, n_cases=3, shape=SHAPE)
+    _image(nn, "case2").unlink()
+    assert summary.main([str(msd), str(nn), "--check"]) == 2
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 2, out
+    assert out[0].startswith(f"{msd.resolve() / 'imagesTr' / 'c1.nii.gz'}: file not found")
+    assert out[1].startswith(f"{_label(nn, 'case2')}: label without an image")

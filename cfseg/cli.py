@@ -16,15 +16,23 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningCLI
 
+from cfseg.builder import UntrustedSpecError, check_spec
 from cfseg.data.datamodule import SegDataModule, checkpoint_classes
 from cfseg.data.formats import DatasetError
 from cfseg.module import CFSegModule
 from cfseg.vocab import canonical_name
 from cfseg.writers import NiftiPredictionWriter
+
+#: Hyper-parameters of a ``--ckpt_path`` checkpoint never merged into the run's config: a file must not decide
+#: what code is trusted, which other files are read (a teacher), or the class list (that follows the data).
+IGNORED_CHECKPOINT_HPARAMS = ("trusted_modules", "previous_checkpoint", "new_classes", "class_names", "preprocessing",
+                              "bank_state", "optimizer")
 
 
 class CFSegCLI(LightningCLI):
@@ -33,6 +41,32 @@ class CFSegCLI(LightningCLI):
         parser.link_arguments("data.preprocessing_by_modality", "model.preprocessing", apply_on="instantiate")
         parser.link_arguments("data.patch_size", "model.roi_size")
         parser.link_arguments("model.previous_checkpoint", "data.previous_checkpoint")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges a ``--ckpt_path`` checkpoint's hyper-parameters into the config (so ``validate`` rebuilds
+        the network it was trained with); cfseg drops :data:`IGNORED_CHECKPOINT_HPARAMS` first and reports a file
+        that is not a checkpoint in one line."""
+        sub = self.config.get("subcommand")
+        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        try:
+            ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
+        except Exception as e:  # torch raises several types for files that are not checkpoints
+            raise ValueError(f"{ckpt_path}: not a loadable cfseg checkpoint ({type(e).__name__})") from None
+        hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+        if not isinstance(hparams, dict):
+            return
+        hparams = {k: v for k, v in hparams.items() if k not in IGNORED_CHECKPOINT_HPARAMS and not k.startswith("_")}
+        # jsonargparse imports any class_path it meets while parsing: check them against the allow-list first
+        trusted = self.config[sub].model.get("trusted_modules")
+        for spec in _class_path_specs(hparams):
+            try:
+                check_spec(spec, trusted)
+            except UntrustedSpecError as e:
+                raise UntrustedSpecError(f"{ckpt_path}: {e}") from None
+        if hparams:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         """With ``--ckpt_path <file>``, the data's class order is the checkpoint's (indices follow names)."""
@@ -68,6 +102,16 @@ class CFSegCLI(LightningCLI):
                 f"{ckpt}: the data annotate {extra}, which this checkpoint does not know; resuming cannot add "
                 "classes: start an incremental stage (model.previous_checkpoint=...) instead"
             )
+
+
+def _class_path_specs(value: Any) -> list[dict]:
+    """Every ``{"class_path": ...}`` mapping nested anywhere in ``value``."""
+    if isinstance(value, dict):
+        found = [value] if "class_path" in value else []
+        return found + [s for v in value.values() for s in _class_path_specs(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _class_path_specs(v)]
+    return []
 
 
 def main(args: list[str] | None = None) -> CFSegCLI:

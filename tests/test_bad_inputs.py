@@ -23,9 +23,9 @@ Checkpoint loading side:
 Folder runs:
     good cases are written, failed ones listed at the end (one line each plus a count), exit code 1.
 cfseg fit and incremental stages (``cfseg.cli.run``: exit 2, one line ``cfseg: error: ...``):
-    ``--ckpt_path`` of a checkpoint with another vocabulary; a previous checkpoint naming code as its backbone
-    (nothing created); a stage whose CT preprocessing differs from the one the checkpoint learnt;
-    ``new_classes`` that differ from the classes the data add.
+    ``--ckpt_path`` of a checkpoint with another vocabulary or of a file that is no checkpoint; a previous
+    checkpoint naming code as its backbone (nothing created); a stage whose CT preprocessing differs from the
+    one the checkpoint learnt; ``new_classes`` that differ from the classes the data add.
 Data layer (``KINDS`` below: undeclared label value, truncated image or label, truncated uncompressed data,
 corrupt gzip, empty image, shape/spacing/origin mismatch, singular affine, NaN, inf, 4D image, missing label or
 channel, unreadable or label-less dataset.json, unknown class in partial_labels.json, missing MSD image, stray
@@ -386,6 +386,9 @@ def _stage_case(kind: str, tmp: Path, ckpts: dict[str, Path], phantom: Path) -> 
     """Arguments of a ``cfseg fit`` that must fail, and the fragment its one line must hold."""
     if kind == "resume_other_vocabulary":
         return _fit_args(tmp, phantom, f"--ckpt_path={ckpts['ct']}"), "does not know"
+    if kind == "ckpt_path_not_a_checkpoint":
+        (tmp / "junk.ckpt").write_bytes(b"not a checkpoint")
+        return _fit_args(tmp, phantom, f"--ckpt_path={tmp / 'junk.ckpt'}"), "junk.ckpt: not a loadable cfseg checkpoint"
     if kind == "previous_checkpoint_runs_code":
         ckpt = torch.load(ckpts["ct"], weights_only=True)
         ckpt["hyper_parameters"]["backbone"] = {"class_path": "os.makedirs", "init_args": {"name": str(tmp / "pwned")}}
@@ -400,15 +403,16 @@ def _stage_case(kind: str, tmp: Path, ckpts: dict[str, Path], phantom: Path) -> 
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["resume_other_vocabulary", "previous_checkpoint_runs_code",
-                                  "stage_with_another_ct_preprocessing", "new_classes_not_in_data"])
+@pytest.mark.parametrize("kind", ["resume_other_vocabulary", "ckpt_path_not_a_checkpoint",
+                                  "previous_checkpoint_runs_code", "stage_with_another_ct_preprocessing",
+                                  "new_classes_not_in_data"])
 def test_bad_fit_or_stage(kind, ckpts, tiny_phantoms, tmp_path, capsys):
     args, fragment = _stage_case(kind, tmp_path, ckpts, tiny_phantoms[0])
     assert cli_run(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("cfseg: error:")]
     assert len(err) == 1 and fragment in err[0], err
     assert not (tmp_path / "pwned").exists()
-    assert not list(tmp_path.rglob("*.ckpt")) or kind == "previous_checkpoint_runs_code"  # nothing trained
+    assert not list((tmp_path / "logs").rglob("*.ckpt"))  # nothing trained
 
 
 # ==== data layer =========================================================================================

@@ -70,6 +70,22 @@ def test_checkpoint_naming_code_is_refused_before_anything_runs(tmp_path, monkey
     assert not (tmp_path / "pwned").exists()
 
 
+def test_ckpt_path_hyperparameters_cannot_trust_code(box_model, boxes, tmp_path, monkeypatch):
+    """Lightning merges a --ckpt_path checkpoint's hyper-parameters into the config; trust is not among them."""
+    (tmp_path / "evil_on_import.py").write_text(
+        f"import os\nos.makedirs({str(tmp_path / 'pwned')!r})\nclass Net:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    ckpt = torch.load(box_model, weights_only=True)
+    ckpt["hyper_parameters"]["trusted_modules"] = ["evil_on_import"]
+    ckpt["hyper_parameters"]["backbone"] = {"class_path": "evil_on_import.Net", "init_args": {}}
+    torch.save(ckpt, tmp_path / "evil.ckpt")
+    with pytest.raises(UntrustedSpecError, match="evil_on_import.Net"):
+        cli(["validate", "--config", str(CONFIG), f"--data.datasets={json.dumps([box_dataset(boxes)])}",
+             f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.spacing=[4.0, 4.0, 4.0]",
+             f"--ckpt_path={tmp_path / 'evil.ckpt'}"])
+    assert not (tmp_path / "pwned").exists() and "evil_on_import" not in sys.modules
+
+
 def test_own_network_needs_explicit_trust(tmp_path, monkeypatch):
     with pytest.raises(UntrustedSpecError, match="torch.nn.Conv3d"):
         build_network(CONV)

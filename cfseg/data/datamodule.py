@@ -244,8 +244,11 @@ def checkpoint_classes(path: str | Path) -> list[str]:
     """Foreground class names stored in a cfseg checkpoint (read without executing pickled code)."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"{p}: previous checkpoint not found (model.previous_checkpoint)")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        raise FileNotFoundError(f"{p}: checkpoint not found")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for files that are not checkpoints
+        raise ValueError(f"{p}: not a loadable cfseg checkpoint ({type(e).__name__})") from e
     try:
         return list(ckpt["cfseg"]["class_names"])
     except (KeyError, TypeError) as e:

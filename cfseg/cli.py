@@ -78,9 +78,22 @@ class CFSegCLI(LightningCLI):
         if cfg.data.get("classes") is None:
             cfg.data.classes = theirs
 
+    def _load_as_data(self) -> None:
+        """``--ckpt_path`` loads with ``torch.load(weights_only=True)`` unless the user says otherwise."""
+        cfg = self.config_init[self.subcommand]
+        if "weights_only" in cfg and cfg.get("weights_only") is None:
+            cfg["weights_only"] = True
+
+    def before_validate(self) -> None:
+        self._load_as_data()
+
+    def before_test(self) -> None:
+        self._load_as_data()
+
     def before_predict(self) -> None:
         """``cfseg predict`` writes NIfTI label maps (a :class:`NiftiPredictionWriter` under the run's folder unless
         the config names one) and does not also keep every prediction in memory."""
+        self._load_as_data()
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             out = Path(self.trainer.default_root_dir) / "predictions"
             self.trainer.callbacks.append(NiftiPredictionWriter(str(out)))
@@ -90,6 +103,7 @@ class CFSegCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """``fit --ckpt_path`` resumes one stage: data annotating classes the checkpoint lacks are refused."""
+        self._load_as_data()
         ckpt = self.config.fit.get("ckpt_path")
         if not ckpt or not Path(str(ckpt)).is_file() or self.model.hparams.get("previous_checkpoint"):
             return

@@ -1,0 +1,1 @@
+"""Continual learning: stages, distillation terms, the multi-stage protocol (see ../shared/DESIGN.md)."""

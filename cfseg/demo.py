@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(dice_table(metrics["per_class_dice"]))
     print(f"\nwrote {a.out / 'metrics.json'} and {a.out / 'demo.png'} ({time.time() - t0:.0f} s so far)")
     if not a.skip_protocol:
-        from cfseg.protocol import load_protocol, print_results, run_protocol
+        from cfseg.continual.protocol import load_protocol, print_results, run_protocol
 
         ensure_datasets(a.data, "incremental", a.seed)
         spec = load_protocol(a.protocol)

@@ -11,7 +11,7 @@ from cfseg.cli import CFSegCLI
 from cfseg.cli import main as cli
 from cfseg.data.datamodule import SegDataModule
 from cfseg.module import CFSegModule, load_checkpoint
-from cfseg.protocol import load_protocol, run_protocol
+from cfseg.continual.protocol import load_protocol, run_protocol
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 STAGE0 = ["liver", "spleen", "kidney_left", "kidney_right"]

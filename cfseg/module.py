@@ -23,7 +23,8 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from cfseg.builder import UntrustedSpecError, build_network, check_spec
-from cfseg.losses import feature_distillation, mib_distillation, partial_label_loss, similarity_distillation
+from cfseg.continual.distill import feature_distillation, mib_distillation, similarity_distillation
+from cfseg.losses import partial_label_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter
 from cfseg.prototypes import PrototypeBank, build_encoder

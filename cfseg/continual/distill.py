@@ -10,21 +10,42 @@ Output distillation (MiB, Cermelli et al., CVPR 2020):
 * :func:`similarity_distillation` -- MSE between student and teacher similarity (cosine-logit) maps.
 * :func:`feature_distillation` -- MSE between (optionally L2-normalised) feature maps.
 
+PLOP (Douillard et al., CVPR 2021):
+
+* :func:`pseudo_label` -- confident teacher predictions of old classes become labels (and annotations) on
+  voxels labelled 0; thresholds per class from :func:`entropy_histogram` + :func:`median_thresholds`.
+* :func:`local_pod` -- multi-scale pooled distillation of intermediate feature maps, collected with
+  :func:`capture_activations` on modules named by :func:`resolve_layers`.
+
 Numerics: half-precision inputs are upcast to float32 (float64 stays float64). Teacher tensors are treated
 as constants (detached) in all distillation terms.
 """
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from cfseg.losses import _as_compute_dtype, _check_class_tensor, _check_mask, _masked_mean
 
 __all__ = [
+    "DEFAULT_POD_LAYERS",
+    "capture_activations",
+    "entropy_histogram",
     "feature_distillation",
+    "local_pod",
+    "median_thresholds",
     "mib_distillation",
+    "normalized_entropy",
+    "pseudo_label",
+    "resolve_layers",
     "similarity_distillation",
 ]
 
@@ -181,3 +202,288 @@ def feature_distillation(
         t = F.normalize(t, dim=1, eps=eps)
     per_voxel = (s - t).pow(2).mean(dim=1)
     return _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# pseudo-labels of old classes (PLOP)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def normalized_entropy(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` over channels divided by ``log(C)``: [B, C, *S] -> [B, *S] in [0, 1].
+
+    PLOP's reference code divides the *mean* over channels by ``log(C)`` and then by ``log`` of the class count
+    again; that is a constant factor of this value, so medians agree and only fixed thresholds differ.
+
+    Raises:
+        ValueError: on non-floating logits or fewer than 2 channels.
+    """
+    _check_class_tensor(logits, "logits")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits need at least 2 channels for an entropy, got shape {tuple(logits.shape)}.")
+    x = _as_compute_dtype(logits, "logits").detach()
+    logp = F.log_softmax(x, dim=1)
+    return -(logp.exp() * logp).sum(dim=1) / math.log(logits.shape[1])
+
+
+def entropy_histogram(teacher_logits: Tensor, target: Tensor, bins: int = 100) -> Tensor:
+    """Counts of the teacher's normalised entropy per predicted class, over voxels labelled 0.
+
+    Args:
+        teacher_logits: [B, C, *S] teacher logits (C = n_old + 1).
+        target: [B, *S] integer labels; only voxels labelled 0 (background or unannotated) count.
+        bins: equal bins on [0, 1].
+
+    Returns:
+        [C, bins] int64 histogram (row c: voxels whose teacher argmax is c), as PLOP's ``find_median``.
+    """
+    ent = normalized_entropy(teacher_logits)
+    if tuple(target.shape) != tuple(ent.shape):
+        raise ValueError(f"target has shape {tuple(target.shape)} but teacher_logits {tuple(teacher_logits.shape)} "
+                         f"need [B, *S] = {tuple(ent.shape)}.")
+    keep = target.to(ent.device) == 0
+    cls = teacher_logits.detach().argmax(1)[keep]
+    b = (ent[keep] * bins).long().clamp_(0, bins - 1)
+    c = teacher_logits.shape[1]
+    return torch.bincount(cls * bins + b, minlength=c * bins).reshape(c, bins)
+
+
+def median_thresholds(hist: Tensor, floor: float = 0.001, cap: float = 1.0) -> Tensor:
+    """Per-class entropy thresholds: the median of each histogram row, clamped to ``[floor, cap]``.
+
+    The median is interpolated linearly inside its bin. A class with no voxels gets ``floor`` (PLOP: such a
+    class is almost never pseudo-labelled).
+
+    Args:
+        hist: [C, bins] counts from :func:`entropy_histogram` (summed over batches).
+        floor: lowest threshold (PLOP's ``--threshold 0.001``, a minimum in its code; see the module notes).
+        cap: highest threshold (1.0: no cap).
+
+    Returns:
+        [C] float32 thresholds in normalised-entropy units.
+    """
+    if hist.ndim != 2:
+        raise ValueError(f"hist must be [C, bins], got shape {tuple(hist.shape)}.")
+    if not 0 <= floor <= cap:
+        raise ValueError(f"need 0 <= floor <= cap, got floor={floor}, cap={cap}.")
+    h = hist.double()
+    bins = h.shape[1]
+    total = h.sum(1, keepdim=True)
+    cum = h.cumsum(1)
+    half = total / 2
+    idx = (cum < half).sum(1, keepdim=True).clamp(max=bins - 1)  # first bin where cum >= half
+    before = cum.gather(1, idx) - h.gather(1, idx)
+    count = h.gather(1, idx).clamp_min(1)
+    med = ((idx + (half - before) / count) / bins).squeeze(1)
+    med = torch.where(total.squeeze(1) > 0, med, torch.zeros_like(med))
+    return med.clamp(floor, cap).float()
+
+
+def pseudo_label(
+    target: Tensor,
+    annotated: Tensor,
+    teacher_logits: Tensor,
+    thresholds: Tensor,
+    ignore_index: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """PLOP pseudo-labels (Douillard et al., CVPR 2021) for the partial-label loss.
+
+    A voxel labelled 0 (background or unannotated) becomes old class ``k > 0`` where the teacher's argmax is
+    ``k``, its normalised entropy (:func:`normalized_entropy`) is below ``thresholds[k]`` and ``k`` is not
+    annotated in the voxel's case (where ``k`` is annotated, label 0 is true "not k" and stays). Such a class
+    becomes annotated for the case, so the partial-label loss supervises it. Voxels labelled ``> 0`` (new
+    classes) never change; background is never added to ``annotated`` (it is always column 0).
+
+    With ``ignore_index`` (PLOP's handling of uncertain pixels): in a case that gained a class, the voxels
+    labelled 0 where the teacher is *not* confident (entropy >= threshold of its argmax, background included)
+    get ``ignore_index``, because once ``k`` is annotated a label 0 would say "not k" where the teacher cannot
+    tell. Cases that gained nothing keep their labels (the partial-label loss already allows every old class).
+
+    Args:
+        target: [B, *S] integer labels in 0..K.
+        annotated: [B, K+1] bool annotated classes per case.
+        teacher_logits: [B, n_old+1, *S] (n_old <= K; channels are the student's first classes).
+        thresholds: [n_old+1] normalised-entropy thresholds (:func:`median_thresholds`).
+        ignore_index: label for uncertain voxels of cases that gained a class (None: keep them 0).
+
+    Returns:
+        ``(target, annotated)``: new tensors (int64 [B, *S], bool [B, K+1]); the inputs are not modified.
+    """
+    _check_class_tensor(teacher_logits, "teacher_logits")
+    c = teacher_logits.shape[1]
+    expected = (teacher_logits.shape[0], *teacher_logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"target has shape {tuple(target.shape)} but teacher_logits "
+                         f"{tuple(teacher_logits.shape)} need [B, *S] = {expected}.")
+    if torch.is_floating_point(target) or target.dtype == torch.bool:
+        raise ValueError(f"target must be an integer tensor of class indices, got dtype {target.dtype}.")
+    if annotated.dtype != torch.bool or annotated.ndim != 2 or annotated.shape[0] != target.shape[0] \
+            or annotated.shape[1] < c:
+        raise ValueError(f"annotated must be bool [B, K+1] with B={target.shape[0]} and K+1 >= {c} (the teacher's "
+                         f"classes), got {annotated.dtype} {tuple(annotated.shape)}.")
+    if tuple(thresholds.shape) != (c,):
+        raise ValueError(f"thresholds must have shape [{c}] (one per teacher class), got {tuple(thresholds.shape)}.")
+    t = target.long()
+    ann = annotated.clone()
+    if c < 2:  # a teacher that knows only background has nothing to give
+        return t.clone(), ann
+    dev = teacher_logits.device
+    t, ann = t.to(dev), ann.to(dev)
+    ent = normalized_entropy(teacher_logits)
+    cls = teacher_logits.detach().argmax(1)
+    confident = ent < thresholds.to(dev, ent.dtype)[cls]
+    b = t.shape[0]
+    cls_annotated = ann.gather(1, cls.reshape(b, -1)).reshape(cls.shape)
+    zero = t == 0
+    take = zero & confident & (cls > 0) & ~cls_annotated
+    out = torch.where(take, cls, t)
+    gained = torch.zeros_like(ann)
+    gained.scatter_(1, torch.where(take, cls, 0).reshape(b, -1), True)
+    gained[:, 0] = False
+    ann |= gained
+    if ignore_index is not None:
+        case_gained = gained.any(1).reshape(b, *([1] * (t.ndim - 1)))
+        out = torch.where(zero & ~confident & case_gained, torch.full_like(out, ignore_index), out)
+    return out, ann
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Local POD (PLOP): multi-scale pooled feature distillation
+# ----------------------------------------------------------------------------------------------------------
+
+#: Encoder and decoder blocks at each resolution of ``monai.networks.nets.UNet`` (``model.0``, ``model.2``,
+#: ``model.1.submodule.0``, ``model.1.submodule.2``, ...); the bottleneck feeds the deepest decoder block.
+DEFAULT_POD_LAYERS: tuple[str, ...] = (r"model(\.1\.submodule)*\.[02]",)
+
+
+def resolve_layers(module: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of ``module``'s submodules that fully match any regular expression in ``patterns``.
+
+    Raises:
+        ValueError: a pattern that is not a valid regex or matches nothing (some module names are listed).
+    """
+    names = [n for n, _ in module.named_modules() if n]
+    out: list[str] = []
+    for p in patterns:
+        try:
+            rx = re.compile(p)
+        except re.error as e:
+            raise ValueError(f"pod_layers pattern {p!r} is not a regular expression: {e}") from None
+        hits = [n for n in names if rx.fullmatch(n)]
+        if not hits:
+            raise ValueError(
+                f"pod_layers pattern {p!r} matches no module of the backbone {type(module).__name__}; "
+                f"names look like {names[:8]} (set model.pod_layers to regexes of module names)"
+            )
+        out += [n for n in hits if n not in out]
+    return out
+
+
+@contextmanager
+def capture_activations(module: nn.Module, names: Sequence[str]) -> Iterator[list[Tensor]]:
+    """Collect the outputs of ``module``'s submodules ``names`` during the forward passes in the block.
+
+    The yielded list is filled, in the order of ``names``, when the block exits; the hooks are removed.
+    """
+    mods = dict(module.named_modules())
+    store: dict[str, Tensor] = {}
+
+    def hook(name: str):
+        def fn(_m: nn.Module, _i: Any, out: Any) -> None:
+            store[name] = out[0] if isinstance(out, (tuple, list)) else out
+        return fn
+
+    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
+    acts: list[Tensor] = []
+    try:
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in store]
+    if missing:
+        raise ValueError(f"modules {missing} did not run in the forward pass; choose other pod_layers")
+    acts.extend(store[n] for n in names)
+
+
+def _pod_embedding(x: Tensor, scale: int, square: bool, normalize: bool, eps: float) -> Tensor | None:
+    """[B, C, *S] -> [B, scale^d, L] window embeddings (None when a side is shorter than ``scale``)."""
+    b, c, *sizes = x.shape
+    d = len(sizes)
+    ks = [n // scale for n in sizes]
+    if min(ks) == 0:
+        return None
+    if square:
+        x = x * x
+    x = x[(..., *[slice(0, scale * k) for k in ks])]
+    view = [b, c]
+    for k in ks:
+        view += [scale, k]
+    x = x.reshape(view)
+    win_dims = [2 + 2 * i for i in range(d)]
+    k_dims = [3 + 2 * i for i in range(d)]
+    x = x.permute(0, *win_dims, 1, *k_dims).reshape(b, scale**d, c, *ks)  # [B, W, C, k1, .., kd]
+    profiles = []
+    for i in range(d):  # pool along every other spatial axis: one 1D profile per axis
+        others = [3 + j for j in range(d) if j != i]
+        p = x.mean(dim=others) if others else x
+        profiles.append(p.reshape(b, scale**d, -1))
+    emb = torch.cat(profiles, dim=-1)
+    return F.normalize(emb, dim=-1, eps=eps) if normalize else emb
+
+
+def local_pod(
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    scales: Sequence[int] = (1, 2, 4),
+    *,
+    square: bool = True,
+    normalize: bool = True,
+    eps: float = 1e-8,
+) -> Tensor:
+    """Local POD distillation (PLOP, Douillard et al., CVPR 2021), in 3D (any number of spatial axes).
+
+    For every feature map and scale ``s`` the volume is split into ``s^d`` windows (sides ``n // s``, the
+    remainder dropped as in the reference code; a scale larger than a side is skipped for that map). In each
+    window the (squared, as PLOP's ``pow``) activations are averaged over all spatial axes but one, giving one
+    1D profile per axis; the profiles are concatenated and L2-normalised per window. Per sample the distance is
+    ``sqrt(mean_scales mean_windows ||e_student - e_teacher||^2)`` (in [0, 2] when normalised); the loss is its
+    mean over the batch and the maps.
+
+    Args:
+        student_feats: feature maps [B, C_l, *S_l], one per layer.
+        teacher_feats: the teacher's maps of the same shapes; treated as constants (detached).
+        scales: window counts per axis (1: whole volume, 2: halves, 4: quarters).
+        square: square the activations first (PLOP's default ``pod_prepro="pow"``).
+        normalize: L2-normalise each window's embedding (scale-free; the reference leaves it unnormalised).
+
+    Returns:
+        Scalar tensor (float32 for half inputs), 0 for identical maps, with finite gradients there.
+
+    Raises:
+        ValueError: different numbers of maps, a shape mismatch (both named), no maps or a bad scale.
+    """
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError(f"need the same non-zero number of student and teacher maps, got {len(student_feats)} "
+                         f"and {len(teacher_feats)}.")
+    if not scales or any(int(s) != s or s < 1 for s in scales):
+        raise ValueError(f"scales must be positive integers, got {tuple(scales)}; e.g. (1, 2, 4).")
+    total = None
+    for i, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
+        _check_class_tensor(s, f"student_feats[{i}]")
+        if s.shape != t.shape:
+            raise ValueError(f"student_feats[{i}] has shape {tuple(s.shape)} but teacher_feats[{i}] has shape "
+                             f"{tuple(t.shape)}; the maps must match layer by layer.")
+        sx = _as_compute_dtype(s, f"student_feats[{i}]")
+        tx = _as_compute_dtype(t, f"teacher_feats[{i}]").detach().to(sx.dtype)
+        diffs = []
+        for sc in scales:
+            es = _pod_embedding(sx, int(sc), square, normalize, eps)
+            if es is None:
+                continue
+            et = _pod_embedding(tx, int(sc), square, normalize, eps)
+            diffs.append((es - et).flatten(1) / math.sqrt(es.shape[1]))
+        d = torch.cat(diffs, dim=1) / math.sqrt(len(diffs))  # scale 1 always fits
+        layer = torch.linalg.vector_norm(d, dim=1).mean()
+        total = layer if total is None else total + layer
+    return total / len(student_feats)

@@ -1,4 +1,7 @@
-"""Incremental stages: bank extension, frozen teacher, stage history, clear errors before training, protocol."""
+"""Incremental stages: bank extension, frozen teacher, stage history, clear errors before training.
+
+The multi-stage protocol (cfseg-protocol) is tested in test_protocol.py.
+"""
 
 import json
 from pathlib import Path
@@ -11,7 +14,6 @@ from cfseg.cli import CFSegCLI
 from cfseg.cli import main as cli
 from cfseg.data.datamodule import SegDataModule
 from cfseg.module import CFSegModule, load_checkpoint
-from cfseg.continual.protocol import load_protocol, run_protocol
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 STAGE0 = ["liver", "spleen", "kidney_left", "kidney_right"]
@@ -101,49 +103,6 @@ def test_stage_errors_before_training(stage0_ckpt, tiny_phantoms, tmp_path):
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
 
 
-def test_protocol_writes_matrices_and_beats_an_untrained_model(boxes, tmp_path):
-    def box(classes=None):
-        return {"path": str(boxes), "val_fraction": 0.0, "test_fraction": 0.34, "classes": classes}
-
-    spec_path = tmp_path / "protocol.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "base_config": str(CONFIG), "output": str(tmp_path / "out"), "strategies": ["distill", "finetune", "joint"],
-        "fit_args": ["--trainer.max_steps=40", "--trainer.max_epochs=100", "--data.spacing=[4.0, 4.0, 4.0]",
-                     "--model.lr=0.01", "--trainer.check_val_every_n_epoch=100"],
-        "stages": [
-            {"name": "s0", "datasets": [box(["liver", "spleen"])]},
-            {"name": "s1", "classes": ["aorta"], "datasets": [box()], "unlabeled": [box()]},
-        ]}))
-    res = run_protocol(load_protocol(spec_path))
-    out = tmp_path / "out"
-    for s in ("distill", "finetune", "joint"):
-        R = res[s]["R"]
-        assert len(R) == 2 and len(R[0]) == 1 and len(R[1]) == 2
-        assert all(0 <= v <= 1 for row in R for v in row)
-        assert res[s]["bwt"] == pytest.approx(R[1][0] - R[0][0])
-        assert (out / f"{s}_matrix.png").stat().st_size > 1000
-        assert (out / f"{s}_matrix.csv").read_text().startswith("after_stage,test_s0,test_s1")
-    assert res["distill"]["R"][0] == res["finetune"]["R"][0]  # stage 0 trained once, shared
-    assert json.loads((out / "summary.json").read_text())["strategies"].keys() == {"distill", "finetune", "joint"}
-    # training did something: stage 0 and the distilled stage 1 beat an untrained model on the same test cases
-    from cfseg.evaluation import evaluate_datasets
-
-    trained = load_checkpoint(str(out / "runs" / "distill_stage1" / "final.ckpt"))
-    untrained = CFSegModule(class_names=trained.class_names, backbone=trained.hparams.backbone, feature_channels=8,
-                            preprocessing=trained.preprocessing)
-    chance = [evaluate_datasets(untrained, [box()], classes=c)["mean_dice"] for c in (["liver", "spleen"], ["aorta"])]
-    print("protocol R", res["distill"]["R"], "untrained", chance)
-    assert res["distill"]["R"][0][0] > chance[0] + 0.1
-    assert res["distill"]["R"][1][1] > chance[1] + 0.1
-    distill, finetune = (torch.load(out / "runs" / f"{s}_stage1" / "final.ckpt", weights_only=True)["state_dict"]
-                         for s in ("distill", "finetune"))
-    assert not torch.equal(distill["net.head.weight"], finetune["net.head.weight"])
-    # a later invocation for one strategy reuses the checkpoints and keeps the others in the summary
-    again = run_protocol(load_protocol(spec_path), ["finetune"])
-    assert again["finetune"]["R"] == res["finetune"]["R"]
-    assert json.loads((out / "summary.json").read_text())["strategies"].keys() == {"distill", "finetune", "joint"}
-
-
 def test_grouped_evaluation_predicts_shared_cases_once(stage0_ckpt, tiny_phantoms, monkeypatch):
     """Protocol rows score one shared test set on several class groups: one prediction per case, same Dice."""
     import cfseg.evaluation as ev
@@ -216,3 +175,89 @@ def test_distillation_is_active(stage0_ckpt):
     assert logged["distill"]["train/distill"] > 1e-4 and "train/distill" not in logged["finetune"]
     assert logged["distill"]["train/loss"] > logged["finetune"]["train/loss"]
     assert not torch.allclose(grads["distill"], grads["finetune"])
+
+
+def _stage_module(stage0_ckpt, **kw):
+    return CFSegModule(class_names=STAGE0 + STAGE1, backbone=yaml.safe_load(CONFIG.read_text())["model"]["backbone"],
+                       feature_channels=8, previous_checkpoint=str(stage0_ckpt), **kw)
+
+
+def _stage_batch(seed=0):
+    torch.manual_seed(seed)
+    batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": torch.zeros(2, 1, 16, 16, 16, dtype=torch.uint8),
+             "annotated": torch.tensor([[True] + [False] * 4 + [True] * 2] * 2)}
+    batch["label"][:, :, 4:8, 4:8, 4:8] = 5
+    return batch
+
+
+def test_incremental_lr_factor_scales_only_incremental_adamw(stage0_ckpt):
+    opt = _stage_module(stage0_ckpt, lr=0.01, incremental_lr_factor=0.1).configure_optimizers()["optimizer"]
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.001)
+    stage0 = CFSegModule(class_names=STAGE0, backbone=yaml.safe_load(CONFIG.read_text())["model"]["backbone"],
+                         feature_channels=8, lr=0.01, incremental_lr_factor=0.1)
+    assert stage0.configure_optimizers()["optimizer"].param_groups[0]["initial_lr"] == pytest.approx(0.01)
+    injected = _stage_module(stage0_ckpt, incremental_lr_factor=0.1,
+                             optimizer=lambda p: torch.optim.SGD(p, lr=0.5)).configure_optimizers()
+    assert injected.param_groups[0]["lr"] == 0.5  # an injected optimizer is the user's: untouched
+    with pytest.raises(ValueError, match="incremental_lr_factor"):
+        _stage_module(stage0_ckpt, incremental_lr_factor=0.0)
+
+
+def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
+    """Pseudo-labels turn only label-0 voxels into old classes; POD is 0 at the first step (student == teacher)."""
+    m = _stage_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, pseudo_entropy_floor=0.5)
+    logged = {}
+    m.log = lambda name, value, **k: logged.__setitem__(name, float(value))
+    batch = _stage_batch()
+    seen = {}
+    real = m.loss
+    m.loss = lambda logits, b, target=None, annotated=None, ignore_index=None: (
+        seen.update(target=target, annotated=annotated, ignore=ignore_index) or real(logits, b, target, annotated,
+                                                                                     ignore_index))
+    m.training_step(batch, 0).backward()
+    assert {"train/pseudo_voxels", "train/pseudo_ignored", "train/pod", "train/distill"} <= set(logged)
+    assert logged["train/pod"] == 0.0  # the student starts as the teacher
+    label = batch["label"][:, 0].long()
+    t = seen["target"]
+    assert torch.equal(t[label == 5], label[label == 5])  # the new class is never overwritten
+    changed = t != label
+    assert ((t[changed] >= 1) & (t[changed] <= len(STAGE0)) | (t[changed] == seen["ignore"])).all()
+    assert seen["annotated"][:, 5:].all() and seen["annotated"][:, 0].all()
+    assert logged["train/pseudo_voxels"] == pytest.approx(((t != label) & (t > 0)).float().mean().item())
+    assert m._hist_batches == 1 and m._entropy_hist.sum() == (label == 0).sum()
+    # after a step the student differs from the teacher: POD turns positive and has gradients
+    with torch.no_grad():
+        for p in m.net.backbone.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.training_step(batch, 1)
+    assert logged["train/pod"] > 0
+    with pytest.raises(ValueError, match="matches no module"):
+        _stage_module(stage0_ckpt, pod_weight=1.0, pod_layers=["encoder\\.0"])
+
+
+def test_teacher_under_bf16_autocast(stage0_ckpt):
+    """The teacher runs under the student's autocast (bf16-mixed): every term finite, gradients flow."""
+    m = _stage_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, sim_weight=1.0, feat_weight=1.0)
+    m.log = lambda *a, **k: None
+    batch = _stage_batch(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.teacher_outputs(batch["image"])
+        assert out["feats"].dtype == torch.bfloat16  # really under autocast
+        loss = m.training_step(batch, 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    grads = [p.grad for p in m.net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_cli_stage_with_pseudo_labels_and_pod(stage0_ckpt, tiny_phantoms, tmp_path):
+    import csv
+
+    fit(tmp_path, [ds(tiny_phantoms[0], STAGE1)], f"--model.previous_checkpoint={stage0_ckpt}",
+        "--model.pseudo_label=true", "--model.pod_weight=1.0", "--model.incremental_lr_factor=0.5",
+        "--trainer.max_steps=2")
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    steps = [r for r in rows if r.get("train/pod_step")]
+    assert len(steps) == 2
+    assert all(0 <= float(r["train/pseudo_voxels_step"]) <= 1 for r in steps)
+    assert all(float(r["train/distill_step"]) > 0 for r in steps)

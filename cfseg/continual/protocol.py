@@ -1,18 +1,27 @@
-"""``cfseg-protocol --config protocol.yaml``: a multi-stage continual-learning protocol, several strategies.
+"""``cfseg-protocol --config protocol.yaml``: a multi-stage continual-learning protocol, strategies x seeds.
 
 A protocol file names a base training config (trainer/model/data settings shared by every stage), the stages
-(each with its datasets and, optionally, the classes that count as annotated there, plus image-only datasets
-of earlier domains for distillation) and the strategies to compare on the same budget:
+(each with its datasets and, optionally, the classes that count as annotated there, image-only datasets of
+earlier domains for distillation, and its own budget) and the strategies to compare:
 
 * ``distill``: stage i starts from stage i-1's checkpoint, which is also the frozen teacher (cfseg's method);
 * ``finetune``: stage i starts from stage i-1's checkpoint, no distillation (the lower bound);
-* ``joint``: after stage i, one model trained from scratch on the data of stages 0..i at once (the upper
-  bound; each stage keeps its own annotated classes).
+* ``joint``: after stage i, one model trained from scratch on the data of stages 0..i at once with the
+  *cumulative* step budget of stages 0..i and stage 0's learning rate (the upper bound; each stage keeps its own
+  annotated classes).
 
-Stage 0 is the same training for every strategy and runs once. After every stage the model is scored on the
-test cases of every stage so far, on that stage's classes, giving the accuracy matrix R (R[i][j] = mean Dice
-on stage j's test cases after stage i), the average Dice after the last stage and the backward transfer
-BWT = mean_{j<T} (R[T][j] - R[j][j]). Written per strategy as JSON, CSV and a heatmap PNG.
+Budgets: every stage trains ``max_steps`` steps (per stage, else the protocol's ``max_steps``, else the base
+config's ``trainer.max_steps``) at ``lr * lr_factor`` (``lr``: the protocol's, else the base config's
+``model.lr``, else 2e-3). Stage 0 is the same training for every strategy and runs once per seed. In an
+incremental stage the validation cases of the earlier stages join as validation-only datasets, so the
+validation metrics (``val/dice_<class>``) score every class seen so far.
+
+Each seed runs under ``<output>/seed<N>/`` with ``--seed_everything=N --data.seed=N`` (the same crops for every
+strategy of a seed). After every stage the model is scored on the test cases of every stage so far, on that
+stage's classes: the accuracy matrix R (R[i][j] = mean Dice on stage j's test cases after stage i), the average
+Dice after the last stage and the backward transfer BWT = mean_{j<T} (R[T][j] - R[j][j]), written per strategy
+and seed as JSON, CSV and a heatmap PNG, and over all strategies and seeds as ``<output>/summary.json``.
+A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import argparse
 import csv
 import json
 import math
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,34 +42,120 @@ import yaml
 from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
 
 STRATEGIES = ("distill", "finetune", "joint")
+DEFAULT_LR = 2e-3  # CFSegModule's default
+# set through protocol keys (max_steps, lr/lr_factor, seeds), never through fit_args
+RESERVED_ARGS = {"--trainer.max_steps": "max_steps", "--model.lr": "lr / lr_factor",
+                 "--seed_everything": "seeds", "--data.seed": "seeds / split_seed"}
+
+
+def _fit_args(value: Any, key: str) -> list[str]:
+    """Check a ``fit_args`` list (strings passed to ``cfseg fit``); returns it as a list."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
+        raise ValueError(f"{key}: fit_args must be a list of strings such as '--trainer.precision=bf16-mixed'")
+    for a in value:
+        if a.split("=")[0] in RESERVED_ARGS:
+            raise ValueError(f"{key}: {a!r} is set by the protocol; use the protocol key "
+                             f"`{RESERVED_ARGS[a.split('=')[0]]}` instead")
+    return list(value)
+
+
+def _strategies(value: Any, path: Path) -> list[dict[str, Any]]:
+    """Normalise ``strategies``: names or ``{name, strategy, fit_args}`` entries -> list of such dicts."""
+    out = []
+    for i, s in enumerate(value):
+        entry = {"name": s, "strategy": s} if isinstance(s, str) else dict(s or {})
+        entry.setdefault("strategy", entry.get("name"))
+        entry.setdefault("name", entry["strategy"])
+        if entry["strategy"] not in STRATEGIES:
+            raise ValueError(f"{path}: strategies[{i}].strategy {entry['strategy']!r} unknown; choose from "
+                             f"{STRATEGIES}")
+        if not str(entry["name"]).replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"{path}: strategies[{i}].name {entry['name']!r}: letters, digits, '_' or '-' only")
+        entry["fit_args"] = _fit_args(entry.get("fit_args"), f"{path}: strategies[{i}].fit_args")
+        out.append(entry)
+    names = [e["name"] for e in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path}: strategies repeat a name: {names}")
+    return out
+
+
+def _budgets(spec: dict[str, Any], path: Path) -> None:
+    """Fill ``spec["stage_steps"]`` and ``spec["stage_lr"]`` (None: the base config's optimizer decides)."""
+    base_path = Path(spec["base_config"])
+    if not base_path.is_file():
+        raise FileNotFoundError(f"{path}: base_config {base_path} not found")
+    base = yaml.safe_load(base_path.read_text()) or {}
+    default_steps = spec.get("max_steps", (base.get("trainer") or {}).get("max_steps"))
+    steps = []
+    for i, st in enumerate(spec["stages"]):
+        n = st.get("max_steps", default_steps)
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"{path}: stages[{i}].max_steps is {n!r}: give a positive step budget per stage, as "
+                             f"`max_steps` at the top level, or trainer.max_steps in {base_path}")
+        steps.append(n)
+    model = base.get("model") or {}
+    uses_lr = "lr" in spec or any("lr_factor" in st for st in spec["stages"])
+    if "optimizer" in base or "optimizer" in model:
+        if uses_lr:
+            raise ValueError(f"{path}: `lr`/`lr_factor` scale model.lr, but {base_path} sets an optimizer block; "
+                             "remove the optimizer block or the lr keys")
+        spec["stage_lr"] = [None] * len(steps)
+    else:
+        lr = float(spec.get("lr", model.get("lr", DEFAULT_LR)))
+        lrs = []
+        for i, st in enumerate(spec["stages"]):
+            f = st.get("lr_factor", 1.0)
+            if not isinstance(f, (int, float)) or isinstance(f, bool) or f <= 0:
+                raise ValueError(f"{path}: stages[{i}].lr_factor is {f!r}: give a positive number")
+            lrs.append(lr * float(f))
+        spec["stage_lr"] = lrs
+    spec["stage_steps"] = steps
 
 
 def load_protocol(path: str | Path) -> dict[str, Any]:
-    """Read and check a protocol YAML (paths in it are relative to the working directory)."""
+    """Read and check a protocol YAML (paths in it are relative to the working directory).
+
+    Returns:
+        the spec with defaults filled in: ``strategies`` as ``{name, strategy, fit_args}`` dicts, ``seeds``,
+        ``stage_steps`` and ``stage_lr`` (one per stage).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: protocol file not found")
     spec = yaml.safe_load(path.read_text())
     if not isinstance(spec, dict) or not spec.get("stages"):
         raise ValueError(f"{path}: a protocol needs a non-empty 'stages' list")
+    if not spec.get("base_config"):
+        raise ValueError(f"{path}: base_config (the cfseg fit config every stage shares) is missing")
     for i, st in enumerate(spec["stages"]):
         if not st.get("datasets"):
-            raise ValueError(f"{path}: stage {i} has no datasets")
+            raise ValueError(f"{path}: stages[{i}].datasets is empty")
         st.setdefault("name", f"stage{i}")
-    bad = [s for s in spec.get("strategies", STRATEGIES) if s not in STRATEGIES]
-    if bad:
-        raise ValueError(f"{path}: unknown strategies {bad}; choose from {STRATEGIES}")
-    spec.setdefault("strategies", list(STRATEGIES))
+        st["fit_args"] = _fit_args(st.get("fit_args"), f"{path}: stages[{i}].fit_args")
+    spec["fit_args"] = _fit_args(spec.get("fit_args"), f"{path}: fit_args")
+    spec["strategies"] = _strategies(spec.get("strategies", STRATEGIES), path)
     spec.setdefault("output", "results/protocol")
-    spec.setdefault("seed", 0)
+    seeds = spec.get("seeds", [spec.get("seed", 0)])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")
+    spec["seeds"] = seeds
+    val = spec.setdefault("val_every_n_steps", "end")
+    if val not in ("end", None) and not (isinstance(val, int) and val > 0):
+        raise ValueError(f"{path}: val_every_n_steps is {val!r}: 'end', a positive integer or null")
+    _budgets(spec, path)
     return spec
+
+
+def _entry(d: Any) -> dict[str, Any]:
+    return dict(d) if isinstance(d, dict) else {"path": d}
 
 
 def _stage_datasets(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """The stage's labelled datasets, with the stage's classes as the annotated set when given."""
     out = []
-    for d in stage["datasets"]:
-        d = dict(d) if isinstance(d, dict) else {"path": d}
+    for d in map(_entry, stage["datasets"]):
         if stage.get("classes") and "classes" not in d:
             d["classes"] = list(stage["classes"])
         out.append(d)
@@ -67,30 +164,57 @@ def _stage_datasets(stage: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _unlabeled(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """Image-only entries (their own split settings keep earlier stages' test cases out)."""
-    return [{**(dict(d) if isinstance(d, dict) else {"path": d}), "labeled": False,
-             "name": f"unlabeled_{i}_" + Path(d["path"] if isinstance(d, dict) else d).name}
+    return [{**_entry(d), "labeled": False, "name": f"unlabeled_{i}_" + Path(_entry(d)["path"]).name}
             for i, d in enumerate(stage.get("unlabeled", []))]
 
 
+def _val_only(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The validation cases of ``stages`` as validation-only entries, each annotating its own stage's classes."""
+    return [{**d, "val_only": True, "name": f"val_{st['name']}_{k}_" + Path(d["path"]).name}
+            for st in stages for k, d in enumerate(_stage_datasets(st))]
+
+
+def _val_args(spec: dict[str, Any], steps: int) -> list[str]:
+    every = spec.get("val_every_n_steps", "end")
+    if every is None:
+        return []
+    return ["--trainer.check_val_every_n_epoch=null",
+            f"--trainer.val_check_interval={steps if every == 'end' else every}"]
+
+
 def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous: Path | None, strategy: str,
-                extra: list[str] | None = None) -> Path:
-    """One ``cfseg fit`` run; returns its checkpoint. Reuses an existing checkpoint of the same tag."""
+                steps: int, lr: float | None, seed: int, extra: list[str] | None = None) -> tuple[Path, float]:
+    """One ``cfseg fit`` run of ``steps`` steps at learning rate ``lr`` under ``out/runs/tag``.
+
+    Returns:
+        (checkpoint path, training wall time in s). A finished run of the same tag is reused (its recorded
+        wall time is returned); one recorded with another budget is refused.
+    """
     from cfseg.cli import main as cli
 
     run_dir = out / "runs" / tag
-    done = run_dir / "final.ckpt"
+    done, record = run_dir / "final.ckpt", run_dir / "final.json"
     if done.is_file():
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        if info and (info.get("steps"), info.get("lr")) != (steps, lr):
+            raise ValueError(f"{done} was trained with max_steps={info.get('steps')}, lr={info.get('lr')}, but the "
+                             f"protocol now asks for max_steps={steps}, lr={lr}: delete {run_dir} or use another "
+                             "output folder")
         print(f"[{tag}] reusing {done}")
-        return done
-    names = {}
+        return done, float(info.get("wall_time_s", 0.0))
+    names: set[str] = set()
     for d in datasets:  # distinct dataset names (the same folder may appear as labelled and image-only)
         base = d.get("name") or Path(d["path"]).name
         d["name"] = base if base not in names else f"{base}_{len(names)}"
-        names[d["name"]] = 1
+        names.add(d["name"])
+    split_seed = spec.get("split_seed", seed)
     args = ["fit", "--config", str(spec["base_config"]), f"--data.datasets={json.dumps(datasets)}",
             f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
-            f"--model.strategy={strategy}", f"--seed_everything={spec['seed']}", f"--data.seed={spec['seed']}",
-            "--trainer.enable_checkpointing=true"]
+            f"--model.strategy={strategy}", f"--seed_everything={seed}", f"--data.seed={split_seed}",
+            "--trainer.enable_checkpointing=true", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
+            *_val_args(spec, steps)]
+    if lr is not None:
+        args.append(f"--model.lr={lr!r}")
     if previous is not None:
         args.append(f"--model.previous_checkpoint={previous}")
     args += list(spec.get("fit_args", [])) + list(extra or [])
@@ -98,14 +222,20 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
     print(f"[{tag}] cfseg {' '.join(args)}", flush=True)
     run = cli(args)
     run.trainer.save_checkpoint(done)
-    print(f"[{tag}] trained in {time.time() - t0:.0f} s -> {done}", flush=True)
-    return done
+    wall = round(time.time() - t0, 1)
+    record.write_text(json.dumps({"tag": tag, "steps": steps, "lr": lr, "seed": seed, "wall_time_s": wall,
+                                  "global_step": run.trainer.global_step, "args": args[1:]}, indent=2))
+    print(f"[{tag}] trained in {wall:.0f} s -> {done}", flush=True)
+    return done, wall
 
 
-def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int) -> list[float]:
-    """Mean Dice of ``ckpt`` on the test cases of stages 0..upto, each on its own classes.
+def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0) -> tuple[list[float], dict[str, dict]]:
+    """Dice of ``ckpt`` on the test cases of stages 0..upto, each on its own classes.
 
     Stages that share test cases (one fixed test set, as in the OpenKBP protocol) predict each case once.
+
+    Returns:
+        (mean Dice per stage [upto + 1], ``{stage name: {class: Dice}}``).
     """
     from cfseg.evaluation import evaluate_groups
     from cfseg.module import load_checkpoint
@@ -118,10 +248,13 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int) -> list[float]:
         classes = st.get("classes") or sorted({c for d in _stage_datasets(st) for c in (d.get("classes") or [])}) \
             or None
         groups.append((datasets, classes))
-    return [res["mean_dice"] for res in evaluate_groups(module, groups, split="test", seed=spec["seed"])]
+    res = evaluate_groups(module, groups, split="test", seed=spec.get("split_seed", seed))
+    names = [spec["stages"][j]["name"] for j in range(upto + 1)]
+    return [r["mean_dice"] for r in res], {n: r["per_class_dice"] for n, r in zip(names, res, strict=True)}
 
 
 def plot_matrix(R: list[list[float]], names: list[str], title: str, path: Path) -> None:
+    """Heatmap PNG of the accuracy matrix ``R`` (rows: after stage i; columns: test cases of stage j)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,6 +280,7 @@ def plot_matrix(R: list[list[float]], names: list[str], title: str, path: Path) 
 
 
 def format_matrix(R: list[list[float]], names: list[str]) -> str:
+    """The accuracy matrix as a plain-text table."""
     w = max(10, *[len(n) + 6 for n in names])
     lines = [" " * w + "".join(f"{'test ' + n:>{w}}" for n in names)]
     for i, row in enumerate(R):
@@ -155,80 +289,188 @@ def format_matrix(R: list[list[float]], names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None) -> dict[str, Any]:
-    out = Path(spec["output"])
+def _finite(x: Any) -> Any:
+    """NaN -> None, recursively (strict JSON)."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
+def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every strategy of one seed under ``<output>/seed<seed>/``, sharing one stage-0 run.
+
+    Returns:
+        ``{strategy name: result}``; each result is also written as ``<name>_matrix.{json,csv,png}``.
+    """
+    out = Path(spec["output"]) / f"seed{seed}"
     out.mkdir(parents=True, exist_ok=True)
-    stages = spec["stages"]
+    stages, steps, lrs = spec["stages"], spec["stage_steps"], spec["stage_lr"]
     names = [s["name"] for s in stages]
+    stage0, t_stage0 = train_stage(spec, out, "stage0", _stage_datasets(stages[0]), None, "finetune", steps[0],
+                                   lrs[0], seed, stages[0]["fit_args"])
+    row0, classes0 = evaluate_stage_tests(stage0, spec, 0, seed)
     results: dict[str, Any] = {}
-    t_start = time.time()
-    stage0 = train_stage(spec, out, "stage0", _stage_datasets(stages[0]), None, "finetune")
-    row0 = evaluate_stage_tests(stage0, spec, 0)
-    for strategy in strategies or spec["strategies"]:
-        t0 = time.time()
-        R = [row0]
-        prev = stage0
+    for entry in strategies:
+        name, strategy = entry["name"], entry["strategy"]
+        train_s, eval_s = t_stage0, 0.0
+        R, per_class, prev = [row0], classes0, stage0
+        budget = [steps[0]]
         for i in range(1, len(stages)):
             if strategy == "joint":
                 datasets = [d for j in range(i + 1) for d in _stage_datasets(stages[j])]
-                ckpt = train_stage(spec, out, f"joint_stage{i}", datasets, None, "joint")
+                budget.append(sum(steps[: i + 1]))
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, None, "joint", budget[-1], lrs[0],
+                                      seed, stages[0]["fit_args"] + entry["fit_args"])
             else:
-                datasets = _stage_datasets(stages[i]) + (_unlabeled(stages[i]) if strategy == "distill" else [])
-                ckpt = train_stage(spec, out, f"{strategy}_stage{i}", datasets, prev, strategy)
-            R.append(evaluate_stage_tests(ckpt, spec, i))
+                datasets = _stage_datasets(stages[i]) + (_unlabeled(stages[i]) if strategy == "distill" else []) \
+                    + _val_only(stages[:i])
+                budget.append(steps[i])
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, strategy, steps[i], lrs[i], seed,
+                                      stages[i]["fit_args"] + entry["fit_args"])
+            train_s += t
+            t0 = time.time()
+            row, per_class = evaluate_stage_tests(ckpt, spec, i, seed)
+            eval_s += time.time() - t0
+            R.append(row)
             prev = ckpt
-            print(f"[{strategy}] after {names[i]}: " + ", ".join(f"{v:.3f}" for v in R[-1]), flush=True)
-        res = {"strategy": strategy, "stages": names, "R": R, "average_dice": average_after_last(R),
-               "bwt": backward_transfer(R), "wall_time_s": round(time.time() - t0, 1),
-               "dice_convention": DICE_CONVENTION}
-        results[strategy] = res
-        (out / f"{strategy}_matrix.json").write_text(json.dumps(res, indent=2))
-        with open(out / f"{strategy}_matrix.csv", "w", newline="") as f:
+            print(f"[seed {seed} {name}] after {names[i]}: " + ", ".join(f"{v:.3f}" for v in row), flush=True)
+        res = {"strategy": name, "base_strategy": strategy, "seed": seed, "stages": names, "R": R,
+               "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
+               "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
+               "fit_args": entry["fit_args"], "wall_time_s": round(train_s, 1),
+               "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION}
+        results[name] = res
+        (out / f"{name}_matrix.json").write_text(json.dumps(_finite(res), indent=2))
+        with open(out / f"{name}_matrix.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["after_stage", *[f"test_{n}" for n in names]])
             for i, row in enumerate(R):
                 w.writerow([names[i], *[f"{v:.4f}" for v in row], *[""] * (len(names) - len(row))])
-        plot_matrix(R, names, f"{strategy}: avg Dice {res['average_dice']:.3f}, BWT {res['bwt']:+.3f}",
-                    out / f"{strategy}_matrix.png")
-    write_summary(out, last_wall_time_s=round(time.time() - t_start, 1))
+        plot_matrix(R, names, f"{name} (seed {seed}): avg Dice {res['average_dice']:.3f}, BWT {res['bwt']:+.3f}",
+                    out / f"{name}_matrix.png")
     return results
 
 
-def write_summary(out: Path, last_wall_time_s: float | None = None) -> dict[str, Any]:
-    """``summary.json`` over every ``<strategy>_matrix.json`` in ``out``.
+def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None,
+                 seeds: list[int] | None = None) -> dict[int, dict[str, Any]]:
+    """Run ``strategies`` (names; default all of the spec's) for ``seeds`` (default the spec's), then write
+    ``<output>/summary.json`` (and its copy when ``spec["summary_copy"]`` is set).
 
-    Built from the files, so strategies run in separate invocations (for example side by side, sharing the
-    stage-0 checkpoint) end up in one summary instead of the last run overwriting the others.
+    Returns:
+        ``{seed: {strategy name: result}}`` (see :func:`run_seed`).
     """
-    summary = {}
-    for s in STRATEGIES:
-        f = out / f"{s}_matrix.json"
-        if f.is_file():
-            r = json.loads(f.read_text())
-            summary[s] = {"average_dice": r["average_dice"], "bwt": r["bwt"], "wall_time_s": r.get("wall_time_s")}
-    doc = {"strategies": summary, "last_invocation_wall_time_s": last_wall_time_s}
-    (out / "summary.json").write_text(json.dumps(doc, indent=2))
+    known = {e["name"]: e for e in spec["strategies"]}
+    unknown = [s for s in strategies or [] if s not in known]
+    if unknown:
+        raise ValueError(f"strategies {unknown} are not in the protocol; choose from {list(known)}")
+    chosen = [known[s] for s in strategies] if strategies else spec["strategies"]
+    results = {seed: run_seed(spec, seed, chosen) for seed in (seeds or spec["seeds"])}
+    write_summary(Path(spec["output"]), spec.get("summary_copy"))
+    return results
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(statistics.fmean(vals)) if vals else None
+
+
+def _sd(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return float(statistics.stdev(vals)) if len(vals) > 1 else None
+
+
+def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any]:
+    """``<out>/summary.json`` over every ``seed<N>/<strategy>_matrix.json`` under ``out``.
+
+    Built from the files, so strategies and seeds run in separate invocations (for example side by side,
+    sharing the stage-0 checkpoint of a seed) end up in one summary instead of the last run overwriting the others.
+
+    Returns:
+        ``{"seeds", "stages", "dice_convention", "strategies": {name: {"average_dice", "bwt" (means over
+        seeds), "average_dice_sd", "bwt_sd", "seeds", "per_seed": {seed: {"average_dice", "bwt", "matrix",
+        "per_class_dice", "wall_time_s"}}, "per_class_dice" (mean over seeds), "stage_steps", "stage_lr",
+        "wall_time_s" (mean over seeds, training incl. stage 0)}}}``.
+    """
+    files: dict[str, dict[int, dict]] = {}
+    for f in sorted(out.glob("seed*/*_matrix.json")):
+        r = json.loads(f.read_text())
+        if "seed" in r:
+            files.setdefault(r["strategy"], {})[int(r["seed"])] = r
+    order = sorted(files, key=lambda n: (STRATEGIES.index(n) if n in STRATEGIES else len(STRATEGIES), n))
+    strategies, stages = {}, None
+    for name in order:
+        runs = dict(sorted(files[name].items()))
+        first = next(iter(runs.values()))
+        stages = stages or first["stages"]
+        per_class: dict[str, dict[str, float | None]] = {}
+        for st, classes in first["per_class_dice"].items():
+            per_class[st] = {c: _mean([r["per_class_dice"][st].get(c) for r in runs.values()]) for c in classes}
+        strategies[name] = {
+            "average_dice": _mean([r["average_dice"] for r in runs.values()]),
+            "bwt": _mean([r["bwt"] for r in runs.values()]),
+            "average_dice_sd": _sd([r["average_dice"] for r in runs.values()]),
+            "bwt_sd": _sd([r["bwt"] for r in runs.values()]),
+            "seeds": list(runs),
+            "per_seed": {str(s): {"average_dice": r["average_dice"], "bwt": r["bwt"], "matrix": r["R"],
+                                  "per_class_dice": r["per_class_dice"], "wall_time_s": r["wall_time_s"]}
+                         for s, r in runs.items()},
+            "per_class_dice": per_class,
+            "base_strategy": first["base_strategy"],
+            "stage_steps": first["stage_steps"],
+            "stage_lr": first["stage_lr"],
+            "wall_time_s": _mean([r["wall_time_s"] for r in runs.values()]),
+        }
+    doc = {"seeds": sorted({s for runs in files.values() for s in runs}), "stages": stages,
+           "dice_convention": DICE_CONVENTION, "strategies": strategies}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(_finite(doc), indent=2))
+    if copy_to:
+        Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "summary.json", copy_to)
     return doc
 
 
-def print_results(results: dict[str, Any]) -> None:
-    for strategy, res in results.items():
-        print(f"\n== {strategy} ==  (R[i][j]: mean Dice on stage j's test cases after stage i)")
-        print(format_matrix(res["R"], res["stages"]))
-        print(f"average Dice after the last stage: {res['average_dice']:.3f}   BWT: {res['bwt']:+.3f}")
+def print_results(results: dict[int, dict[str, Any]], summary: dict[str, Any] | None = None) -> None:
+    """Print every seed's matrices and, when given, the summary's means over seeds."""
+    for seed, by_name in results.items():
+        for name, res in by_name.items():
+            print(f"\n== {name}, seed {seed} ==  (R[i][j]: mean Dice on stage j's test cases after stage i)")
+            print(format_matrix(res["R"], res["stages"]))
+            print(f"average Dice after the last stage: {res['average_dice']:.3f}   BWT: {res['bwt']:+.3f}   "
+                  f"steps per stage: {res['stage_steps']}")
+    if summary:
+        print(f"\n{'strategy':<16}{'avg Dice':>10}{'BWT':>10}   per seed (avg Dice / BWT)")
+        for name, s in summary["strategies"].items():
+            per = ", ".join(f"{k}: {v['average_dice']:.3f}/{v['bwt']:+.3f}" if v["bwt"] is not None else
+                            f"{k}: {v['average_dice']:.3f}" for k, v in s["per_seed"].items())
+            bwt = f"{s['bwt']:>+10.3f}" if s["bwt"] is not None else f"{'-':>10}"
+            print(f"{name:<16}{s['average_dice']:>10.3f}{bwt}   {per}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cfseg-protocol", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="protocol YAML")
-    p.add_argument("--strategies", nargs="*", choices=STRATEGIES, default=None)
+    p.add_argument("--strategies", nargs="*", default=None, help="strategy names (default: all in the protocol)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds (default: the protocol's `seeds`, or [`seed`])")
     p.add_argument("--output", default=None, help="override the protocol's output folder")
+    p.add_argument("--copy-summary", default=None, help="also copy summary.json here (YAML key: summary_copy)")
     a = p.parse_args(argv)
     spec = load_protocol(a.config)
     if a.output:
         spec["output"] = a.output
-    print_results(run_protocol(spec, a.strategies))
+    if a.copy_summary:
+        spec["summary_copy"] = a.copy_summary
+    results = run_protocol(spec, a.strategies, a.seeds)
+    summary = json.loads((Path(spec["output"]) / "summary.json").read_text())
+    print_results(results, summary)
+    print(f"\nwrote {Path(spec['output']) / 'summary.json'}" + (f" and {spec['summary_copy']}"
+                                                               if spec.get("summary_copy") else ""))
     return 0
 
 

@@ -151,6 +151,10 @@ class DatasetConfig:
         val_fraction: fraction of cases for validation when no split file is given.
         test_fraction: fraction of cases held out for testing.
         max_cases: use only the first N cases of the shuffled order (quick experiments).
+        val_only: the dataset contributes only its ``val`` split (never training or test cases) and adds no
+            classes: its annotated classes must already be in the class list (the previous checkpoint's or
+            another dataset's). An incremental stage lists earlier stages' validation cases this way, so the
+            validation metrics score every class seen so far.
     """
 
     path: str
@@ -164,6 +168,7 @@ class DatasetConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     max_cases: int | None = None
+    val_only: bool = False
 
 
 @dataclass
@@ -317,7 +322,7 @@ class SegDataModule(L.LightningDataModule):
         dataset_classes = [
             [c for c in ds.info.classes if ds.config.classes is None or c in
              {canonical_name(x) for x in ds.config.classes}]
-            for ds in self.datasets if ds.config.labeled
+            for ds in self.datasets if ds.config.labeled and not ds.config.val_only
         ]
         old = checkpoint_classes(previous_checkpoint) if previous_checkpoint else []
         if classes is not None:
@@ -326,7 +331,9 @@ class SegDataModule(L.LightningDataModule):
             self.vocab = Vocabulary.union([old, *dataset_classes])
         for ds in self.datasets:
             unknown = [c for c in ds.info.classes if c not in self.vocab]
-            if unknown and ds.config.labeled and ds.config.classes is None:
+            if ds.config.val_only:
+                self._check_val_only(ds)
+            elif unknown and ds.config.labeled and ds.config.classes is None:
                 log.warning("%s: classes %s are not in the experiment's class list; their voxels count as "
                             "background", ds.name, unknown)
             if ds.config.classes is not None:
@@ -334,6 +341,19 @@ class SegDataModule(L.LightningDataModule):
                     if canonical_name(c) not in ds.info.labels:
                         raise unknown_class_error(c, ds.info.classes, f"classes of dataset {ds.name!r}")
         self._sets: dict[str, Any] = {}
+
+    def _check_val_only(self, ds: LoadedDataset) -> None:
+        """A validation-only dataset must be labelled and annotate only classes already in the class list."""
+        if not ds.config.labeled:
+            raise ValueError(f"dataset {ds.name!r}: val_only needs labels (labeled: false given); an image-only "
+                             "entry has nothing to validate")
+        annotated = [canonical_name(c) for c in ds.config.classes] if ds.config.classes is not None \
+            else ds.info.classes
+        new = [c for c in annotated if c not in self.vocab]
+        if new:
+            raise ValueError(f"dataset {ds.name!r} is val_only but annotates classes {new} that are not in the "
+                             f"class list {self.vocab.classes}: a validation-only dataset adds no classes; restrict "
+                             "its `classes` to the previous checkpoint's or this stage's classes")
 
     # ---- reading -------------------------------------------------------------------------------------
     def _load(self, cfg: DatasetConfig) -> LoadedDataset:
@@ -379,6 +399,8 @@ class SegDataModule(L.LightningDataModule):
         """MONAI-style item dicts for one dataset's split."""
         gidx = {n: i for i, n in enumerate(self.vocab.names)}
         out = []
+        if ds.config.val_only and split != "val":
+            return out
         for case in ds.split.get(split, []):
             item: dict[str, Any] = {
                 "image": [str(p) for p in case.images] if len(case.images) > 1 else str(case.images[0]),
@@ -484,12 +506,13 @@ class SegDataModule(L.LightningDataModule):
         """A plain-text table: cases per split, classes, and how many cases annotate each class."""
         lines = [f"global classes ({len(self.class_names)}): {', '.join(self.class_names)}"]
         for ds in self.datasets:
-            n = {s: len(ds.split.get(s, [])) for s in SPLITS}
-            used = [c for s in SPLITS for c in ds.split.get(s, [])]
+            splits = ("val",) if ds.config.val_only else SPLITS
+            n = {s: len(ds.split.get(s, [])) if s in splits else 0 for s in SPLITS}
+            used = [c for s in splits for c in ds.split.get(s, [])]
             lines.append(
                 f"\n{ds.name}  [{ds.info.format}, {ds.info.modality}, domain={ds.domain}]  {len(used)} "
                 f"cases (train {n['train']}, val {n['val']}, test {n['test']})"
-                + ("" if ds.config.labeled else "  image-only")
+                + ("" if ds.config.labeled else "  image-only") + ("  validation-only" if ds.config.val_only else "")
             )
             if not ds.config.labeled:
                 continue

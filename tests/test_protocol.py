@@ -1,0 +1,162 @@
+"""The multi-stage protocol (cfseg-protocol): budgets, seeds, shared stage 0, summary.json, validation-only data."""
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cfseg.continual.protocol import load_protocol, main, run_protocol
+from cfseg.data.datamodule import SegDataModule
+from cfseg.module import CFSegModule, load_checkpoint
+
+CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
+FAST = ["--data.spacing=[4.0, 4.0, 4.0]", "--trainer.limit_val_batches=1.0"]
+
+
+def box(boxes, classes=None, val=0.0):
+    return {"path": str(boxes), "val_fraction": val, "test_fraction": 0.34, "classes": classes}
+
+
+def write_spec(tmp_path, **spec) -> Path:
+    path = tmp_path / "protocol.yaml"
+    path.write_text(yaml.safe_dump({"base_config": str(CONFIG), "output": str(tmp_path / "out"), **spec}))
+    return path
+
+
+def test_protocol_writes_matrices_and_beats_an_untrained_model(boxes, tmp_path):
+    spec_path = write_spec(
+        tmp_path, strategies=["distill", "finetune", "joint"], max_steps=40, lr=0.01, fit_args=FAST,
+        stages=[{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
+                {"name": "s1", "classes": ["aorta"], "datasets": [box(boxes)], "unlabeled": [box(boxes)]}])
+    res = run_protocol(load_protocol(spec_path))[0]
+    out = tmp_path / "out" / "seed0"
+    for s in ("distill", "finetune", "joint"):
+        R = res[s]["R"]
+        assert len(R) == 2 and len(R[0]) == 1 and len(R[1]) == 2
+        assert all(0 <= v <= 1 for row in R for v in row)
+        assert res[s]["bwt"] == pytest.approx(R[1][0] - R[0][0])
+        assert (out / f"{s}_matrix.png").stat().st_size > 1000
+        assert (out / f"{s}_matrix.csv").read_text().startswith("after_stage,test_s0,test_s1")
+    assert res["distill"]["R"][0] == res["finetune"]["R"][0] == res["joint"]["R"][0]  # stage 0 trained once, shared
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["strategies"].keys() == {"distill", "finetune", "joint"}
+    # training did something: stage 0 and the distilled stage 1 beat an untrained model on the same test cases
+    from cfseg.evaluation import evaluate_datasets
+
+    trained = load_checkpoint(str(out / "runs" / "distill_stage1" / "final.ckpt"))
+    untrained = CFSegModule(class_names=trained.class_names, backbone=trained.hparams.backbone, feature_channels=8,
+                            preprocessing=trained.preprocessing)
+    chance = [evaluate_datasets(untrained, [box(boxes)], classes=c)["mean_dice"]
+              for c in (["liver", "spleen"], ["aorta"])]
+    print("protocol R", res["distill"]["R"], "untrained", chance)
+    assert res["distill"]["R"][0][0] > chance[0] + 0.1
+    assert res["distill"]["R"][1][1] > chance[1] + 0.1
+    distill, finetune = (torch.load(out / "runs" / f"{s}_stage1" / "final.ckpt", weights_only=True)["state_dict"]
+                         for s in ("distill", "finetune"))
+    assert not torch.equal(distill["net.head.weight"], finetune["net.head.weight"])
+    # a later invocation for one strategy reuses the checkpoints and keeps the others in the summary
+    again = run_protocol(load_protocol(spec_path), ["finetune"])[0]
+    assert again["finetune"]["R"] == res["finetune"]["R"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["strategies"].keys() == \
+        {"distill", "finetune", "joint"}
+    # a changed budget is not silently served by the old checkpoints
+    spec = load_protocol(spec_path)
+    spec["stage_steps"] = [40, 30]
+    with pytest.raises(ValueError, match="max_steps=40.*max_steps=30"):
+        run_protocol(spec, ["finetune"])
+
+
+def _metrics_columns(run_dir: Path) -> set[str]:
+    with open(next(run_dir.rglob("metrics.csv"))) as f:
+        return {k for row in csv.DictReader(f) for k, v in row.items() if v}
+
+
+def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
+    """Stage budgets reach the runs, joint gets the cumulative budget, two seeds merge into one summary.json."""
+    spec_path = write_spec(
+        tmp_path, strategies=["finetune", "joint"], seeds=[0, 1], lr=0.01, fit_args=FAST,
+        summary_copy=str(tmp_path / "copy" / "summary.json"),
+        stages=[{"name": "s0", "max_steps": 3, "datasets": [box(boxes, ["liver", "spleen"], val=0.34)]},
+                {"name": "s1", "max_steps": 2, "lr_factor": 0.5, "classes": ["aorta"],
+                 "datasets": [box(boxes, val=0.34)]}])
+    assert main(["--config", str(spec_path), "--strategies", "finetune"]) == 0
+    out = tmp_path / "out"
+    for seed in (0, 1):
+        runs = out / f"seed{seed}" / "runs"
+        stage0 = torch.load(runs / "stage0" / "final.ckpt", weights_only=True)
+        fin = torch.load(runs / "finetune_stage1" / "final.ckpt", weights_only=True)
+        assert (stage0["global_step"], stage0["hyper_parameters"]["lr"]) == (3, 0.01)
+        assert (fin["global_step"], fin["hyper_parameters"]["lr"]) == (2, 0.005)  # the stage's own budget
+        args = json.loads((runs / "finetune_stage1" / "final.json").read_text())["args"]
+        assert f"--model.previous_checkpoint={runs / 'stage0' / 'final.ckpt'}" in args  # the seed's own stage 0
+        assert f"--seed_everything={seed}" in args and f"--data.seed={seed}" in args
+        # validation in stage 1 scores the stage-0 classes too (validation-only datasets of stage 0)
+        cols = _metrics_columns(runs / "finetune_stage1")
+        assert {"val/dice_liver", "val/dice_spleen", "val/dice_aorta"} <= cols
+    # joint in a second invocation, one seed: reuses the seed's stage 0 and trains on the cumulative budget
+    assert main(["--config", str(spec_path), "--strategies", "joint", "--seeds", "0"]) == 0
+    joint = torch.load(out / "seed0" / "runs" / "joint_stage1" / "final.ckpt", weights_only=True)
+    assert (joint["global_step"], joint["hyper_parameters"]["lr"]) == (3 + 2, 0.01)
+    assert not (out / "seed1" / "runs" / "joint_stage1").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary == json.loads((tmp_path / "copy" / "summary.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["strategies"].keys() == {"finetune", "joint"}
+    for name, steps, seeds in (("finetune", [3, 2], {"0", "1"}), ("joint", [3, 5], {"0"})):
+        s = summary["strategies"][name]
+        assert s["stage_steps"] == steps and set(s["per_seed"]) == seeds
+        for key in ("average_dice", "bwt"):
+            assert s[key] == pytest.approx(statistics.fmean(v[key] for v in s["per_seed"].values()))
+        for v in s["per_seed"].values():
+            assert len(v["matrix"]) == 2 and v["average_dice"] == pytest.approx(statistics.fmean(v["matrix"][1]))
+            assert set(v["per_class_dice"]) == {"s0", "s1"} and set(v["per_class_dice"]["s1"]) == {"aorta"}
+        assert s["wall_time_s"] > 0
+    rows = [summary["strategies"][n]["per_seed"]["0"]["matrix"][0] for n in ("finetune", "joint")]
+    assert rows[0] == rows[1]  # both strategies start from the same stage-0 model of a seed
+
+
+def test_validation_only_datasets_add_cases_not_classes(boxes):
+    train = {**box(boxes, ["aorta"], val=0.34), "name": "train"}
+    old = {**box(boxes, ["liver", "spleen"], val=0.34), "name": "old", "val_only": True}
+    dm = SegDataModule([train, old], classes=["liver", "spleen", "aorta"], spacing=(4.0, 4.0, 4.0), cache="none")
+    by_name = {d.name: d for d in dm.datasets}
+    assert dm.items(by_name["old"], "train") == [] and dm.items(by_name["old"], "test") == []
+    assert len(dm.split_dataset("train")) == len(dm.items(by_name["train"], "train")) > 0
+    val = dm.items(by_name["old"], "val")
+    assert val and all(it["annotated"].tolist() == [True, True, True, False] for it in val)
+    assert len(dm.split_dataset("val")) == 2 * len(val)
+    assert "validation-only" in dm.summary()
+    # no new classes from a validation-only dataset: without them in the class list it is refused
+    with pytest.raises(ValueError, match="val_only.*'liver', 'spleen'"):
+        SegDataModule([train, old], spacing=(4.0, 4.0, 4.0), cache="none")
+    assert SegDataModule([train], spacing=(4.0, 4.0, 4.0), cache="none").class_names == ["aorta"]
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"fit_args": ["--trainer.max_steps=5"]}, "fit_args.*use the protocol key `max_steps`"),
+    ({"stages": [{"datasets": ["x"], "fit_args": ["--model.lr=0.1"]}]}, r"stages\[0\].fit_args.*lr / lr_factor"),
+    ({"stages": [{"datasets": ["x"], "lr_factor": -1}]}, r"stages\[0\].lr_factor"),
+    ({"stages": [{"datasets": ["x"], "max_steps": 0}]}, r"stages\[0\].max_steps"),
+    ({"strategies": ["distill", {"name": "d2", "strategy": "nope"}]}, r"strategies\[1\].strategy 'nope'"),
+    ({"seeds": []}, "seeds must be a non-empty list"),
+])
+def test_bad_protocol_keys_are_named(tmp_path, change, match):
+    spec = {"stages": [{"datasets": ["x"]}], "max_steps": 4, **change}
+    with pytest.raises(ValueError, match=match):
+        load_protocol(write_spec(tmp_path, **spec))
+
+
+def test_lr_factor_needs_model_lr(tmp_path):
+    base = yaml.safe_load(CONFIG.read_text())
+    base["optimizer"] = {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.1}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = {"base_config": str(tmp_path / "base.yaml"), "stages": [{"datasets": ["x"], "lr_factor": 0.5}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(ValueError, match="optimizer block"):
+        load_protocol(tmp_path / "p.yaml")
+    spec["stages"][0].pop("lr_factor")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
+    assert load_protocol(tmp_path / "p.yaml")["stage_lr"] == [None]

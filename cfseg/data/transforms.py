@@ -202,6 +202,41 @@ class ZScoreForegroundd(mt.MapTransform):
         return d
 
 
+class ClassIndicesd(mt.MapTransform):
+    """Flat voxel indices of every class of ``label``, computed once so class-balanced crops never rescan a volume.
+
+    Placed before the first random transform, it is cached with the volume (:class:`monai.data.CacheDataset`);
+    :class:`monai.transforms.RandCropByLabelClassesd` then reads ``indices_key`` instead of calling
+    ``map_classes_to_indices`` on every crop (about 60 ms per 1.3 M-voxel OpenKBP volume, most of a training
+    step's data time). A class with more than ``max_per_class`` voxels (in practice the background) keeps every
+    n-th of its indices: a fixed, regular thinning, so crop centres still cover the whole class and the cache
+    stays small (int32, at most ``max_per_class`` per class).
+
+    Output: ``indices_key`` -> list of K+1 int32 arrays [n_k] (flat indices into the label's spatial shape).
+    """
+
+    def __init__(self, label_key: str = "label", num_classes: int = 2, indices_key: str = "label_cls_indices",
+                 max_per_class: int = 200_000):
+        super().__init__([label_key])
+        self.label_key, self.num_classes, self.indices_key = label_key, num_classes, indices_key
+        self.max_per_class = max_per_class
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        lab = d[self.label_key]
+        flat = np.asarray(lab.as_tensor() if hasattr(lab, "as_tensor") else lab).reshape(-1)
+        order = np.argsort(flat, kind="stable")  # one pass groups every class's voxels
+        bounds = np.searchsorted(flat[order], np.arange(self.num_classes + 1))
+        out = []
+        for k in range(self.num_classes):
+            idx = order[bounds[k]:bounds[k + 1]]
+            if len(idx) > self.max_per_class:
+                idx = idx[:: -(-len(idx) // self.max_per_class)]
+            out.append(np.ascontiguousarray(idx, dtype=np.int32))
+        d[self.indices_key] = out
+        return d
+
+
 def intensity_transform(pre: Preprocessing, key: str = "image") -> mt.Transform:
     """The modality's intensity normalisation: CT window to [0, 1]; MRI z-score over foreground."""
     if pre.modality == "ct":
@@ -258,10 +293,11 @@ def random_transforms(
         cropper = mt.RandSpatialCropSamplesd(keys, roi_size=patch_size, num_samples=samples_per_volume,
                                              random_size=False)
     elif crop == "class_balanced":
+        indices = ClassIndicesd("label", num_classes)  # deterministic: cached with the volume
         cropper = mt.RandCropByLabelClassesd(
             keys, label_key="label", spatial_size=patch_size, num_classes=num_classes,
             ratios=list(class_ratios) if class_ratios is not None else None, num_samples=samples_per_volume,
-            warn=False,
+            warn=False, indices_key=indices.indices_key,
         )
     elif crop == "foreground":
         cropper = mt.RandCropByPosNegLabeld(
@@ -270,6 +306,8 @@ def random_transforms(
     else:
         raise ValueError(f"crop must be 'class_balanced', 'foreground' or 'random', got {crop!r}")
     out: list[mt.Transform] = [pad, cropper]
+    if crop == "class_balanced" and labeled:
+        out = [pad, indices, cropper, mt.DeleteItemsd(indices.indices_key)]
     if augment:
         out += [
             mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),

@@ -114,3 +114,19 @@ def test_real_totalseg_mr_lps_to_ras():
     for name in ("liver", "spleen"):
         n_raw = int((raw == info.labels[name]).sum())
         assert n_raw > 0 and int((out["label"] == gidx[name]).sum()) == n_raw  # same spacing: voxel count kept
+
+
+def test_class_indices_match_a_scan_and_thin_only_large_classes():
+    from cfseg.data.transforms import ClassIndicesd
+
+    rng = np.random.default_rng(0)
+    label = rng.choice(4, size=(1, 20, 18, 16), p=[0.9, 0.07, 0.03, 0.0]).astype(np.uint8)
+    out = ClassIndicesd("label", num_classes=4, max_per_class=1000)({"label": torch.as_tensor(label)})
+    idx = out["label_cls_indices"]
+    flat = label.reshape(-1)
+    for k in (1, 2):  # small classes: exactly the voxels of the class, in order
+        assert np.array_equal(idx[k], np.flatnonzero(flat == k))
+    assert len(idx[3]) == 0
+    assert 500 < len(idx[0]) <= 1000 and (flat[idx[0]] == 0).all()  # background thinned, still background
+    gaps = np.diff(idx[0])
+    assert gaps.min() > 0 and np.flatnonzero(flat == 0)[-1] - idx[0][-1] < 2 * gaps.max()  # spread over the volume

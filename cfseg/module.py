@@ -23,7 +23,18 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from cfseg.builder import UntrustedSpecError, build_network, check_spec
-from cfseg.continual.distill import feature_distillation, mib_distillation, similarity_distillation
+from cfseg.continual import distill
+from cfseg.continual.distill import (
+    DEFAULT_POD_LAYERS,
+    capture_activations,
+    entropy_histogram,
+    feature_distillation,
+    local_pod,
+    median_thresholds,
+    mib_distillation,
+    resolve_layers,
+    similarity_distillation,
+)
 from cfseg.losses import partial_label_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter
@@ -41,6 +52,8 @@ DEFAULT_BACKBONE: dict[str, Any] = {
 }
 HEADS = ("prototype", "softmax")
 STRATEGIES = ("distill", "finetune", "joint")
+PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
+ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 
 
 class CFSegModule(L.LightningModule):
@@ -59,6 +72,8 @@ class CFSegModule(L.LightningModule):
         learnable_temperature: learn tau.
         hidden_channels: optional per-voxel hidden layer before the projection.
         lr: AdamW learning rate (used when ``optimizer`` is not given).
+        incremental_lr_factor: multiplies ``lr`` in an incremental stage (``previous_checkpoint`` given), e.g. 0.1
+            to fine-tune gently from the teacher. Only the built-in AdamW: an injected ``optimizer`` is unaffected.
         weight_decay: AdamW weight decay.
         warmup_fraction: fraction of steps with linear warm-up before cosine decay.
         ce_weight: weight of the partial-label cross-entropy.
@@ -76,10 +91,31 @@ class CFSegModule(L.LightningModule):
         new_classes: the classes this stage adds (checked against the previous checkpoint; inferred from
             ``class_names`` when None).
         kd_weight: weight of the output distillation (teacher distribution over old classes, student's
-            new-class mass folded into background: MiB).
+            new-class mass folded into background: MiB). Units: cfseg's term is the mean over voxels of the
+            per-voxel *sum* over the n_old+1 teacher classes; MiB's ``UnbiasedKnowledgeDistillationLoss`` divides
+            that sum by n_old+1. So ``kd_weight = w`` equals MiB's ``loss_kd = w * (n_old + 1)``, and MiB's
+            default ``loss_kd=10`` is ``kd_weight = 10 / (n_old + 1)`` (2.5 with 3 old organs, 1.67 with 5).
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).
         feat_weight: weight of the feature distillation (MSE of normalised voxel features).
+        pseudo_label: PLOP pseudo-labels: on the new stage's images, voxels labelled 0 where the teacher predicts
+            an old class k (argmax) with normalised entropy below k's threshold become label k, and k becomes
+            annotated for that case (never where k is already annotated); see
+            :func:`cfseg.continual.distill.pseudo_label`.
+        pseudo_entropy_floor: lowest per-class threshold, in units of entropy / log(n_old + 1) (PLOP: 0.001).
+        pseudo_entropy_cap: highest per-class threshold (1.0: no cap).
+        pseudo_threshold_batches: the per-class threshold is the median normalised entropy of the label-0 voxels
+            the teacher assigns to the class, estimated from the first N training batches of the stage (a running
+            histogram, updated before each of those batches is labelled, then frozen; restarted by a resume).
+            PLOP computes it over the whole training set before the stage.
+        pseudo_ignore_uncertain: in a case that gained a pseudo-labelled class, exclude the label-0 voxels where
+            the teacher is not confident from the loss (PLOP's label 255); otherwise they say "none of the
+            annotated classes".
+        pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
+        pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
+            default: MONAI UNet's encoder and decoder blocks at every resolution
+            (:data:`cfseg.continual.distill.DEFAULT_POD_LAYERS`). Other backbones must name their layers.
+        pod_scales: windows per axis of Local POD (1, 2, 4: the whole patch, halves, quarters).
         optimizer: optional callable ``params -> Optimizer`` (LightningCLI injection).
         bank_state: a saved bank (:meth:`PrototypeBank.state`) to restore instead of encoding names; used when
             loading checkpoints, never written to hyper-parameters.
@@ -100,6 +136,7 @@ class CFSegModule(L.LightningModule):
         learnable_temperature: bool = False,
         hidden_channels: int | None = None,
         lr: float = 2e-3,
+        incremental_lr_factor: float = 1.0,
         weight_decay: float = 1e-5,
         warmup_fraction: float = 0.05,
         ce_weight: float = 1.0,
@@ -116,6 +153,14 @@ class CFSegModule(L.LightningModule):
         kd_temperature: float = 1.0,
         sim_weight: float = 0.0,
         feat_weight: float = 0.0,
+        pseudo_label: bool = False,
+        pseudo_entropy_floor: float = 0.001,
+        pseudo_entropy_cap: float = 1.0,
+        pseudo_threshold_batches: int = 10,
+        pseudo_ignore_uncertain: bool = True,
+        pod_weight: float = 0.0,
+        pod_layers: list[str] | None = None,
+        pod_scales: tuple[int, ...] = (1, 2, 4),
         optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None,
         bank_state: dict[str, Any] | None = None,
         trusted_modules: list[str] | None = None,
@@ -127,6 +172,16 @@ class CFSegModule(L.LightningModule):
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if strategy == "joint" and previous_checkpoint:
             raise ValueError("strategy 'joint' trains from scratch on all stages' data: drop previous_checkpoint")
+        if not (isinstance(incremental_lr_factor, (int, float)) and math.isfinite(incremental_lr_factor)
+                and incremental_lr_factor > 0):
+            raise ValueError(f"incremental_lr_factor must be a finite number > 0, got {incremental_lr_factor!r}")
+        if not 0 <= pseudo_entropy_floor <= pseudo_entropy_cap <= 1:
+            raise ValueError(f"need 0 <= pseudo_entropy_floor <= pseudo_entropy_cap <= 1 (normalised entropy), got "
+                             f"{pseudo_entropy_floor} and {pseudo_entropy_cap}")
+        if pseudo_threshold_batches < 1:
+            raise ValueError(f"pseudo_threshold_batches must be >= 1, got {pseudo_threshold_batches}")
+        if pod_weight < 0 or not pod_scales or any(int(s) != s or s < 1 for s in pod_scales):
+            raise ValueError(f"need pod_weight >= 0 and positive integer pod_scales, got {pod_weight}, {pod_scales}")
         if bank_state is None and not class_names and not previous_checkpoint:
             raise ValueError("class_names is empty: give model.class_names or link it from the data module")
         self.save_hyperparameters(ignore=["optimizer", "bank_state"])
@@ -153,6 +208,10 @@ class CFSegModule(L.LightningModule):
         else:
             self.net = SoftmaxSegmenter(net_backbone, feature_channels, len(self.bank.names), hidden_channels)
         self._optimizer_fn = optimizer
+        # Local POD layers, checked now so that a bad pattern fails before any training
+        self._pod_names = (resolve_layers(net_backbone, pod_layers or DEFAULT_POD_LAYERS) if pod_weight > 0 else [])
+        self.register_buffer("_entropy_hist", torch.zeros(0, ENTROPY_BINS, dtype=torch.long), persistent=False)
+        self._hist_batches = 0
         self.preprocessing = preprocessing or {}
         self.stage_history: list[dict[str, Any]] = []
         self._n_earlier_stages = 0  # stage entries of earlier stages; this stage's entry comes after them
@@ -244,10 +303,14 @@ class CFSegModule(L.LightningModule):
         )
 
     # ---- training ------------------------------------------------------------------------------------
-    def loss(self, logits: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        target = batch["label"][:, 0].long()
+    def loss(self, logits: torch.Tensor, batch: dict[str, Any], target: torch.Tensor | None = None,
+             annotated: torch.Tensor | None = None, ignore_index: int | None = None) -> torch.Tensor:
+        """Partial-label loss of ``logits`` [B, K+1, *S]; ``target`` [B, *S] / ``annotated`` [B, K+1] replace the
+        batch's (pseudo-labels)."""
+        target = batch["label"][:, 0].long() if target is None else target
+        annotated = batch["annotated"].bool() if annotated is None else annotated
         h = self.hparams
-        return partial_label_loss(logits, target, batch["annotated"].bool(), h.ce_weight, h.dice_weight,
+        return partial_label_loss(logits, target, annotated, h.ce_weight, h.dice_weight, ignore_index=ignore_index,
                                   batch_dice=h.get("batch_dice", True))
 
     @property
@@ -255,39 +318,122 @@ class CFSegModule(L.LightningModule):
         """The frozen previous-stage model (``strategy="distill"``), or None."""
         return self._teacher[0] if self._teacher else None
 
-    def distillation_loss(self, x: torch.Tensor, student_logits: torch.Tensor,
-                          student_feats: torch.Tensor | None = None) -> torch.Tensor:
-        """Distillation terms of the teacher on images ``x`` [B, C, *S] (0 without a teacher)."""
+    @property
+    def _pod_active(self) -> bool:
+        return self.teacher is not None and self.hparams.pod_weight > 0 and bool(self._pod_names)
+
+    def teacher_outputs(self, x: torch.Tensor) -> dict[str, Any]:
+        """The frozen teacher on images ``x`` [B, C, *S], without gradients, under the caller's autocast.
+
+        Returns:
+            ``feats`` [B, F, *S], ``logits`` [B, n_old+1, *S] and ``acts`` (the Local POD layers' outputs, or None).
+        """
         teacher = self.teacher
-        h = self.hparams
         if teacher is None:
-            return student_logits.new_zeros(())
+            raise ValueError("no teacher: teacher_outputs needs strategy='distill' and a previous_checkpoint")
         teacher.to(x.device)
+        x = x.to(next(teacher.parameters()).dtype)  # a bf16-true student hands bf16 images to a float32 teacher
         with torch.no_grad():
-            t_feats = teacher.net.features(x)
-            t_logits = teacher.net.logits_from_features(t_feats, teacher.prototypes)
-        loss = h.kd_weight * mib_distillation(student_logits, t_logits, self.n_old, h.kd_temperature)
+            if self._pod_active:
+                with capture_activations(teacher.net.backbone, self._pod_names) as acts:
+                    feats = teacher.net.features(x)
+            else:
+                acts, feats = None, teacher.net.features(x)
+            logits = teacher.net.logits_from_features(feats, teacher.prototypes)
+        return {"feats": feats, "logits": logits, "acts": acts}
+
+    def distillation_terms(self, x: torch.Tensor, student_logits: torch.Tensor,
+                           student_feats: torch.Tensor | None = None, teacher_out: dict[str, Any] | None = None,
+                           student_acts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Weighted distillation terms of the teacher on images ``x`` [B, C, *S] ({} without a teacher).
+
+        Keys: ``kd`` (MiB), ``sim``, ``feat``, ``pod`` (those with a positive weight and their inputs given).
+        ``teacher_out`` reuses :meth:`teacher_outputs`; ``student_acts`` are the student's POD layer outputs.
+        """
+        if self.teacher is None:
+            return {}
+        h = self.hparams
+        t = teacher_out if teacher_out is not None else self.teacher_outputs(x)
+        terms = {"kd": h.kd_weight * mib_distillation(student_logits, t["logits"], self.n_old, h.kd_temperature)}
         if h.sim_weight > 0 and isinstance(self.net, PrototypeSegmenter):
             s_sim = student_logits[:, : self.n_old + 1] * self.net.temperature
-            loss = loss + h.sim_weight * similarity_distillation(s_sim, t_logits * teacher.net.temperature)
+            terms["sim"] = h.sim_weight * similarity_distillation(s_sim, t["logits"] * self.teacher.net.temperature)
         if h.feat_weight > 0 and student_feats is not None:
-            loss = loss + h.feat_weight * feature_distillation(student_feats, t_feats, normalize=True)
-        return loss
+            terms["feat"] = h.feat_weight * feature_distillation(student_feats, t["feats"], normalize=True)
+        if h.pod_weight > 0 and student_acts is not None and t["acts"] is not None:
+            terms["pod"] = h.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(h.pod_scales))
+        return terms
+
+    def distillation_loss(self, x: torch.Tensor, student_logits: torch.Tensor,
+                          student_feats: torch.Tensor | None = None, teacher_out: dict[str, Any] | None = None,
+                          student_acts: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Sum of :meth:`distillation_terms` (0 without a teacher)."""
+        terms = self.distillation_terms(x, student_logits, student_feats, teacher_out, student_acts)
+        return sum(terms.values(), student_logits.new_zeros(()).float())
+
+    def _student_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Student features [B, F, *S] and, when Local POD is on, its POD layers' outputs."""
+        if not self._pod_active:
+            return self.net.features(x), None
+        with capture_activations(self.net.backbone, self._pod_names) as acts:
+            feats = self.net.features(x)
+        return feats, acts
+
+    def pseudo_labels(self, target: torch.Tensor, annotated: torch.Tensor,
+                      teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
+        """PLOP pseudo-labels for a batch: ``(target [B, *S], annotated [B, K+1], ignore_index)``.
+
+        The thresholds come from a running histogram over the stage's first ``pseudo_threshold_batches`` batches
+        (this batch included, before it is labelled).
+        """
+        h = self.hparams
+        c = teacher_logits.shape[1]
+        if self._entropy_hist.shape[0] != c or self._entropy_hist.device != teacher_logits.device:
+            self._entropy_hist = torch.zeros(c, ENTROPY_BINS, dtype=torch.long, device=teacher_logits.device)
+            self._hist_batches = 0
+        if self._hist_batches < h.pseudo_threshold_batches:
+            self._entropy_hist += entropy_histogram(teacher_logits, target, ENTROPY_BINS)
+            self._hist_batches += 1
+        thresholds = median_thresholds(self._entropy_hist, h.pseudo_entropy_floor, h.pseudo_entropy_cap)
+        ignore = PSEUDO_IGNORE if h.pseudo_ignore_uncertain else None
+        new_target, new_annotated = distill.pseudo_label(target, annotated, teacher_logits, thresholds, ignore)
+        return new_target, new_annotated, ignore
+
+    def on_train_start(self) -> None:
+        self._entropy_hist = self._entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
+        self._hist_batches = 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         unlabeled = None
         if "labeled" in batch:  # CombinedLoader with image-only entries
             batch, unlabeled = batch["labeled"], batch.get("unlabeled")
-        feats = self.net.features(batch["image"])
+        h = self.hparams
+        x = batch["image"]
+        bs = len(x)
+        teacher_out = self.teacher_outputs(x) if self.teacher is not None else None
+        target, annotated, ignore = batch["label"][:, 0].long(), batch["annotated"].bool(), None
+        if teacher_out is not None and h.pseudo_label and self.n_old > 0:
+            old_target = target
+            target, annotated, ignore = self.pseudo_labels(target, annotated, teacher_out["logits"])
+            self.log("train/pseudo_voxels", ((target != old_target) & (target > 0)).float().mean(), on_step=True,
+                     on_epoch=True, batch_size=bs)
+            if ignore is not None:
+                self.log("train/pseudo_ignored", (target == ignore).float().mean(), on_step=True, on_epoch=True,
+                         batch_size=bs)
+        feats, acts = self._student_features(x)
         logits = self._logits(feats)
-        loss = self.loss(logits, batch)
-        bs = len(batch["image"])
-        if self.teacher is not None:
-            kd = self.distillation_loss(batch["image"], logits, feats)
+        loss = self.loss(logits, batch, target, annotated, ignore)
+        if teacher_out is not None:
+            terms = self.distillation_terms(x, logits, feats, teacher_out, acts)
             if unlabeled is not None:
-                u_feats = self.net.features(unlabeled["image"])
-                kd = kd + self.distillation_loss(unlabeled["image"], self._logits(u_feats), u_feats)
+                u_feats, u_acts = self._student_features(unlabeled["image"])
+                for k, v in self.distillation_terms(unlabeled["image"], self._logits(u_feats), u_feats,
+                                                    student_acts=u_acts).items():
+                    terms[k] = terms.get(k, 0) + v
+            kd = sum(terms.values(), logits.new_zeros(()).float())
             self.log("train/distill", kd, on_step=True, on_epoch=True, batch_size=bs)
+            if "pod" in terms:
+                self.log("train/pod", terms["pod"], on_step=True, on_epoch=True, batch_size=bs)
             loss = loss + kd
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         return loss
@@ -363,7 +509,8 @@ class CFSegModule(L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if self._optimizer_fn is not None:
             return self._optimizer_fn(params)
-        opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+        lr = h.lr * (h.incremental_lr_factor if h.previous_checkpoint else 1.0)  # the stage's learning rate
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=h.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         warm = max(1, int(h.warmup_fraction * total))
 

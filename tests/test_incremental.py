@@ -207,7 +207,7 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     """Pseudo-labels turn only label-0 voxels into old classes; POD is 0 at the first step (student == teacher)."""
     m = _stage_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, pseudo_entropy_floor=0.5)
     logged = {}
-    m.log = lambda name, value, **k: logged.__setitem__(name, float(value))
+    m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
     batch = _stage_batch()
     seen = {}
     real = m.loss
@@ -216,6 +216,7 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
                                                                                      ignore_index))
     m.training_step(batch, 0).backward()
     assert {"train/pseudo_voxels", "train/pseudo_ignored", "train/pod", "train/distill"} <= set(logged)
+    assert 0 < logged["train/pseudo_voxels"] < 1 and 0 < logged["train/pseudo_ignored"] < 1  # the path runs
     assert logged["train/pod"] == 0.0  # the student starts as the teacher
     label = batch["label"][:, 0].long()
     t = seen["target"]
@@ -255,7 +256,7 @@ def test_cli_stage_with_pseudo_labels_and_pod(stage0_ckpt, tiny_phantoms, tmp_pa
 
     fit(tmp_path, [ds(tiny_phantoms[0], STAGE1)], f"--model.previous_checkpoint={stage0_ckpt}",
         "--model.pseudo_label=true", "--model.pod_weight=1.0", "--model.incremental_lr_factor=0.5",
-        "--trainer.max_steps=2")
+        "--trainer.max_steps=2", "--trainer.max_epochs=5")
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     steps = [r for r in rows if r.get("train/pod_step")]
     assert len(steps) == 2

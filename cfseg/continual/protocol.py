@@ -12,7 +12,9 @@ earlier domains for distillation, and its own budget) and the strategies to comp
 
 Budgets: every stage trains ``max_steps`` steps (per stage, else the protocol's ``max_steps``, else the base
 config's ``trainer.max_steps``) at ``lr * lr_factor`` (``lr``: the protocol's, else the base config's
-``model.lr``, else 2e-3). Stage 0 is the same training for every strategy and runs once per seed. In an
+``model.lr``, else 2e-3; ``model.incremental_lr_factor`` in a strategy's ``fit_args`` would multiply on top).
+Free-form ``fit_args`` (top level, per stage, per strategy entry ``{name, strategy, fit_args}``) go to ``cfseg
+fit`` after the protocol's own arguments. Stage 0 is the same training for every strategy and runs once per seed. In an
 incremental stage the validation cases of the earlier stages join as validation-only datasets, so the
 validation metrics (``val/dice_<class>``) score every class seen so far.
 

@@ -96,3 +96,15 @@ def test_console_script_exit_status(tmp_path, tiny_phantoms):
            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
+    import cfseg.cli as c
+
+    monkeypatch.setattr(c, "native_bf16", lambda: False)
+    with pytest.warns(UserWarning, match="without native bfloat16"):
+        assert c.warn_slow_bf16("bf16-mixed", "CPUAccelerator")
+    assert not c.warn_slow_bf16("32-true", "CPUAccelerator")
+    assert not c.warn_slow_bf16("bf16-mixed", "CUDAAccelerator")
+    monkeypatch.setattr(c, "native_bf16", lambda: True)
+    assert not c.warn_slow_bf16("bf16-mixed", "CPUAccelerator")

@@ -338,3 +338,16 @@ def test_default_pod_layers_on_monai_unet_and_capture():
         resolve_layers(net, ["encoder.*"])
     with pytest.raises(ValueError, match="not a regular expression"):
         resolve_layers(net, ["model.(0"])
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 8, 8, 8), (2, 3, 16, 8, 4), (1, 2, 8, 12)])
+def test_local_pod_fast_path_equals_per_scale_windows(shape):
+    from cfseg.continual import distill
+
+    x = torch.randn(*shape, dtype=torch.float64)
+    fast = distill._pod_embeddings_nested(x, (1, 2, 4), True, 1e-8)
+    slow = [distill._pod_embedding(x, s, True, 1e-8) for s in (1, 2, 4)]
+    assert all(torch.allclose(a, b) for a, b in zip(fast, slow, strict=True))
+    # a side not divisible by 4 takes the per-scale path (remainders dropped)
+    odd = torch.randn(1, 2, 9, 8, 8, dtype=torch.float64)
+    assert distill._pod_all_scales(odd, (1, 2, 4), True, 1e-8)[2].shape == (1, 64, 2 * (2 + 2 + 2))

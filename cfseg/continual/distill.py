@@ -406,30 +406,68 @@ def capture_activations(module: nn.Module, names: Sequence[str]) -> Iterator[lis
     acts.extend(store[n] for n in names)
 
 
-def _pod_embedding(x: Tensor, scale: int, square: bool, normalize: bool, eps: float) -> Tensor | None:
+def _pod_embedding(x: Tensor, scale: int, normalize: bool, eps: float) -> Tensor | None:
     """[B, C, *S] -> [B, scale^d, L] window embeddings (None when a side is shorter than ``scale``)."""
     b, c, *sizes = x.shape
     d = len(sizes)
     ks = [n // scale for n in sizes]
     if min(ks) == 0:
         return None
-    if square:
-        x = x * x
-    x = x[(..., *[slice(0, scale * k) for k in ks])]
+    if any(scale * k != n for k, n in zip(ks, sizes, strict=True)):
+        x = x[(..., *[slice(0, scale * k) for k in ks])]
     view = [b, c]
     for k in ks:
         view += [scale, k]
-    x = x.reshape(view)
+    x = x.reshape(view)  # [B, C, s, k1, .., s, kd]: a view of a contiguous map, windows interleaved
     win_dims = [2 + 2 * i for i in range(d)]
     k_dims = [3 + 2 * i for i in range(d)]
-    x = x.permute(0, *win_dims, 1, *k_dims).reshape(b, scale**d, c, *ks)  # [B, W, C, k1, .., kd]
     profiles = []
-    for i in range(d):  # pool along every other spatial axis: one 1D profile per axis
-        others = [3 + j for j in range(d) if j != i]
-        p = x.mean(dim=others) if others else x
-        profiles.append(p.reshape(b, scale**d, -1))
+    for i in range(d):  # pool along every other spatial axis: one 1D profile per axis and window
+        others = [k_dims[j] for j in range(d) if j != i]
+        p = x.mean(dim=others, keepdim=True) if others else x
+        profiles.append(p.permute(0, *win_dims, 1, *k_dims).reshape(b, scale**d, -1))  # small: [B, W, C*k_i]
     emb = torch.cat(profiles, dim=-1)
     return F.normalize(emb, dim=-1, eps=eps) if normalize else emb
+
+
+def _pod_embeddings_nested(x: Tensor, scales: Sequence[int], normalize: bool, eps: float) -> list[Tensor]:
+    """Fast path of :func:`_pod_embedding` for every scale at once when all scales divide ``m = max(scales)``
+    and ``m`` divides every side: one reduction of the full map per axis (block means on the m-grid), the
+    coarser windows averaged from those small profiles."""
+    b, c, *sizes = x.shape
+    d = len(sizes)
+    m = max(scales)
+    view = [b, c]
+    for n in sizes:
+        view += [m, n // m]
+    xv = x.reshape(view)
+    k_dims = [3 + 2 * i for i in range(d)]
+    grids = [xv.mean(dim=[k_dims[j] for j in range(d) if j != i], keepdim=True) if d > 1 else xv
+             for i in range(d)]  # grids[i]: [B, C, m, 1|k_i, ...], k kept on axis i only
+    out = []
+    for s in scales:
+        profiles = []
+        for i, g in enumerate(grids):
+            shape = [b, c]
+            for j, n in enumerate(sizes):
+                shape += [s, m // s, n // m if j == i else 1]
+            g = g.reshape(shape)  # [B, C, (s, m/s, k|1) per axis]
+            others = [2 + 3 * j + 1 for j in range(d) if j != i]
+            g = g.mean(dim=others, keepdim=True) if others else g
+            win = [2 + 3 * j for j in range(d)]
+            rest = [dim for j in range(d) for dim in (3 + 3 * j, 4 + 3 * j)]
+            profiles.append(g.permute(0, *win, 1, *rest).reshape(b, s**d, -1))  # [B, W, C * n_i / s]
+        emb = torch.cat(profiles, dim=-1)
+        out.append(F.normalize(emb, dim=-1, eps=eps) if normalize else emb)
+    return out
+
+
+def _pod_all_scales(x: Tensor, scales: Sequence[int], normalize: bool, eps: float) -> list[Tensor]:
+    """Window embeddings [B, s^d, L] of every scale that fits ``x`` [B, C, *S]."""
+    m = max(scales)
+    if all(m % s == 0 for s in scales) and all(n % m == 0 for n in x.shape[2:]):
+        return _pod_embeddings_nested(x, scales, normalize, eps)
+    return [e for s in scales if (e := _pod_embedding(x, s, normalize, eps)) is not None]
 
 
 def local_pod(
@@ -476,13 +514,12 @@ def local_pod(
                              f"{tuple(t.shape)}; the maps must match layer by layer.")
         sx = _as_compute_dtype(s, f"student_feats[{i}]")
         tx = _as_compute_dtype(t, f"teacher_feats[{i}]").detach().to(sx.dtype)
-        diffs = []
-        for sc in scales:
-            es = _pod_embedding(sx, int(sc), square, normalize, eps)
-            if es is None:
-                continue
-            et = _pod_embedding(tx, int(sc), square, normalize, eps)
-            diffs.append((es - et).flatten(1) / math.sqrt(es.shape[1]))
+        if square:
+            sx, tx = sx * sx, tx * tx
+        sc = [int(v) for v in scales]
+        diffs = [(es - et).flatten(1) / math.sqrt(es.shape[1])
+                 for es, et in zip(_pod_all_scales(sx, sc, normalize, eps), _pod_all_scales(tx, sc, normalize, eps),
+                                   strict=True)]
         d = torch.cat(diffs, dim=1) / math.sqrt(len(diffs))  # scale 1 always fits
         layer = torch.linalg.vector_norm(d, dim=1).mean()
         total = layer if total is None else total + layer

@@ -256,7 +256,9 @@ def median_thresholds(hist: Tensor, floor: float = 0.001, cap: float = 1.0) -> T
 
     Args:
         hist: [C, bins] counts from :func:`entropy_histogram` (summed over batches).
-        floor: lowest threshold (PLOP's ``--threshold 0.001``, a minimum in its code; see the module notes).
+        floor: lowest threshold, in :func:`normalized_entropy` units. PLOP's ``--threshold 0.001`` is also a
+            minimum in its code, but in its units (entropy / (C log C log C_cur), C the teacher's classes, C_cur
+            the stage's): 0.001 there is ``0.001 * C * log(C_cur)`` here (0.007 for 3 old + 2 new organs).
         cap: highest threshold (1.0: no cap).
 
     Returns:

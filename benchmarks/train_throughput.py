@@ -16,7 +16,7 @@ most 1.05). ``--precision bf16-mixed`` runs both under bfloat16 autocast.
 Example (OpenKBP joint config, one thread)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py --threads 1 --steps 40 \\
-        --config configs/openkbp/base.yaml configs/openkbp/joint.yaml --max-cases 24 --out benchmarks/results
+        --config configs/openkbp/base.yaml configs/openkbp/joint.yaml --max-cases 24 --out benchmarks
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import argparse
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", nargs="+", default=["32-true", "bf16-mixed"])
     p.add_argument("--max-cases", type=int, default=24, help="cases cached for the cfseg run (0 = all)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks"))
     a = p.parse_args(argv)
     import torch
 
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = _merged_config(a.config)
     rows = []
     for precision in a.precision:
-        fit_times, k = cfseg_fit(a.config, a.steps, a.warmup, precision, a.max_cases or None, a.out / "fit_logs")
+        with tempfile.TemporaryDirectory() as logs:
+            fit_times, k = cfseg_fit(a.config, a.steps, a.warmup, precision, a.max_cases or None, Path(logs))
         plain_times = plain_loop(cfg, k, a.steps, a.warmup, precision)
         row = {"precision": precision, "threads": a.threads, "steps": a.steps,
                "cfseg_step_s": statistics.median(fit_times), "plain_step_s": statistics.median(plain_times)}

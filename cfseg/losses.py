@@ -169,8 +169,18 @@ def _merge_log_probs(logp: Tensor, ann: Tensor) -> Tensor:
 
 
 def _ce_from_log_probs(logp: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor) -> Tensor:
-    merged = _merge_log_probs(logp, ann)
-    nll = -merged.gather(1, t.unsqueeze(1)).squeeze(1)
+    # a voxel labelled k > 0 (annotated, checked) reads log p_k; a voxel labelled 0 reads the merged background
+    # log(p_0 + sum of unannotated p_j): only that one channel is built, not the whole merged tensor
+    view = (*ann.shape, *([1] * (logp.ndim - 2)))
+    merge = (~ann).reshape(view).clone()
+    merge[:, 0] = True
+    if bool(merge[:, 1:].any()):
+        neg_inf = torch.tensor(float("-inf"), dtype=logp.dtype, device=logp.device)
+        log_bg = torch.logsumexp(torch.where(merge, logp, neg_inf), dim=1)
+    else:  # every class annotated: plain cross-entropy
+        log_bg = logp[:, 0]
+    picked = logp.gather(1, t.unsqueeze(1)).squeeze(1)
+    nll = -torch.where(t == 0, log_bg, picked)
     return _masked_mean(nll, valid)
 
 

@@ -54,6 +54,7 @@ class CFSegCLI(LightningCLI):
             ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as e:  # torch raises several types for files that are not checkpoints
             raise ValueError(f"{ckpt_path}: not a loadable cfseg checkpoint ({type(e).__name__})") from None
+        self._ckpt_path_read = (str(ckpt_path), ckpt)  # read once: the class checks below reuse it
         hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
         if not isinstance(hparams, dict):
             return
@@ -74,28 +75,32 @@ class CFSegCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path") if cfg is not None else None
         if not ckpt or not Path(str(ckpt)).is_file() or cfg.model.get("previous_checkpoint"):
             return  # "last"/"best" resolve later; the module's own check still refuses another vocabulary
-        theirs = checkpoint_classes(ckpt)
         if cfg.data.get("classes") is None:
-            cfg.data.classes = theirs
+            cfg.data.classes = self._ckpt_path_classes(ckpt)
 
-    def _load_as_data(self) -> None:
-        """``--ckpt_path`` loads with ``torch.load(weights_only=True)`` unless the user says otherwise; warn when
-        bf16 autocast would run emulated on this CPU."""
+    def _ckpt_path_classes(self, path: str) -> list[str]:
+        """Class names of the ``--ckpt_path`` checkpoint, from the copy :meth:`_parse_ckpt_path` already read."""
+        read_path, ckpt = getattr(self, "_ckpt_path_read", (None, None))
+        return checkpoint_classes(path, ckpt if read_path == str(path) else None)
+
+    def _before_run(self) -> None:
+        """Before fit/validate/test/predict: ``--ckpt_path`` loads with ``torch.load(weights_only=True)`` unless the
+        user says otherwise; warn when bf16 autocast would run emulated on this CPU."""
         warn_slow_bf16(str(self.trainer.precision), type(self.trainer.accelerator).__name__)
         cfg = self.config_init[self.subcommand]
         if "weights_only" in cfg and cfg.get("weights_only") is None:
             cfg["weights_only"] = True
 
     def before_validate(self) -> None:
-        self._load_as_data()
+        self._before_run()
 
     def before_test(self) -> None:
-        self._load_as_data()
+        self._before_run()
 
     def before_predict(self) -> None:
         """``cfseg predict`` writes NIfTI label maps (a :class:`NiftiPredictionWriter` under the run's folder unless
         the config names one) and does not also keep every prediction in memory."""
-        self._load_as_data()
+        self._before_run()
         if not any(isinstance(cb, BasePredictionWriter) for cb in self.trainer.callbacks):
             out = Path(self.trainer.default_root_dir) / "predictions"
             self.trainer.callbacks.append(NiftiPredictionWriter(str(out)))
@@ -105,11 +110,11 @@ class CFSegCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """``fit --ckpt_path`` resumes one stage: data annotating classes the checkpoint lacks are refused."""
-        self._load_as_data()
+        self._before_run()
         ckpt = self.config.fit.get("ckpt_path")
         if not ckpt or not Path(str(ckpt)).is_file() or self.model.hparams.get("previous_checkpoint"):
             return
-        known = set(checkpoint_classes(ckpt))
+        known = set(self._ckpt_path_classes(ckpt))
         extra = sorted({c for d in self.datamodule.datasets if d.config.labeled for c in d.info.classes
                         if (d.config.classes is None or c in {canonical_name(x) for x in d.config.classes})
                         and c not in known})

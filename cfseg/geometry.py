@@ -74,6 +74,14 @@ def check_size(shape: Sequence[int], max_voxels: int, what: str = "the image") -
                             f"(raise it with --max-voxels / max_voxels= if this is intended)")
 
 
+def nifti_image(array: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image of ``array`` whose sform and qform both hold ``affine`` (how every cfseg output is written)."""
+    img = nib.Nifti1Image(array, affine)
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return img
+
+
 def _fmt(values, sep: str = " x ") -> str:
     return sep.join(f"{float(v):g}" for v in values)
 

@@ -364,13 +364,6 @@ class CFSegModule(L.LightningModule):
             terms["pod"] = h.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(h.pod_scales))
         return terms
 
-    def distillation_loss(self, x: torch.Tensor, student_logits: torch.Tensor,
-                          student_feats: torch.Tensor | None = None, teacher_out: dict[str, Any] | None = None,
-                          student_acts: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Sum of :meth:`distillation_terms` (0 without a teacher)."""
-        terms = self.distillation_terms(x, student_logits, student_feats, teacher_out, student_acts)
-        return sum(terms.values(), student_logits.new_zeros(()).float())
-
     def _student_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Student features [B, F, *S] and, when Local POD is on, its POD layers' outputs."""
         if not self._pod_active:

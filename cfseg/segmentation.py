@@ -62,6 +62,7 @@ from cfseg.geometry import (
     check_affine,
     check_size,
     labels_to_input_grid,
+    nifti_image,
     resampled_shape,
     to_input_grid,
 )
@@ -78,7 +79,7 @@ class SegmentError(ValueError):
     """A user error: bad input file, unknown class, bad box. The message says what and where."""
 
 
-def _is_nifti(path: Path) -> bool:
+def _isnifti_image(path: Path) -> bool:
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
@@ -132,7 +133,7 @@ def check_path(path: Path) -> None:
         raise SegmentError(f"{path}: file not found")
     if not path.is_file():
         raise SegmentError(f"{path}: not a regular file")
-    if not _is_nifti(path):
+    if not _isnifti_image(path):
         raise SegmentError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     if path.stat().st_size == 0:
         raise SegmentError(f"{path}: empty file (0 bytes)")
@@ -304,10 +305,10 @@ def segment(
     names = module.bank.names
     result: dict[str, nib.Nifti1Image] = {}
     if multilabel:
-        result["labels"] = _nifti(labels, full_affine)
+        result["labels"] = nifti_image(labels, full_affine)
     else:
         for k in idx:
-            result[names[k]] = _nifti((labels == k).astype(np.uint8), full_affine)
+            result[names[k]] = nifti_image((labels == k).astype(np.uint8), full_affine)
     if similarity:
         sims = to_input_grid(out["similarity"].numpy(), src_affine, img.shape, img.affine, fill=-1.0)
         for j, k in enumerate(idx, start=1):
@@ -316,7 +317,7 @@ def segment(
                 f = np.full(full_shape, -1.0, np.float32)
                 f[region] = s[inner]
                 s = f
-            result[f"similarity_{names[k]}"] = _nifti(s.astype(np.float32), full_affine)
+            result[f"similarity_{names[k]}"] = nifti_image(s.astype(np.float32), full_affine)
     return result
 
 
@@ -327,13 +328,6 @@ def _notify(notify: Callable[[str, str], None] | None, level: str, message: str)
         warnings.warn(message, stacklevel=3)
     else:
         log.info(message)
-
-
-def _nifti(arr: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
-    img = nib.Nifti1Image(arr, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
-    return img
 
 
 def _preprocess(img: nib.Nifti1Image, pre) -> dict[str, Any]:
@@ -538,10 +532,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(_where(a.ckpt, e))
     if a.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is available here")
-    folder = a.input.is_dir() and not _is_nifti(a.input)
+    folder = a.input.is_dir() and not _isnifti_image(a.input)
     try:
         if folder:
-            files = sorted(f for f in a.input.iterdir() if _is_nifti(f))
+            files = sorted(f for f in a.input.iterdir() if _isnifti_image(f))
             if not files:
                 raise SegmentError(f"{a.input}: no .nii/.nii.gz files in this folder")
             cases = case_names(files)

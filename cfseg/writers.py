@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,13 @@ import nibabel as nib
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-
-def _safe(name: str) -> str:
-    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name)).lstrip(".")
-    return cleaned or "unnamed"
+from cfseg.geometry import nifti_image
+from cfseg.segmentation import safe_name
 
 
 def save_nifti_atomic(path: Path, array: np.ndarray, affine: np.ndarray) -> Path:
     """Save ``array`` with ``affine`` (sform and qform) to ``path`` by a rename from a temporary file."""
-    img = nib.Nifti1Image(array, affine)
-    img.set_qform(affine, code=1)
-    img.set_sform(affine, code=1)
+    img = nifti_image(array, affine)
     tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     nib.save(img, str(tmp))
     os.replace(tmp, path)
@@ -66,9 +61,9 @@ class NiftiPredictionWriter(BasePredictionWriter):
                            batch_indices: Sequence[int] | None, batch: Any, batch_idx: int,
                            dataloader_idx: int) -> None:
         for case in prediction:
-            folder = self.output_dir / _safe(case["dataset"])
+            folder = self.output_dir / safe_name(str(case["dataset"]))
             folder.mkdir(parents=True, exist_ok=True)
-            self.written.append(save_nifti_atomic(folder / f"{_safe(case['case_id'])}.nii.gz", case["labels"],
+            self.written.append(save_nifti_atomic(folder / f"{safe_name(str(case['case_id']))}.nii.gz", case["labels"],
                                                   case["affine"]))
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

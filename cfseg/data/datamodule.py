@@ -245,15 +245,19 @@ def split_cases(
     return {"train": [by_id[i] for i in train], "val": [by_id[i] for i in val], "test": [by_id[i] for i in test]}
 
 
-def checkpoint_classes(path: str | Path) -> list[str]:
-    """Foreground class names stored in a cfseg checkpoint (read without executing pickled code)."""
+def checkpoint_classes(path: str | Path, ckpt: Any = None) -> list[str]:
+    """Foreground class names stored in a cfseg checkpoint (read without executing pickled code).
+
+    ``ckpt``: the checkpoint already loaded from ``path`` (then the file is not read again).
+    """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: checkpoint not found")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for files that are not checkpoints
-        raise ValueError(f"{p}: not a loadable cfseg checkpoint ({type(e).__name__})") from e
+    if ckpt is None:
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: checkpoint not found")
+        try:
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises several types for files that are not checkpoints
+            raise ValueError(f"{p}: not a loadable cfseg checkpoint ({type(e).__name__})") from e
     try:
         return list(ckpt["cfseg"]["class_names"])
     except (KeyError, TypeError) as e:

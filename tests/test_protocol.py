@@ -78,7 +78,7 @@ def _metrics_columns(run_dir: Path) -> set[str]:
 def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
     """Stage budgets reach the runs, joint gets the cumulative budget, two seeds merge into one summary.json."""
     spec_path = write_spec(
-        tmp_path, strategies=["finetune", "joint"], seeds=[0, 1], lr=0.01, fit_args=FAST,
+        tmp_path, strategies=["finetune", "joint"], seeds=[0, 1], lr=0.01, fit_args=FAST, score_val=True,
         summary_copy=str(tmp_path / "copy" / "summary.json"),
         stages=[{"name": "s0", "max_steps": 3, "datasets": [box(boxes, ["liver", "spleen"], val=0.34)]},
                 {"name": "s1", "max_steps": 2, "lr_factor": 0.5, "classes": ["aorta"],
@@ -113,6 +113,12 @@ def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
         for v in s["per_seed"].values():
             assert len(v["matrix"]) == 2 and v["average_dice"] == pytest.approx(statistics.fmean(v["matrix"][1]))
             assert set(v["per_class_dice"]) == {"s0", "s1"} and set(v["per_class_dice"]["s1"]) == {"aorta"}
+            # score_val: the same matrix on the validation cases, the numbers settings are chosen on
+            assert [len(r) for r in v["matrix_val"]] == [1, 2]
+            assert v["average_dice_val"] == pytest.approx(statistics.fmean(v["matrix_val"][1]))
+            assert v["bwt_val"] == pytest.approx(v["matrix_val"][1][0] - v["matrix_val"][0][0])
+        assert s["average_dice_val"] == pytest.approx(statistics.fmean(v["average_dice_val"]
+                                                                       for v in s["per_seed"].values()))
         assert s["wall_time_s"] > 0
     rows = [summary["strategies"][n]["per_seed"]["0"]["matrix"][0] for n in ("finetune", "joint")]
     assert rows[0] == rows[1]  # both strategies start from the same stage-0 model of a seed

@@ -23,6 +23,8 @@ strategy of a seed). After every stage the model is scored on the test cases of 
 stage's classes: the accuracy matrix R (R[i][j] = mean Dice on stage j's test cases after stage i), the average
 Dice after the last stage and the backward transfer BWT = mean_{j<T} (R[T][j] - R[j][j]), written per strategy
 and seed as JSON, CSV and a heatmap PNG, and over all strategies and seeds as ``<output>/summary.json``.
+With ``score_val: true`` the same matrix is also computed on the stages' validation cases (``R_val``,
+``average_dice_val``, ``bwt_val``): the numbers to choose settings on, never the test cases.
 A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again.
 """
 
@@ -231,8 +233,9 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
     return done, wall
 
 
-def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0) -> tuple[list[float], dict[str, dict]]:
-    """Dice of ``ckpt`` on the test cases of stages 0..upto, each on its own classes.
+def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
+                         split: str = "test") -> tuple[list[float], dict[str, dict]]:
+    """Dice of ``ckpt`` on the ``split`` ("test" or "val") cases of stages 0..upto, each on its own classes.
 
     Stages that share test cases (one fixed test set, as in the OpenKBP protocol) predict each case once.
 
@@ -250,7 +253,7 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0) -> tu
         classes = st.get("classes") or sorted({c for d in _stage_datasets(st) for c in (d.get("classes") or [])}) \
             or None
         groups.append((datasets, classes))
-    res = evaluate_groups(module, groups, split="test", seed=spec.get("split_seed", seed))
+    res = evaluate_groups(module, groups, split=split, seed=spec.get("split_seed", seed))
     names = [spec["stages"][j]["name"] for j in range(upto + 1)]
     return [r["mean_dice"] for r in res], {n: r["per_class_dice"] for n, r in zip(names, res, strict=True)}
 
@@ -315,11 +318,14 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
     stage0, t_stage0 = train_stage(spec, out, "stage0", _stage_datasets(stages[0]), None, "finetune", steps[0],
                                    lrs[0], seed, stages[0]["fit_args"])
     row0, classes0 = evaluate_stage_tests(stage0, spec, 0, seed)
+    score_val = bool(spec.get("score_val", False))
+    val0 = evaluate_stage_tests(stage0, spec, 0, seed, "val")[0] if score_val else None
     results: dict[str, Any] = {}
     for entry in strategies:
         name, strategy = entry["name"], entry["strategy"]
         train_s, eval_s = t_stage0, 0.0
         R, per_class, prev = [row0], classes0, stage0
+        R_val = [val0]
         budget = [steps[0]]
         for i in range(1, len(stages)):
             if strategy == "joint":
@@ -336,6 +342,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
             train_s += t
             t0 = time.time()
             row, per_class = evaluate_stage_tests(ckpt, spec, i, seed)
+            if score_val:
+                R_val.append(evaluate_stage_tests(ckpt, spec, i, seed, "val")[0])
             eval_s += time.time() - t0
             R.append(row)
             prev = ckpt
@@ -345,6 +353,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
                "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
                "fit_args": entry["fit_args"], "wall_time_s": round(train_s, 1),
                "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION}
+        if score_val:  # the validation cases' matrix: what settings are chosen on (never the test cases)
+            res.update(R_val=R_val, average_dice_val=average_after_last(R_val), bwt_val=backward_transfer(R_val))
         results[name] = res
         (out / f"{name}_matrix.json").write_text(json.dumps(_finite(res), indent=2))
         with open(out / f"{name}_matrix.csv", "w", newline="") as f:
@@ -418,7 +428,9 @@ def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any
             "bwt_sd": _sd([r["bwt"] for r in runs.values()]),
             "seeds": list(runs),
             "per_seed": {str(s): {"average_dice": r["average_dice"], "bwt": r["bwt"], "matrix": r["R"],
-                                  "per_class_dice": r["per_class_dice"], "wall_time_s": r["wall_time_s"]}
+                                  "per_class_dice": r["per_class_dice"], "wall_time_s": r["wall_time_s"],
+                                  **({"average_dice_val": r["average_dice_val"], "bwt_val": r["bwt_val"],
+                                      "matrix_val": r["R_val"]} if "R_val" in r else {})}
                          for s, r in runs.items()},
             "per_class_dice": per_class,
             "base_strategy": first["base_strategy"],
@@ -426,6 +438,9 @@ def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any
             "stage_lr": first["stage_lr"],
             "wall_time_s": _mean([r["wall_time_s"] for r in runs.values()]),
         }
+        if all("R_val" in r for r in runs.values()):
+            strategies[name]["average_dice_val"] = _mean([r["average_dice_val"] for r in runs.values()])
+            strategies[name]["bwt_val"] = _mean([r["bwt_val"] for r in runs.values()])
     doc = {"seeds": sorted({s for runs in files.values() for s in runs}), "stages": stages,
            "dice_convention": DICE_CONVENTION, "strategies": strategies}
     out.mkdir(parents=True, exist_ok=True)

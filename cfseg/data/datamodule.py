@@ -276,7 +276,11 @@ class SegDataModule(L.LightningDataModule):
         batch_size: training volumes per batch (each gives ``samples_per_volume`` patches).
         samples_per_volume: random patches per loaded training volume.
         crop: ``"class_balanced"``, ``"foreground"`` or ``"random"`` (see transforms.random_transforms).
-        class_ratios: crop-centre ratios per global class (background first) for class-balanced crops.
+        class_ratios: crop-centre ratios per global class (background first) for class-balanced crops, or
+            ``"inverse_frequency"``: class c gets N / n_c (N labelled training cases, n_c of them annotating c;
+            background 1), so an organ contoured in a third of the cases is chosen three times as often where
+            it is annotated and every class is a crop centre about equally often over an epoch (see
+            :meth:`crop_ratios`). Default: equal ratios within each case.
         augment: random intensity augmentation.
         ct_window: HU window for CT datasets.
         orientation: axis codes (default RAS).
@@ -300,7 +304,7 @@ class SegDataModule(L.LightningDataModule):
         batch_size: int = 2,
         samples_per_volume: int = 2,
         crop: str = "class_balanced",
-        class_ratios: list[float] | None = None,
+        class_ratios: list[float] | str | None = None,
         augment: bool = True,
         ct_window: tuple[float, float] = CT_WINDOW,
         orientation: str = "RAS",
@@ -314,6 +318,8 @@ class SegDataModule(L.LightningDataModule):
         super().__init__()
         if not datasets:
             raise ValueError("data.datasets is empty: list at least one dataset folder")
+        if isinstance(class_ratios, str) and class_ratios != "inverse_frequency":
+            raise ValueError(f"class_ratios must be a list of K+1 numbers or 'inverse_frequency', got {class_ratios!r}")
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         self.save_hyperparameters(ignore=["datasets"])
@@ -419,6 +425,36 @@ class SegDataModule(L.LightningDataModule):
             out.append(item)
         return out
 
+    def annotation_counts(self, split: str = "train") -> tuple[int, list[int]]:
+        """(labelled cases N, [K+1] cases annotating each global class) over the labelled datasets' ``split``."""
+        counts, n = [0] * self.num_classes, 0
+        for ds in self.datasets:
+            if not ds.config.labeled or (ds.config.val_only and split != "val"):
+                continue
+            for case in ds.split.get(split, []):
+                if case.label is None:
+                    continue
+                n += 1
+                for i, a in enumerate(self.annotated_mask(ds, case).tolist()):
+                    counts[i] += int(a)
+        return n, counts
+
+    def crop_ratios(self) -> list[float] | None:
+        """Crop-centre ratios [K+1] for class-balanced crops (None: equal within each case).
+
+        ``"inverse_frequency"``: N / n_c for every class annotated in n_c > 0 of the N training cases, 0 for
+        a class no training case annotates (it has no voxels to centre on), background 1. MONAI's
+        ``RandCropByLabelClassesd`` renormalises over the classes present in each case.
+        """
+        r = self.hparams.class_ratios
+        if r is None or not isinstance(r, str):
+            if r is not None and len(r) != self.num_classes:
+                raise ValueError(f"class_ratios has {len(r)} entries; the class list needs {self.num_classes} "
+                                 f"(background + {self.class_names})")
+            return None if r is None else [float(x) for x in r]
+        n, counts = self.annotation_counts("train")
+        return [1.0] + [n / c if c else 0.0 for c in counts[1:]]
+
     # ---- datasets ------------------------------------------------------------------------------------
     def _dataset(self, items: list[dict], transform, tag: str):
         h = self.hparams
@@ -447,7 +483,7 @@ class SegDataModule(L.LightningDataModule):
             tf = build_transforms(
                 pre, train=(split == "train"), patch_size=h.patch_size, num_classes=self.num_classes,
                 labeled=labeled, samples_per_volume=h.samples_per_volume, crop=h.crop,
-                class_ratios=h.class_ratios, augment=h.augment,
+                class_ratios=self.crop_ratios(), augment=h.augment,
             ) if split == "train" else build_transforms(pre, train=False, labeled=labeled)
             parts.append(self._dataset(items, tf, f"{ds.name}-{split}"))
         if split == "train" and h.train_repeats > 1:

@@ -164,3 +164,30 @@ def test_no_validation_cases_skips_validation(two_sites):
     assert dm.val_dataloader() == []
     with pytest.raises(DatasetError, match="no test cases"):
         SegDataModule([DatasetConfig(str(a), val_fraction=0.2, test_fraction=0.0)]).test_dataloader()
+
+
+def test_inverse_frequency_crop_ratios(two_sites):
+    """Rarely annotated classes become crop centres more often where they are annotated: ratio N / n_c."""
+    import monai.transforms as mt
+
+    dm = dm_for(*two_sites, class_ratios="inverse_frequency")
+    n, counts = dm.annotation_counts("train")
+    expect = [0] * dm.num_classes
+    for ds in dm.datasets:
+        for case in ds.split["train"]:
+            for c in ds.annotated(case):
+                expect[dm.class_names.index(c) + 1] += 1
+    assert n == sum(len(ds.split["train"]) for ds in dm.datasets) and counts[1:] == expect[1:]
+    ratios = dm.crop_ratios()
+    assert ratios == [1.0] + [n / c for c in counts[1:]]
+    kidney = dm.class_names.index("kidney_right") + 1
+    assert ratios[kidney] < ratios[dm.class_names.index("liver") + 1]  # kidney in A and B's even cases, liver in A
+    dm.setup("fit")
+    croppers = [t for part in dm.split_dataset("train").datasets for t in part.transform.transforms
+                if isinstance(t, mt.RandCropByLabelClassesd)]
+    assert croppers and all(list(c.cropper.ratios) == ratios for c in croppers)
+    assert dm_for(*two_sites).crop_ratios() is None  # default: equal within each case
+    with pytest.raises(ValueError, match="inverse_frequency"):
+        dm_for(*two_sites, class_ratios="inverse")
+    with pytest.raises(ValueError, match="class_ratios has 2 entries"):
+        dm_for(*two_sites, class_ratios=[1.0, 2.0]).crop_ratios()

@@ -7,6 +7,10 @@
    ``results/demo/demo.png`` (image, ground truth, prediction, one class's similarity map);
 4. run the synthetic continual-learning protocol (``configs/incremental/synthetic.yaml``: distill / finetune /
    joint on the cumulative budget) and write ``results/demo/incremental/summary.json``.
+
+Both jobs share the machine: the protocol starts in a background process as soon as the data is written
+(stage 0, then its strategies in ``--workers`` single-thread processes; log in
+``results/demo/incremental/protocol.log``) while the joint model trains on one thread in this process.
 """
 
 from __future__ import annotations
@@ -85,6 +89,54 @@ def plot_case(vol: dict, out: dict, names: list[str], cls: str, path: Path) -> N
     plt.close(fig)
 
 
+def _protocol_job(spec: dict, seed: int, workers: int, log: str) -> None:
+    """Background process: the whole protocol, output to ``log``."""
+    import os
+
+    from cfseg.continual.protocol import run_protocol
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    run_protocol(spec, seeds=[seed], workers=workers)
+
+
+def start_protocol(a: argparse.Namespace):
+    """Write the protocol's datasets and start it in a background process; returns (process, spec, t_start)."""
+    import multiprocessing
+
+    from cfseg.continual.protocol import load_protocol
+
+    ensure_datasets(a.data, "incremental", a.seed)
+    spec = load_protocol(a.protocol)
+    spec["output"] = str(a.out / "incremental")
+    Path(spec["output"]).mkdir(parents=True, exist_ok=True)
+    log = Path(spec["output"]) / "protocol.log"
+    proc = multiprocessing.get_context("spawn").Process(target=_protocol_job, args=(spec, a.seed, a.workers, str(log)))
+    proc.start()
+    print(f"\nContinual-learning protocol {a.protocol} started in the background (process {proc.pid}, log {log}): "
+          f"distill / finetune / joint, steps per stage {spec['stage_steps']}, joint on the cumulative budget")
+    return proc, spec, a.seed, time.time()
+
+
+def finish_protocol(proc, spec: dict, seed: int, t1: float) -> None:
+    """Wait for the background protocol; print its matrices and summary."""
+    from cfseg.continual.protocol import print_results
+
+    out = Path(spec["output"])
+    print(f"\nwaiting for the continual-learning protocol (log: {out / 'protocol.log'}) ...", flush=True)
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"the continual-learning protocol failed (exit code {proc.exitcode}); see "
+                           f"{out / 'protocol.log'}")
+    results = {seed: {e["name"]: json.loads((out / f"seed{seed}" / f"{e['name']}_matrix.json").read_text())
+                      for e in spec["strategies"]}}
+    print_results(results, json.loads((out / "summary.json").read_text()))
+    print(f"\nwrote {out / 'summary.json'} and accuracy matrices (JSON, CSV, PNG) under {out}/seed{seed} "
+          f"(protocol: {time.time() - t1:.0f} s, side by side with the joint training)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cfseg-demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,9 +147,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-epochs", type=int, default=None, help="override the config's training budget")
     p.add_argument("--skip-protocol", action="store_true", help="only the joint-training part")
     p.add_argument("--protocol", type=Path, default=PROTOCOL)
+    p.add_argument("--workers", type=int, default=3,
+                   help="protocol strategies trained side by side (single-thread processes) after its stage 0")
     a = p.parse_args(argv)
     t0 = time.time()
     paths = ensure_datasets(a.data, "demo", a.seed)
+    protocol = None if a.skip_protocol else start_protocol(a)
+    try:
+        return _joint_then_protocol(a, paths, protocol, t0)
+    finally:
+        if protocol is not None and protocol[0].is_alive():
+            protocol[0].terminate()  # only reached when the joint part failed
+
+
+def _joint_then_protocol(a: argparse.Namespace, paths: list[Path], protocol, t0: float) -> int:
     train_paths, test_path = paths[:2], paths[2]
     print("\nWhat the data layer reads:\n")
     dm = SegDataModule([DatasetConfig(str(x)) for x in paths], spacing=(5.5, 5.5, 5.5), cache="none")
@@ -112,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_epochs is not None:
         args.append(f"--trainer.max_epochs={a.max_epochs}")
     print(f"\nTraining: cfseg {' '.join(args)}\n")
+    if protocol is not None:
+        torch.set_num_threads(1)  # the protocol's processes use the other core
     run = cli(args)
     ckpt = a.out / "cfseg-demo.ckpt"  # a fixed path for the README's segmentation example
     run.trainer.save_checkpoint(ckpt)
@@ -120,20 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nHeld-out Dice ({metrics['n_cases']} cases; {DICE_CONVENTION}):\n")
     print(dice_table(metrics["per_class_dice"]))
     print(f"\nwrote {a.out / 'metrics.json'} and {a.out / 'demo.png'} ({time.time() - t0:.0f} s so far)")
-    if not a.skip_protocol:
-        from cfseg.continual.protocol import load_protocol, print_results, run_protocol
-
-        ensure_datasets(a.data, "incremental", a.seed)
-        spec = load_protocol(a.protocol)
-        spec["output"] = str(a.out / "incremental")
-        t1 = time.time()
-        print(f"\nContinual-learning protocol {a.protocol} (distill / finetune / joint; steps per stage "
-              f"{spec['stage_steps']}, joint on the cumulative budget) ...\n")
-        results = run_protocol(spec, seeds=[a.seed])
-        summary_path = Path(spec["output"]) / "summary.json"
-        print_results(results, json.loads(summary_path.read_text()))
-        print(f"\nwrote {summary_path} and accuracy matrices (JSON, CSV, PNG) under {spec['output']}/seed{a.seed} "
-              f"(protocol: {time.time() - t1:.0f} s)")
+    if protocol is not None:
+        finish_protocol(*protocol)
     print(f"\ndemo finished in {time.time() - t0:.0f} s")
     print(f"segment your own NIfTI file: .venv/bin/cfseg-segment -i image.nii.gz -o masks/ --ckpt {ckpt}")
     return 0

@@ -166,3 +166,21 @@ def test_lr_factor_needs_model_lr(tmp_path):
     spec["stages"][0].pop("lr_factor")
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(spec))
     assert load_protocol(tmp_path / "p.yaml")["stage_lr"] == [None]
+
+
+def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
+    """--workers: stage 0 once in the parent, the strategies in child processes, the same summary files."""
+    spec_path = write_spec(
+        tmp_path, strategies=["finetune", "joint"], lr=0.01, fit_args=FAST,
+        stages=[{"name": "s0", "max_steps": 3, "datasets": [box(boxes, ["liver", "spleen"])]},
+                {"name": "s1", "max_steps": 2, "classes": ["aorta"], "datasets": [box(boxes)]}])
+    assert main(["--config", str(spec_path), "--workers", "2"]) == 0
+    out = tmp_path / "out" / "seed0"
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["finetune_stage1", "joint_stage1", "stage0"]
+    for name in ("finetune", "joint"):
+        assert "reusing" in (out / f"{name}.log").read_text()  # the children reuse the parent's stage 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["strategies"].keys() == {"finetune", "joint"}
+    assert summary["strategies"]["joint"]["stage_steps"] == [3, 5]
+    rows = [summary["strategies"][n]["per_seed"]["0"]["matrix"][0] for n in ("finetune", "joint")]
+    assert rows[0] == rows[1]

@@ -368,9 +368,13 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
 
 
 def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None,
-                 seeds: list[int] | None = None) -> dict[int, dict[str, Any]]:
+                 seeds: list[int] | None = None, workers: int = 1) -> dict[int, dict[str, Any]]:
     """Run ``strategies`` (names; default all of the spec's) for ``seeds`` (default the spec's), then write
     ``<output>/summary.json`` (and its copy when ``spec["summary_copy"]`` is set).
+
+    With ``workers > 1`` a seed's stage 0 trains once in this process, then its strategies run side by side in
+    up to ``workers`` single-thread processes (each logs to ``<output>/seed<N>/<strategy>.log``); the results
+    are the same files a sequential run writes.
 
     Returns:
         ``{seed: {strategy name: result}}`` (see :func:`run_seed`).
@@ -379,10 +383,61 @@ def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None,
     unknown = [s for s in strategies or [] if s not in known]
     if unknown:
         raise ValueError(f"strategies {unknown} are not in the protocol; choose from {list(known)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     chosen = [known[s] for s in strategies] if strategies else spec["strategies"]
-    results = {seed: run_seed(spec, seed, chosen) for seed in (seeds or spec["seeds"])}
+    if workers == 1 or len(chosen) == 1:
+        results = {seed: run_seed(spec, seed, chosen) for seed in (seeds or spec["seeds"])}
+    else:
+        results = {seed: _run_seed_parallel(spec, seed, chosen, workers) for seed in (seeds or spec["seeds"])}
     write_summary(Path(spec["output"]), spec.get("summary_copy"))
     return results
+
+
+def _strategy_worker(spec: dict[str, Any], seed: int, entry: dict[str, Any], log: str) -> None:
+    """Child process: one strategy of one seed, one torch thread, stdout/stderr to ``log``."""
+    import os
+
+    import torch
+
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+    run_seed(spec, seed, [entry])
+
+
+def _run_seed_parallel(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]],
+                       workers: int) -> dict[str, Any]:
+    import multiprocessing
+
+    run_seed(spec, seed, [])  # the shared stage 0, once, before any strategy needs it
+    out = Path(spec["output"]) / f"seed{seed}"
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    pending, running = list(strategies), {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                entry = pending.pop(0)
+                log = out / f"{entry['name']}.log"
+                proc = ctx.Process(target=_strategy_worker, args=(spec, seed, entry, str(log)))
+                proc.start()
+                print(f"[seed {seed}] {entry['name']}: process {proc.pid}, log {log}", flush=True)
+                running[entry["name"]] = (proc, log)
+            time.sleep(0.5)
+            for name, (proc, log) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del running[name]
+                if proc.exitcode != 0:
+                    raise RuntimeError(f"strategy {name} (seed {seed}) failed with exit code {proc.exitcode}; "
+                                       f"see {log}")
+                print(f"[seed {seed}] {name} finished", flush=True)
+    finally:
+        for proc, _ in running.values():
+            proc.terminate()
+    return {e["name"]: json.loads((out / f"{e['name']}_matrix.json").read_text()) for e in strategies}
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -477,13 +532,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds (default: the protocol's `seeds`, or [`seed`])")
     p.add_argument("--output", default=None, help="override the protocol's output folder")
     p.add_argument("--copy-summary", default=None, help="also copy summary.json here (YAML key: summary_copy)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run a seed's strategies side by side in this many single-thread processes (after stage 0)")
     a = p.parse_args(argv)
     spec = load_protocol(a.config)
     if a.output:
         spec["output"] = a.output
     if a.copy_summary:
         spec["summary_copy"] = a.copy_summary
-    results = run_protocol(spec, a.strategies, a.seeds)
+    results = run_protocol(spec, a.strategies, a.seeds, a.workers)
     summary = json.loads((Path(spec["output"]) / "summary.json").read_text())
     print_results(results, summary)
     print(f"\nwrote {Path(spec['output']) / 'summary.json'}" + (f" and {spec['summary_copy']}"

@@ -10,7 +10,9 @@ Partial labels (one dataset annotates the liver, another the kidneys):
   labelled 0 gets ``-log(p_0 + sum_{j unannotated} p_j)``, i.e. "background or something nobody labelled
   in this case" (the marginal loss of Shi et al., MedIA 2021, and of the DESIGN notes).
 * :func:`partial_dice_loss` -- soft Dice over the annotated foreground classes of each sample only.
-* :func:`partial_label_loss` -- weighted sum of the two, sharing one validation and one softmax.
+* :func:`partial_label_loss` -- weighted sum of the two, sharing one validation and one softmax; the
+  training loss, computed by a fused function with a hand-written backward (:class:`_PartialLabelLoss`: one
+  full-size buffer, no one-hot target) that matches the composed :func:`_partial_label_loss_reference`.
 
 The distillation terms of continual stages live in :mod:`cfseg.continual.distill`.
 
@@ -19,6 +21,8 @@ log space with ``log_softmax`` / ``logsumexp``, so logits of magnitude 1e4 give 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -90,16 +94,8 @@ def _check_mask(
         )
 
 
-def _prepare_partial(
-    logits: Tensor, target: Tensor, annotated: Tensor, ignore_index: int | None
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
-    """Validate the partial-label inputs.
-
-    Returns:
-        ``(x, t_safe, valid, ann)``: logits in a compute dtype [B, K+1, *S]; target [B, *S] int64 with ignored
-        voxels replaced by 0; ``valid`` [B, *S] bool (None when nothing can be ignored); ``ann`` [B, K+1] bool
-        with column 0 True.
-    """
+def _check_logits_and_target(logits: Tensor, target: Tensor) -> Tensor:
+    """Check the shapes and dtypes of ``logits`` [B, K+1, *S] and ``target`` [B, *S]; logits in a compute dtype."""
     _check_class_tensor(logits, "logits")
     x = _as_compute_dtype(logits, "logits")
     expected = (logits.shape[0], *logits.shape[2:])
@@ -110,6 +106,20 @@ def _prepare_partial(
         )
     if torch.is_floating_point(target) or target.dtype == torch.bool or torch.is_complex(target):
         raise ValueError(f"target must be an integer tensor of class indices, got dtype {target.dtype}.")
+    return x
+
+
+def _prepare_partial(
+    logits: Tensor, target: Tensor, annotated: Tensor, ignore_index: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """Validate the partial-label inputs.
+
+    Returns:
+        ``(x, t_safe, valid, ann)``: logits in a compute dtype [B, K+1, *S]; target [B, *S] int64 with ignored
+        voxels replaced by 0; ``valid`` [B, *S] bool (None when nothing can be ignored); ``ann`` [B, K+1] bool
+        with column 0 True.
+    """
+    x = _check_logits_and_target(logits, target)
     ann = _check_annotated(annotated, logits)
     t = target.to(device=logits.device, dtype=torch.long)
     n_classes = logits.shape[1]
@@ -193,8 +203,13 @@ def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor
         probs = probs * v
         onehot = onehot * v
     dims = tuple(range(2, probs.ndim))
-    inter = (probs * onehot).sum(dims)
-    denom = probs.sum(dims) + onehot.sum(dims)
+    return _dice_from_sums((probs * onehot).sum(dims), probs.sum(dims), onehot.sum(dims), ann, smooth, batch_dice)
+
+
+def _dice_from_sums(inter: Tensor, psum: Tensor, gsum: Tensor, ann: Tensor, smooth: float,
+                    batch_dice: bool = False) -> Tensor:
+    """Partial soft Dice loss from per-(sample, class) sums [B, K+1]: ``sum p g``, ``sum p`` and ``sum g``."""
+    denom = psum + gsum
     pairs = ann.clone()
     pairs[:, 0] = False
     if batch_dice:  # one Dice per class over the samples that annotate it (nnU-Net's batch Dice)
@@ -210,6 +225,158 @@ def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor
 def _check_smooth(smooth: float) -> None:
     if not smooth > 0:
         raise ValueError(f"smooth must be > 0 (it makes empty classes well defined), got {smooth}.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused partial-label loss (forward and hand-written backward)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _prepare_counts(
+    logits: Tensor, target: Tensor, annotated: Tensor, ignore_index: int | None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor, Tensor]:
+    """:func:`_prepare_partial` for the fused loss: the same checks and errors, fewer passes over the voxels.
+
+    Range and annotation are checked on ``aminmax`` and on the label counts per (sample, class), which the Dice
+    term needs anyway; only when a check fails does :func:`_prepare_partial` run, to raise its error.
+
+    Returns:
+        ``(x, t, valid, ann, idx, counts)`` as :func:`_prepare_partial`, plus ``idx`` [B, N] int64, the flat bin
+        ``b * (K+1) + t`` of each voxel (``B * (K+1)`` for ignored voxels), and ``counts`` [B, K+1] int64, the
+        number of non-ignored voxels of each label per sample.
+    """
+    x = _check_logits_and_target(logits, target)
+    ann = _check_annotated(annotated, logits)
+    # plain tensors: a subclass (MONAI's MetaTensor labels) would run its metadata handling on every op
+    t = target.as_subclass(Tensor).to(device=logits.device, dtype=torch.long)
+    b, c = logits.shape[:2]
+    valid: Tensor | None = None
+    if ignore_index is not None:
+        valid = t != ignore_index
+        t = t.masked_fill(~valid, 0)
+    if t.numel() == 0:
+        return _prepare_partial(logits, target, annotated, ignore_index) + (  # nothing to count
+            t.reshape(b, 0), torch.zeros(b, c, dtype=torch.long, device=t.device))
+    lo, hi = t.aminmax()
+    if bool(lo < 0) or bool(hi >= c):
+        _prepare_partial(logits, target, annotated, ignore_index)  # raises, naming the label
+    idx = t.reshape(b, -1) + torch.arange(0, b * c, c, device=t.device).unsqueeze(1)
+    if valid is not None:
+        idx = idx.masked_fill_(~valid.reshape(b, -1), b * c)
+    counts = torch.bincount(idx.reshape(-1), minlength=b * c + 1)[: b * c].reshape(b, c)
+    if bool(((counts > 0) & ~ann).any()):
+        _prepare_partial(logits, target, annotated, ignore_index)  # raises, naming the sample and class
+    return x, t, valid, ann, idx, counts
+
+
+class _PartialLabelLoss(torch.autograd.Function):
+    """``ce_weight * partial CE + dice_weight * partial Dice`` of logits ``x`` [B, K+1, N]; hand-written backward.
+
+    The composed version (:func:`_partial_label_loss_reference`) runs about a dozen full-size passes and
+    allocates as many ``[B, K+1, N]`` temporaries (one-hot target, products, ``where`` results and their
+    gradients) -- on CPU each costs page faults besides bandwidth. Here one ``[B, K+1, N]`` buffer holds
+    ``log p``, then ``p`` (saved for backward), then ``dL/dx`` (backward works in it in place):
+
+    * CE reads ``log p_t`` by ``gather``; the merged background ``log(p_0 + sum of unannotated p_j)`` is a
+      ``logsumexp`` over those few channels, per sample that has unannotated classes;
+    * Dice needs ``sum p`` (one reduction), ``sum p g`` (``p_t`` gathered, then binned per (sample, class)
+      in float64) and ``sum g`` (label counts): no one-hot tensor;
+    * backward: ``dL/dx = p (dL/dp - <p, dL/dp>)`` with ``dL/dp = beta + alpha [t = k]`` for Dice (``alpha``,
+      ``beta`` [B, K+1] from autograd on the sums) and ``p - q`` for CE (``q`` one-hot at the label, or the
+      softmax over the merged channels at a background voxel of a sample with unannotated classes): one
+      dense in-place pass plus a ``scatter_add`` at the labels.
+
+    Ignored voxels get ``p = 0`` after the CE term has been read, which removes them from the Dice sums and
+    from every gradient term.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor, idx: Tensor, counts: Tensor,  # noqa: D102
+                ce_weight: float, dice_weight: float, smooth: float, batch_dice: bool) -> Tensor:
+        x = x.as_subclass(Tensor)  # a MetaTensor would run its metadata handling on every op
+        b, c = x.shape[:2]
+        n = math.prod(x.shape[2:])
+        t = t.reshape(b, 1, n)
+        v = None if valid is None else valid.reshape(b, n)
+        buf = torch.log_softmax(x.reshape(b, c, n), dim=1)  # log p; becomes p, then dL/dx
+        nv = torch.tensor(b * n, dtype=x.dtype, device=x.device) if v is None else v.sum().clamp_min(1).to(x.dtype)
+        loss = x.new_zeros(())
+        merged = [(i, [0, *(~ann[i]).nonzero().flatten().tolist()]) for i in range(b) if not bool(ann[i].all())]
+        qs = []  # per merged sample: softmax over its merged channels at its label-0 (non-ignored) voxels
+        if ce_weight:
+            nll = buf.gather(1, t).reshape(b, n).neg_()  # -log p_t
+            for i, m in merged:
+                lm = buf[i, m]  # [|M|, N] copy
+                log_bg = torch.logsumexp(lm, dim=0)
+                zero = t[i, 0] == 0
+                nll[i] = torch.where(zero, -log_bg, nll[i])
+                if v is not None:
+                    zero &= v[i]
+                qs.append(lm.sub_(log_bg).exp_().mul_(zero))
+            loss = loss + ce_weight * (nll.sum() if v is None else torch.where(v, nll, 0.0).sum()) / nv
+        p = buf.exp_()
+        if v is not None:
+            p.masked_fill_(~v.unsqueeze(1), 0.0)
+        pt = p.gather(1, t).reshape(b, n)  # p at the label (0 where ignored)
+        inter = psum = gsum = None
+        if dice_weight:
+            psum = p.sum(2)
+            # float64 bins: a serial float32 sum over 10^5 voxels would lose digits; 1-D scatter_add_ (not a weighted
+            # bincount) has a deterministic CUDA implementation
+            inter = torch.zeros(b * c + 1, dtype=torch.float64, device=pt.device)
+            inter.scatter_add_(0, idx.reshape(-1), pt.reshape(-1).double())
+            inter, gsum = inter[: b * c].reshape(b, c).to(x.dtype), counts.to(x.dtype)
+            loss = loss + dice_weight * _dice_from_sums(inter, psum, gsum, ann, smooth, batch_dice)
+        # p is kept as an attribute, not a saved tensor, because backward turns it into dL/dx in place; a second
+        # backward through the same graph (retain_graph, gradcheck) recomputes it from the saved logits
+        ctx.save_for_backward(x, t, v, pt, ann, nv, inter, psum, gsum)
+        ctx.p = p
+        ctx.merged, ctx.qs = merged, qs
+        ctx.weights, ctx.x_shape = (ce_weight, dice_weight, smooth, batch_dice), x.shape
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # noqa: D102
+        x, t, v, pt, ann, nv, inter, psum, gsum = ctx.saved_tensors
+        p, ctx.p = ctx.p, None
+        if p is None:  # backward again: rebuild p
+            p = torch.log_softmax(x.reshape(t.shape[0], x.shape[1], -1), dim=1).exp_()  # as forward, bit for bit
+            if v is not None:
+                p.masked_fill_(~v.unsqueeze(1), 0.0)
+        ce_weight, dice_weight, smooth, batch_dice = ctx.weights
+        b, c, n = p.shape
+        ce_c = grad * ce_weight / nv  # dCE/dx = ce_c (p - q)
+        gx = p  # dL/dx is built in p's buffer
+        if dice_weight:
+            with torch.enable_grad():
+                sums = inter.detach().requires_grad_(), psum.detach().requires_grad_()
+                dice = _dice_from_sums(*sums, gsum, ann, smooth, batch_dice)
+                alpha, beta = torch.autograd.grad(dice, sums, grad * dice_weight, allow_unused=True)
+            alpha = torch.zeros_like(inter) if alpha is None else alpha  # dL/d(sum p g)
+            beta = torch.zeros_like(psum) if beta is None else beta  # dL/d(sum p)
+            a_t = alpha.gather(1, t.reshape(b, n)).mul_(pt)  # alpha_t p_t
+            # dL/dx_k = p_k (beta_k - beta.p - alpha_t p_t) + [k = t] alpha_t p_t, plus CE's ce_c (p_k - q_k)
+            u = torch.bmm(beta.unsqueeze(1), p).reshape(b, n).add_(a_t).neg_().add_(ce_c)
+            if p.device.type == "cpu":  # row by row: no [B, K+1, N] temporary for the broadcast sum
+                row = torch.empty_like(u[0])
+                for i in range(b):
+                    for k in range(c):
+                        gx[i, k].mul_(torch.add(u[i], beta[i, k], out=row))
+            else:
+                gx.mul_(u.unsqueeze(1) + beta.unsqueeze(2))
+            at_label = a_t.sub_(ce_c if v is None else ce_c * v)  # alpha_t p_t - ce_c (q = one-hot at t)
+        else:
+            gx.mul_(ce_c)
+            at_label = (-ce_c).expand(b, n).clone() if v is None else v.to(p.dtype).mul_(-ce_c)
+        for (i, m), q in zip(ctx.merged if ce_weight else [], ctx.qs, strict=True):
+            # a label-0 voxel of a sample with unannotated classes: q is the softmax over the merged channels
+            # (and alpha_0 = 0: background never enters the Dice)
+            at_label[i].masked_fill_(t[i, 0] == 0, 0.0)
+            for j, k in enumerate(m):
+                gx[i, k].addcmul_(q[j], ce_c, value=-1.0)
+        gx.scatter_add_(1, t, at_label.unsqueeze(1))
+        return gx.reshape(ctx.x_shape), None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -343,6 +510,24 @@ def partial_label_loss(
     """
     if ce_weight < 0 or dice_weight < 0:
         raise ValueError(f"loss weights must be >= 0, got ce_weight={ce_weight}, dice_weight={dice_weight}.")
+    _check_smooth(smooth)
+    x, t, valid, ann, idx, counts = _prepare_counts(logits, target, annotated, ignore_index)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _PartialLabelLoss.apply(x.contiguous(), t, valid, ann, idx, counts, float(ce_weight),
+                                       float(dice_weight), float(smooth), bool(batch_dice))
+
+
+def _partial_label_loss_reference(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    ce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    ignore_index: int | None = None,
+    smooth: float = 1e-5,
+    batch_dice: bool = False,
+) -> Tensor:
+    """:func:`partial_label_loss` composed of autograd ops (reference for tests and benchmarks)."""
     _check_smooth(smooth)
     x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
     logp = F.log_softmax(x, dim=1)

@@ -359,3 +359,44 @@ def test_batch_dice_matches_numpy_and_pools_samples():
     assert got.item() == pytest.approx(ref, rel=1e-10)
     # ... and pooled, the absent-in-one-sample class is not forced to Dice ~0 there
     assert got.item() < partial_dice_loss(logits, target, annotated, batch_dice=False).item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fused partial_label_loss (hand-written backward) against the composed reference
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("ignore_index", [None, 255, -1])
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_fused_loss_matches_reference_value_and_gradient(dtype, ignore_index, batch_dice):
+    from cfseg.losses import _partial_label_loss_reference
+
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    for seed, (ce_w, dice_w) in enumerate([(1.0, 1.0), (0.3, 2.0), (1.0, 0.0), (0.0, 1.0)]):
+        logits, target, annotated = make_case(60 + seed, b=3, k=5, spatial=(4, 5, 6), scale=3.0, dtype=dtype)
+        if seed == 0:
+            annotated[:] = True  # every class annotated: the plain CE path
+            target = torch.randint(0, 6, target.shape, generator=torch.Generator().manual_seed(5))
+        if ignore_index is not None:
+            target[torch.rand(target.shape, generator=torch.Generator().manual_seed(seed)) < 0.2] = ignore_index
+        kw = {"ce_weight": ce_w, "dice_weight": dice_w, "ignore_index": ignore_index, "batch_dice": batch_dice}
+        x, xr = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+        got = partial_label_loss(x, target, annotated, **kw)
+        want = _partial_label_loss_reference(xr, target, annotated, **kw)
+        (1.7 * got).backward()
+        (1.7 * want).backward()
+        torch.testing.assert_close(got, want, **tol)
+        torch.testing.assert_close(x.grad, xr.grad, **tol)
+
+
+def test_fused_loss_backward_twice_and_every_voxel_ignored():
+    logits, target, annotated = make_case(70)
+    x = logits.clone().requires_grad_(True)
+    loss = partial_label_loss(x, target, annotated)
+    first = torch.autograd.grad(loss, x, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], first, rtol=0, atol=0)
+    x.grad = None
+    loss = partial_label_loss(x, torch.full_like(target, 255), annotated, ignore_index=255)
+    loss.backward()
+    assert loss.item() == 0.0 and (x.grad == 0).all()

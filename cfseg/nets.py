@@ -87,27 +87,34 @@ class _CosineHead(torch.autograd.Function):
 
     Saves only ``z`` (the head's input, which any head keeps) and ``||W z||^2`` (one channel). Plain autograd
     would also keep ``G z`` and ``z / ||W z||`` (two more ``F``-channel full-resolution tensors) and allocate
-    about six ``F``-channel temporaries in backward. Here forward allocates one ``F``-channel scratch buffer
-    besides its output and backward one besides the input gradient; every other step works in place. On CPU
-    this matters beyond memory: glibc serves blocks above 32 MiB with fresh pages, so each full-resolution
-    temporary costs page faults as well as bandwidth. Half-precision ``z`` (autocast) gets its quadratic form
-    in float32 so that it cannot overflow.
+    about six ``F``-channel temporaries in backward. Here the full-resolution allocations are the output, in
+    backward the input gradient, and one scratch buffer of a single sample's ``F`` channels (``[F, N]``): the
+    quadratic form, the per-voxel dot products and the weight gradients run sample by sample through it, and
+    every other step works in place. On CPU this matters beyond memory: glibc serves blocks above 32 MiB with
+    fresh pages, so each full-resolution temporary costs page faults (about 40 ms for 32 MiB on a loaded
+    2-core VM) as well as bandwidth. Half-precision ``z`` (autocast) gets its quadratic form in float32 so
+    that it cannot overflow.
     """
 
     @staticmethod
     def forward(ctx, z: Tensor, a: Tensor, gram: Tensor, eps: float) -> Tensor:  # noqa: D102
+        z = z.as_subclass(Tensor)  # backbone features may be MONAI MetaTensors: skip their per-op metadata handling
         cd = torch.float32 if z.dtype in _HALF else z.dtype  # dtype of the quadratic form
-        zf = z.to(cd)
         sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)  # z^T G z = z^T sym(G) z
-        buf = _left_matmul(sym, zf)  # [B, F, N] scratch
-        sq = buf.mul_(zf).sum(dim=1, keepdim=True)  # [B, 1, N] = ||W z||^2
-        r = sq.clamp_min(eps * eps).rsqrt_().to(z.dtype)  # 1 / max(||W z||, eps)
         a_z = a.to(z.dtype)
-        if a.shape[0] <= z.shape[1]:  # scale whichever side has fewer channels
-            out = _left_matmul(a_z, z).mul_(r)  # [B, K+1, N]
-        else:
-            zhat = torch.mul(z, r, out=buf) if buf.dtype == z.dtype else z * r
-            out = _left_matmul(a_z, zhat)
+        bsz, f, n = z.shape
+        k = a.shape[0]
+        out = torch.empty(bsz, k, n, dtype=z.dtype, device=z.device)
+        sq = torch.empty(bsz, 1, n, dtype=cd, device=z.device)  # ||W z||^2
+        buf = torch.empty(f, n, dtype=cd, device=z.device)  # one sample's scratch
+        for i in range(bsz):
+            zi = z[i].to(cd)
+            torch.sum(torch.mm(sym, zi, out=buf).mul_(zi), dim=0, keepdim=True, out=sq[i])
+            ri = sq[i].clamp_min(eps * eps).rsqrt_().to(z.dtype)  # 1 / max(||W z||, eps)
+            if k <= f:  # scale whichever side has fewer channels
+                torch.mm(a_z, z[i], out=out[i]).mul_(ri)
+            else:
+                torch.mm(a_z, torch.mul(z[i], ri, out=buf) if buf.dtype == z.dtype else z[i] * ri, out=out[i])
         del buf
         ctx.save_for_backward(z, a, gram, sq)
         ctx.eps = eps
@@ -121,26 +128,41 @@ class _CosineHead(torch.autograd.Function):
         grad_z = grad_a = grad_gram = None
         with torch.autocast(device_type=z.device.type, enabled=False):
             cd = sq.dtype
-            zf, g = z.to(cd), grad_out.to(cd)
-            r = sq.clamp_min(ctx.eps * ctx.eps).rsqrt_()  # [B, 1, N]
+            bsz, f, n = z.shape
+            k = a.shape[0]
+            eps2 = ctx.eps * ctx.eps
+            r = sq.clamp_min(eps2).rsqrt_()  # [B, 1, N]
+            buf = torch.empty(max(f, k) if need_a else f, n, dtype=cd, device=z.device)  # one sample's scratch
             if need_a:  # dL/dA = sum_{b,n} g r z^T, scaling whichever side has fewer channels
-                if a.shape[0] <= z.shape[1]:
-                    grad_a = torch.matmul(g * r, zf.transpose(1, 2))
-                else:
-                    grad_a = torch.matmul(g, (zf * r).transpose(1, 2))
-                grad_a = grad_a.sum(0).to(a.dtype)
+                grad_a = torch.zeros(k, f, dtype=cd, device=z.device)
+            if need_gram:  # d(z^T G z)/dG = z z^T
+                grad_gram = torch.zeros(f, f, dtype=cd, device=z.device)
             if need_z or need_gram:
-                h = _left_matmul(a.to(cd).transpose(0, 1), g)  # dL/dzhat, [B, F, N]; becomes dL/dz in place
-                # dL/dsq = <dL/dzhat, z> * (-r^3 / 2) where the clamp is inactive.
-                buf = h * zf  # [B, F, N] scratch
-                dsq = buf.sum(dim=1, keepdim=True).mul_(r.pow(3)).mul_(-0.5).mul_(sq >= ctx.eps * ctx.eps)
-                zd = torch.mul(zf, dsq, out=buf)  # dsq z
-                if need_gram:  # d(z^T G z)/dG = z z^T
-                    grad_gram = torch.matmul(zd, zf.transpose(1, 2)).sum(0).to(gram.dtype)
-                if need_z:  # dL/dz = r dL/dzhat + 2 sym(G) (dsq z), one fused multiply-add
-                    sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)
-                    h.mul_(r).baddbmm_(sym.expand(zd.shape[0], *sym.shape), zd, alpha=2.0)
-                    grad_z = h.to(z.dtype)
+                h = _left_matmul(a.to(cd).transpose(0, 1), grad_out.to(cd))  # dL/dzhat [B, F, N]; becomes dL/dz
+                sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)
+            for i in range(bsz):
+                zi, ri = z[i].to(cd), r[i]
+                if need_a:
+                    gi = grad_out[i].to(cd)
+                    if k <= f:
+                        grad_a.addmm_(torch.mul(gi, ri, out=buf[:k]), zi.transpose(0, 1))
+                    else:
+                        grad_a.addmm_(gi, torch.mul(zi, ri, out=buf[:f]).transpose(0, 1))
+                if need_z or need_gram:
+                    # dL/dsq = <dL/dzhat, z> * (-r^3 / 2) where the clamp is inactive
+                    dsq = torch.mul(h[i], zi, out=buf[:f]).sum(dim=0, keepdim=True)
+                    dsq.mul_(ri.pow(3)).mul_(-0.5).mul_(sq[i] >= eps2)
+                    zd = torch.mul(zi, dsq, out=buf[:f])  # dsq z
+                    if need_gram:
+                        grad_gram.addmm_(zd, zi.transpose(0, 1))
+                    if need_z:  # dL/dz = r dL/dzhat + 2 sym(G) (dsq z), one fused multiply-add
+                        h[i].mul_(ri).addmm_(sym, zd, alpha=2.0)
+            if need_a:
+                grad_a = grad_a.to(a.dtype)
+            if need_gram:
+                grad_gram = grad_gram.to(gram.dtype)
+            if need_z:
+                grad_z = h.to(z.dtype)
         return grad_z, grad_a, grad_gram, None
 
 

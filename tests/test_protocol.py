@@ -171,9 +171,9 @@ def test_lr_factor_needs_model_lr(tmp_path):
 def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
     """--workers: stage 0 once in the parent, the strategies in child processes, the same summary files."""
     spec_path = write_spec(
-        tmp_path, strategies=["finetune", "joint"], lr=0.01, fit_args=FAST,
+        tmp_path, strategies=["finetune", "joint"], lr=0.01, fit_args=FAST, full_matrix=True,
         stages=[{"name": "s0", "max_steps": 3, "datasets": [box(boxes, ["liver", "spleen"])]},
-                {"name": "s1", "max_steps": 2, "classes": ["aorta"], "datasets": [box(boxes)]}])
+                {"name": "s1", "max_steps": 2, "classes": ["liver"], "datasets": [box(boxes)]}])
     assert main(["--config", str(spec_path), "--workers", "2"]) == 0
     out = tmp_path / "out" / "seed0"
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["finetune_stage1", "joint_stage1", "stage0"]
@@ -183,4 +183,6 @@ def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
     assert summary["strategies"].keys() == {"finetune", "joint"}
     assert summary["strategies"]["joint"]["stage_steps"] == [3, 5]
     rows = [summary["strategies"][n]["per_seed"]["0"]["matrix"][0] for n in ("finetune", "joint")]
-    assert rows[0] == rows[1]
+    assert rows[0] == rows[1] and len(rows[0]) == 2  # full_matrix: stage 0's model on stage 1's test cases too
+    fin = summary["strategies"]["finetune"]["per_seed"]["0"]
+    assert fin["bwt"] == pytest.approx(fin["matrix"][1][0] - fin["matrix"][0][0])

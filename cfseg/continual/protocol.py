@@ -23,6 +23,9 @@ strategy of a seed). After every stage the model is scored on the test cases of 
 stage's classes: the accuracy matrix R (R[i][j] = mean Dice on stage j's test cases after stage i), the average
 Dice after the last stage and the backward transfer BWT = mean_{j<T} (R[T][j] - R[j][j]), written per strategy
 and seed as JSON, CSV and a heatmap PNG, and over all strategies and seeds as ``<output>/summary.json``.
+With ``full_matrix: true`` every row also scores the later stages' test cases (R[i][j] for j > i: the
+forward transfer, e.g. a stage-0 model on a new scanner's images before it learnt them); average Dice and BWT
+still use R[T][j <= T] and the diagonal; a later stage whose classes the model does not know yet scores NaN.
 With ``score_val: true`` the same matrix is also computed on the stages' validation cases (``R_val``,
 ``average_dice_val``, ``bwt_val``): the numbers to choose settings on, never the test cases.
 A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again.
@@ -246,16 +249,24 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
     from cfseg.module import load_checkpoint
 
     module = load_checkpoint(str(ckpt))
-    groups = []
+    known = set(module.class_names)
+    groups, scored = [], []
     for j in range(upto + 1):
         st = spec["stages"][j]
         datasets = [{**d, "classes": None} for d in _stage_datasets(st)]
         classes = st.get("classes") or sorted({c for d in _stage_datasets(st) for c in (d.get("classes") or [])}) \
             or None
+        if classes is not None:  # a later stage (full_matrix) is scored on the classes the model knows
+            classes = [c for c in classes if c in known]
+            if not classes:
+                continue
         groups.append((datasets, classes))
+        scored.append(j)
     res = evaluate_groups(module, groups, split=split, seed=spec.get("split_seed", seed))
+    by_stage = dict(zip(scored, res, strict=True))
     names = [spec["stages"][j]["name"] for j in range(upto + 1)]
-    return [r["mean_dice"] for r in res], {n: r["per_class_dice"] for n, r in zip(names, res, strict=True)}
+    return ([by_stage[j]["mean_dice"] if j in by_stage else float("nan") for j in range(upto + 1)],
+            {n: by_stage[j]["per_class_dice"] if j in by_stage else {} for j, n in enumerate(names)})
 
 
 def plot_matrix(R: list[list[float]], names: list[str], title: str, path: Path) -> None:
@@ -317,9 +328,11 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
     names = [s["name"] for s in stages]
     stage0, t_stage0 = train_stage(spec, out, "stage0", _stage_datasets(stages[0]), None, "finetune", steps[0],
                                    lrs[0], seed, stages[0]["fit_args"])
-    row0, classes0 = evaluate_stage_tests(stage0, spec, 0, seed)
+    last = len(stages) - 1
+    upto = (lambda i: last) if spec.get("full_matrix") else (lambda i: i)  # full_matrix: later stages' tests too
+    row0, classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed)
     score_val = bool(spec.get("score_val", False))
-    val0 = evaluate_stage_tests(stage0, spec, 0, seed, "val")[0] if score_val else None
+    val0 = evaluate_stage_tests(stage0, spec, upto(0), seed, "val")[0] if score_val else None
     results: dict[str, Any] = {}
     for entry in strategies:
         name, strategy = entry["name"], entry["strategy"]
@@ -341,9 +354,9 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
                                       stages[i]["fit_args"] + entry["fit_args"])
             train_s += t
             t0 = time.time()
-            row, per_class = evaluate_stage_tests(ckpt, spec, i, seed)
+            row, per_class = evaluate_stage_tests(ckpt, spec, upto(i), seed)
             if score_val:
-                R_val.append(evaluate_stage_tests(ckpt, spec, i, seed, "val")[0])
+                R_val.append(evaluate_stage_tests(ckpt, spec, upto(i), seed, "val")[0])
             eval_s += time.time() - t0
             R.append(row)
             prev = ckpt

@@ -132,31 +132,34 @@ class _CosineHead(torch.autograd.Function):
             k = a.shape[0]
             eps2 = ctx.eps * ctx.eps
             r = sq.clamp_min(eps2).rsqrt_()  # [B, 1, N]
-            buf = torch.empty(max(f, k) if need_a else f, n, dtype=cd, device=z.device)  # one sample's scratch
+            buf = torch.empty(f, n, dtype=cd, device=z.device)  # one sample's scratch
             if need_a:  # dL/dA = sum_{b,n} g r z^T, scaling whichever side has fewer channels
                 grad_a = torch.zeros(k, f, dtype=cd, device=z.device)
             if need_gram:  # d(z^T G z)/dG = z z^T
                 grad_gram = torch.zeros(f, f, dtype=cd, device=z.device)
             if need_z or need_gram:
-                h = _left_matmul(a.to(cd).transpose(0, 1), grad_out.to(cd))  # dL/dzhat [B, F, N]; becomes dL/dz
+                h = torch.empty(bsz, f, n, dtype=cd, device=z.device)  # r dL/dzhat; becomes dL/dz
+                a_t = a.to(cd).transpose(0, 1)
                 sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)
             for i in range(bsz):
-                zi, ri = z[i].to(cd), r[i]
-                if need_a:
-                    gi = grad_out[i].to(cd)
-                    if k <= f:
-                        grad_a.addmm_(torch.mul(gi, ri, out=buf[:k]), zi.transpose(0, 1))
-                    else:
-                        grad_a.addmm_(gi, torch.mul(zi, ri, out=buf[:f]).transpose(0, 1))
+                zi, ri, gi = z[i].to(cd), r[i], grad_out[i].to(cd)
+                gr = None
+                if k <= f:
+                    gr = torch.mul(gi, ri, out=buf[:k])  # g r
+                    if need_a:
+                        grad_a.addmm_(gr, zi.transpose(0, 1))
+                elif need_a:
+                    grad_a.addmm_(gi, torch.mul(zi, ri, out=buf).transpose(0, 1))
                 if need_z or need_gram:
-                    # dL/dsq = <dL/dzhat, z> * (-r^3 / 2) where the clamp is inactive
-                    dsq = torch.mul(h[i], zi, out=buf[:f]).sum(dim=0, keepdim=True)
-                    dsq.mul_(ri.pow(3)).mul_(-0.5).mul_(sq[i] >= eps2)
-                    zd = torch.mul(zi, dsq, out=buf[:f])  # dsq z
+                    hi = torch.mm(a_t, gi, out=h[i]).mul_(ri) if gr is None else torch.mm(a_t, gr, out=h[i])
+                    # dL/dsq = <dL/dzhat, z> (-r^3 / 2) = <r dL/dzhat, z> (-r^2 / 2) where the clamp is inactive
+                    dsq = torch.mul(hi, zi, out=buf).sum(dim=0, keepdim=True)
+                    dsq.mul_(ri.square()).mul_(-0.5).mul_(sq[i] >= eps2)
+                    zd = torch.mul(zi, dsq, out=buf)  # dsq z
                     if need_gram:
                         grad_gram.addmm_(zd, zi.transpose(0, 1))
                     if need_z:  # dL/dz = r dL/dzhat + 2 sym(G) (dsq z), one fused multiply-add
-                        h[i].mul_(ri).addmm_(sym, zd, alpha=2.0)
+                        hi.addmm_(sym, zd, alpha=2.0)
             if need_a:
                 grad_a = grad_a.to(a.dtype)
             if need_gram:

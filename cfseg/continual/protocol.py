@@ -245,9 +245,21 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
     Returns:
         (mean Dice per stage [upto + 1], ``{stage name: {class: Dice}}``).
     """
+    import hashlib
+
     from cfseg.evaluation import evaluate_groups
     from cfseg.module import load_checkpoint
 
+    # scores are kept beside the checkpoint: a protocol run again (another strategy, a restart) does not predict
+    # the same cases with the same model twice; the key covers the checkpoint file and the stages' definitions
+    stat = Path(ckpt).stat()
+    key = json.dumps([split, upto, spec.get("split_seed", seed), stat.st_size, stat.st_mtime_ns,
+                      [{k: st.get(k) for k in ("name", "classes", "datasets")} for st in spec["stages"][: upto + 1]]],
+                     sort_keys=True, default=str)
+    cache = Path(ckpt).parent / f"scores_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    if cache.is_file():
+        hit = json.loads(cache.read_text())
+        return [float("nan") if v is None else v for v in hit["row"]], hit["per_class"]
     module = load_checkpoint(str(ckpt))
     known = set(module.class_names)
     groups, scored = [], []
@@ -265,8 +277,12 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
     res = evaluate_groups(module, groups, split=split, seed=spec.get("split_seed", seed))
     by_stage = dict(zip(scored, res, strict=True))
     names = [spec["stages"][j]["name"] for j in range(upto + 1)]
-    return ([by_stage[j]["mean_dice"] if j in by_stage else float("nan") for j in range(upto + 1)],
-            {n: by_stage[j]["per_class_dice"] if j in by_stage else {} for j, n in enumerate(names)})
+    row = [by_stage[j]["mean_dice"] if j in by_stage else float("nan") for j in range(upto + 1)]
+    per_class = {n: by_stage[j]["per_class_dice"] if j in by_stage else {} for j, n in enumerate(names)}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_finite({"key": key, "row": row, "per_class": per_class})))
+    tmp.replace(cache)
+    return row, per_class
 
 
 def plot_matrix(R: list[list[float]], names: list[str], title: str, path: Path) -> None:

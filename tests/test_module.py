@@ -108,3 +108,16 @@ def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
     assert not c.warn_slow_bf16("bf16-mixed", "CUDAAccelerator")
     monkeypatch.setattr(c, "native_bf16", lambda: True)
     assert not c.warn_slow_bf16("bf16-mixed", "CPUAccelerator")
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_or_says_no(monkeypatch):
+    import platform
+    import sys
+
+    from cfseg import cli as c
+
+    monkeypatch.setenv("CFSEG_MALLOC_KEEP", "0")
+    assert c.keep_freed_memory() is False  # opt-out
+    monkeypatch.delenv("CFSEG_MALLOC_KEEP")
+    expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert c.keep_freed_memory() is expected  # set on Linux/glibc (the CI image); elsewhere nothing is changed

@@ -88,6 +88,10 @@ class CFSegModule(L.LightningModule):
             ``strategy="distill"`` it is also the frozen teacher.
         strategy: ``"distill"`` (cfseg's method), ``"finetune"`` (no distillation: the lower bound) or
             ``"joint"`` (no previous checkpoint; all stages' data in one training: the upper bound).
+            ``distill``'s defaults (MiB output distillation ``kd_weight=1`` + similarity maps ``sim_weight=1``,
+            full learning rate ``incremental_lr_factor=1``, no PLOP pseudo-labels, no POD) are the combination
+            the OpenKBP ablation chose on validation cases (benchmarks/openkbp/README.md, "Distillation
+            ablation"); pseudo-labels and POD kept the old organs better but stopped the new ones being learnt.
         new_classes: the classes this stage adds (checked against the previous checkpoint; inferred from
             ``class_names`` when None).
         kd_weight: weight of the output distillation (teacher distribution over old classes, student's
@@ -151,7 +155,7 @@ class CFSegModule(L.LightningModule):
         new_classes: list[str] | None = None,
         kd_weight: float = 1.0,
         kd_temperature: float = 1.0,
-        sim_weight: float = 0.0,
+        sim_weight: float = 1.0,
         feat_weight: float = 0.0,
         pseudo_label: bool = False,
         pseudo_entropy_floor: float = 0.001,

@@ -91,14 +91,9 @@ def plot_case(vol: dict, out: dict, names: list[str], cls: str, path: Path) -> N
 
 def _protocol_job(spec: dict, seed: int, workers: int, log: str) -> None:
     """Background process: the whole protocol, output to ``log``."""
-    import os
+    from cfseg.continual.protocol import run_protocol, single_thread_logging_to
 
-    from cfseg.continual.protocol import run_protocol
-
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    torch.set_num_threads(1)
+    single_thread_logging_to(log)
     run_protocol(spec, seeds=[seed], workers=workers)
 
 

@@ -423,8 +423,8 @@ def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None,
     return results
 
 
-def _strategy_worker(spec: dict[str, Any], seed: int, entry: dict[str, Any], log: str) -> None:
-    """Child process: one strategy of one seed, one torch thread, stdout/stderr to ``log``."""
+def single_thread_logging_to(log: str) -> None:
+    """In a child process: stdout and stderr (file descriptors, so C libraries too) to ``log``; one torch thread."""
     import os
 
     import torch
@@ -433,6 +433,11 @@ def _strategy_worker(spec: dict[str, Any], seed: int, entry: dict[str, Any], log
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     torch.set_num_threads(1)
+
+
+def _strategy_worker(spec: dict[str, Any], seed: int, entry: dict[str, Any], log: str) -> None:
+    """Child process: one strategy of one seed, one torch thread, stdout/stderr to ``log``."""
+    single_thread_logging_to(log)
     run_seed(spec, seed, [entry])
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import zlib
 from collections.abc import Sequence
@@ -155,6 +156,10 @@ class DatasetConfig:
             classes: its annotated classes must already be in the class list (the previous checkpoint's or
             another dataset's). An incremental stage lists earlier stages' validation cases this way, so the
             validation metrics score every class seen so far.
+        train_fraction: use only this fraction of the dataset's training cases (rounded up, at least one), a
+            deterministic subset chosen from the split seed: experience replay of an earlier stage keeps e.g.
+            0.25 of its training cases (not rehearsal-free). Validation and test cases are unchanged; a smaller
+            fraction's subset is contained in a larger one's (see :func:`train_subset`).
     """
 
     path: str
@@ -169,6 +174,13 @@ class DatasetConfig:
     test_fraction: float = 0.2
     max_cases: int | None = None
     val_only: bool = False
+    train_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        f = self.train_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1:
+            raise ValueError(f"dataset {self.name or self.path!r}: train_fraction must be in (0, 1], got {f!r} "
+                             "(e.g. 0.25 to replay a quarter of an earlier stage's training cases)")
 
 
 @dataclass
@@ -243,6 +255,25 @@ def split_cases(
         n_test = min(n_test, n - n_val - 1)
     test, val, train = order[:n_test], order[n_test:n_test + n_val], order[n_test + n_val:]
     return {"train": [by_id[i] for i in train], "val": [by_id[i] for i in val], "test": [by_id[i] for i in test]}
+
+
+def train_subset(cases: Sequence[CaseRecord], fraction: float, seed: int, dataset_name: str) -> list[CaseRecord]:
+    """A deterministic subset of ``ceil(fraction * n)`` (at least one) of ``n`` training cases, in their order.
+
+    The sorted case ids are permuted by a generator seeded with ``(seed, crc32(dataset_name), 1)`` (a stream
+    apart from :func:`split_cases`'s) and the first ones are kept, so the subset depends only on the seed, the
+    dataset and the case ids, and a smaller fraction's subset is contained in a larger one's.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {fraction!r}")
+    n = len(cases)
+    k = max(1, math.ceil(fraction * n - 1e-9))  # tolerance: 0.3 * 10 is 3.0000000000000004, not 4 cases
+    if k >= n:
+        return list(cases)
+    ids = sorted(c.case_id for c in cases)
+    rng = np.random.default_rng([seed, zlib.crc32(dataset_name.encode()), 1])
+    keep = {ids[i] for i in rng.permutation(n)[:k]}
+    return [c for c in cases if c.case_id in keep]
 
 
 def checkpoint_classes(path: str | Path, ckpt: Any = None) -> list[str]:
@@ -372,6 +403,8 @@ class SegDataModule(L.LightningDataModule):
         # the split key is the folder name, so a dataset splits the same under any tag (labelled or image-only)
         split = split_cases(cases, self.hparams.seed, Path(cfg.path).name, cfg.val_fraction, cfg.test_fraction,
                             cfg.split_file)
+        if cfg.train_fraction < 1:
+            split["train"] = train_subset(split["train"], cfg.train_fraction, self.hparams.seed, Path(cfg.path).name)
         return LoadedDataset(cfg, info, split)
 
     @property

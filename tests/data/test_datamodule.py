@@ -191,3 +191,49 @@ def test_inverse_frequency_crop_ratios(two_sites):
         dm_for(*two_sites, class_ratios="inverse")
     with pytest.raises(ValueError, match="class_ratios has 2 entries"):
         dm_for(*two_sites, class_ratios=[1.0, 2.0]).crop_ratios()
+
+
+def test_train_fraction_replay_subset(tmp_path):
+    """train_fraction keeps ceil(f * n) training cases, a seeded subset; val/test and other datasets unchanged."""
+    import math
+
+    from cfseg.data.datamodule import train_subset
+
+    a = make_nnunet(tmp_path / "site_a", {"liver": 1}, n_cases=10, shape=(8, 8, 8))
+    b = make_nnunet(tmp_path / "site_b", {"spleen": 1}, n_cases=5, shape=(8, 8, 8))
+
+    def dm(fraction, seed=0):
+        return SegDataModule([DatasetConfig(str(a), name="A", val_fraction=0.2, test_fraction=0.2,
+                                            train_fraction=fraction),
+                              DatasetConfig(str(b), name="B", val_fraction=0.2, test_fraction=0.2)],
+                             spacing=(1.0, 1.0, 1.0), patch_size=(8, 8, 8), seed=seed)
+
+    def ids(d, split, i=0):
+        return [c.case_id for c in d.datasets[i].split[split]]
+
+    full = dm(1.0)
+    assert len(ids(full, "train")) == 6
+    for f in (0.1, 0.25, 0.3, 0.5, 0.99):
+        sub = dm(f)
+        assert len(ids(sub, "train")) == math.ceil(round(f * 6, 9))
+        assert set(ids(sub, "train")) <= set(ids(full, "train"))
+        assert ids(sub, "train") == [i for i in ids(full, "train") if i in ids(sub, "train")]  # order kept
+        assert ids(sub, "val") == ids(full, "val") and ids(sub, "test") == ids(full, "test")
+        assert sub.datasets[1].split == full.datasets[1].split  # the other dataset is untouched
+        assert ids(dm(f), "train") == ids(sub, "train")  # same seed, same subset
+    assert set(ids(dm(0.25), "train")) <= set(ids(dm(0.5), "train"))  # nested
+    assert len(dm(0.5).split_dataset("train").datasets[0]) == 3  # the loader sees the subset
+    subsets = {tuple(ids(dm(0.5, seed), "train")) for seed in range(8)}
+    assert len(subsets) > 1  # the seed matters
+    # the subset does not depend on the other datasets listed
+    alone = SegDataModule([DatasetConfig(str(a), name="A", val_fraction=0.2, test_fraction=0.2, train_fraction=0.5)],
+                          spacing=(1.0, 1.0, 1.0), patch_size=(8, 8, 8))
+    assert ids(alone, "train") == ids(dm(0.5), "train")
+    cases = read_dataset(a).cases
+    assert len(train_subset(cases[:3], 0.01, 0, "A")) == 1  # at least one case
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.5, 1.5, float("nan"), "0.5", True])
+def test_train_fraction_rejected(tmp_path, bad):
+    with pytest.raises(ValueError, match="train_fraction must be in \\(0, 1\\]"):
+        DatasetConfig(str(tmp_path), train_fraction=bad)

@@ -40,7 +40,9 @@ def evaluate_datasets(
 
     Returns:
         ``{"per_class_dice": {name: mean}, "mean_dice": float, "n_cases": int, "dice_convention": str}``
-        (classes never annotated in the scored cases are NaN and left out of the mean).
+        (classes never annotated in the scored cases are NaN and left out of the mean); with a router
+        (LoRA experts of several domains) also ``routing_accuracy``: the fraction of cases routed to an expert of
+        their own dataset's domain.
     """
     return evaluate_groups(module, [(datasets, classes)], split=split, seed=seed, device=device,
                            keep_first=keep_first)[0]
@@ -66,6 +68,7 @@ def evaluate_groups(
     pre = next(iter(module.preprocessing.values()))
     names = module.bank.names
     predictions: dict[tuple[str, str], torch.Tensor] = {}
+    routes: dict[tuple[str, str], bool] = {}  # LoRA experts: was the case routed to an expert of its own domain?
     results = []
     for datasets, classes in groups:
         configs = [d if isinstance(d, DatasetConfig) else DatasetConfig(**d) for d in datasets]
@@ -75,7 +78,7 @@ def evaluate_groups(
                            ct_window=tuple(pre.get("ct_window", (-175.0, 250.0))), cache="none", seed=seed)
         wanted = set(range(1, len(names))) if classes is None else {module.bank.index(c) for c in classes}
         scores: dict[str, list[float]] = {names[k]: [] for k in sorted(wanted)}
-        n_cases, first = 0, None
+        n_cases, first, routed = 0, None, []
         for ds in dm.datasets:
             items = dm.items(ds, "train" if split == "all" else split)
             if not items:
@@ -90,6 +93,11 @@ def evaluate_groups(
                     labels = first[1]["labels"]
                 elif labels is None:
                     labels = predict_volume(module, vol["image"], device=device)["labels"]  # uint8 [*S]
+                route = getattr(module, "last_route", None)
+                if key not in routes and key not in predictions and route is not None:
+                    routes[key] = str(ds.domain) in route["domains"]
+                if key in routes:
+                    routed.append(routes[key])
                 if len(groups) > 1:  # kept only where a later group may score the same case
                     predictions[key] = labels
                 ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
@@ -104,6 +112,8 @@ def evaluate_groups(
             "n_cases": n_cases,
             "dice_convention": DICE_CONVENTION,
         }
+        if routed:  # the router chose an expert of the case's own domain (domain-incremental experts)
+            result["routing_accuracy"] = sum(routed) / len(routed)
         if keep_first:
             result["first"] = first
         results.append(result)

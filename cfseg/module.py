@@ -23,7 +23,7 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from cfseg.builder import UntrustedSpecError, build_network, check_spec
-from cfseg.continual import distill
+from cfseg.continual import distill, experts
 from cfseg.continual.distill import (
     DEFAULT_POD_LAYERS,
     capture_activations,
@@ -35,6 +35,7 @@ from cfseg.continual.distill import (
     resolve_layers,
     similarity_distillation,
 )
+from cfseg.continual.router import RidgeRouter, pooled_features
 from cfseg.losses import partial_label_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter
@@ -51,7 +52,11 @@ DEFAULT_BACKBONE: dict[str, Any] = {
     },
 }
 HEADS = ("prototype", "softmax")
-STRATEGIES = ("distill", "finetune", "joint")
+STRATEGIES = ("distill", "finetune", "joint", "experts")
+EXPERT_INITS = ("previous", "zero")
+#: MONAI UNet's bottleneck convolution *before* its instance normalisation (the deepest match): after the norm, the
+#: per-channel mean and spread of a block's output are normalised away and cannot tell one scanner from another
+DEFAULT_ROUTER_LAYER = r"model(\.1\.submodule)*\.conv"
 PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
 ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 
@@ -120,9 +125,24 @@ class CFSegModule(L.LightningModule):
             default: MONAI UNet's encoder and decoder blocks at every resolution
             (:data:`cfseg.continual.distill.DEFAULT_POD_LAYERS`). Other backbones must name their layers.
         pod_scales: windows per axis of Local POD (1, 2, 4: the whole patch, halves, quarters).
+        expert_layers: ``strategy="experts"``: regular expressions (full match) of the segmenter's convolutions
+            that carry LoRA experts (default :data:`cfseg.continual.experts.DEFAULT_EXPERT_LAYERS`: MONAI UNet's
+            decoder, so the encoder runs once per window for all experts at inference).
+        expert_rank: rank ``r`` of each expert's weight update.
+        expert_alpha: LoRA scale numerator (the update is ``alpha / r * U D``).
+        expert_init: ``"previous"`` (a new expert starts as a copy of the previous stage's expert, as EvoSAM) or
+            ``"zero"`` (it starts as no change of the shared weights).
+        router_layer: regular expression of the backbone module whose output, pooled (mean and standard
+            deviation per channel), is the analytic router's feature; the deepest match is used (default: MONAI
+            UNet's bottleneck convolution before its normalisation, :data:`DEFAULT_ROUTER_LAYER`).
+        router_gamma: ridge regularisation ``gamma`` of the router.
+        router_random_features: width of the router's fixed random ReLU feature expansion (0: none).
+        router_batches: training batches whose (frozen shared network) features feed the router's statistics at
+            the end of stage 0 and of every ``experts`` stage (0: no router).
         optimizer: optional callable ``params -> Optimizer`` (LightningCLI injection).
         bank_state: a saved bank (:meth:`PrototypeBank.state`) to restore instead of encoding names; used when
             loading checkpoints, never written to hyper-parameters.
+        experts_state: the saved experts metadata (:meth:`experts_state`) of a checkpoint; used when loading.
         trusted_modules: packages besides MONAI's networks and ``cfseg.nets`` that ``backbone`` may name (your own
             network code; see :mod:`cfseg.builder`). Never read back from a checkpoint: pass it again (or set
             ``CFSEG_TRUSTED_MODULES``) when loading one.
@@ -165,8 +185,17 @@ class CFSegModule(L.LightningModule):
         pod_weight: float = 0.0,
         pod_layers: list[str] | None = None,
         pod_scales: tuple[int, ...] = (1, 2, 4),
+        expert_layers: list[str] | None = None,
+        expert_rank: int = 4,
+        expert_alpha: float = 4.0,
+        expert_init: str = "previous",
+        router_layer: str = DEFAULT_ROUTER_LAYER,
+        router_gamma: float = 1.0,
+        router_random_features: int = 0,
+        router_batches: int = 16,
         optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None,
         bank_state: dict[str, Any] | None = None,
+        experts_state: dict[str, Any] | None = None,
         trusted_modules: list[str] | None = None,
     ):
         super().__init__()
@@ -174,6 +203,11 @@ class CFSegModule(L.LightningModule):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if strategy == "experts" and not previous_checkpoint:
+            raise ValueError("strategy 'experts' starts from a trained stage: give model.previous_checkpoint (stage 0 "
+                             "trains the whole network with any other strategy)")
+        if expert_init not in EXPERT_INITS:
+            raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
         if strategy == "joint" and previous_checkpoint:
             raise ValueError("strategy 'joint' trains from scratch on all stages' data: drop previous_checkpoint")
         if not (isinstance(incremental_lr_factor, (int, float)) and math.isfinite(incremental_lr_factor)
@@ -188,7 +222,7 @@ class CFSegModule(L.LightningModule):
             raise ValueError(f"need pod_weight >= 0 and positive integer pod_scales, got {pod_weight}, {pod_scales}")
         if bank_state is None and not class_names and not previous_checkpoint:
             raise ValueError("class_names is empty: give model.class_names or link it from the data module")
-        self.save_hyperparameters(ignore=["optimizer", "bank_state"])
+        self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state"])
         self.hparams["backbone"] = backbone = backbone or DEFAULT_BACKBONE
         teacher = load_checkpoint(previous_checkpoint, trusted_modules=trusted_modules) if previous_checkpoint else None
         if teacher is not None:
@@ -221,8 +255,17 @@ class CFSegModule(L.LightningModule):
         self._n_earlier_stages = 0  # stage entries of earlier stages; this stage's entry comes after them
         self.n_old = 0
         self._teacher: list[CFSegModule] = []  # a list keeps the teacher out of state_dict and parameters()
+        # experts: one record per expert (0: the shared network), the LoRA layout, the router (statistics only)
+        self.expert_records: list[dict[str, Any]] = []
+        self.expert_layout: dict[str, Any] | None = None
+        self.router: RidgeRouter | None = None
+        self.route_override: int | None = None  # force one expert for every class (cfseg-segment --expert)
+        self.last_route: dict[str, Any] | None = None
+        self._expert_stage = False
+        if experts_state is not None:
+            self._restore_experts(experts_state)
         if teacher is not None:
-            self.net.load_state_dict(teacher.net.state_dict())
+            self._start_from_teacher(teacher, strategy)
             self.preprocessing = merge_preprocessing(teacher.preprocessing, self.preprocessing, previous_checkpoint)
             self.stage_history = list(teacher.stage_history)
             self._n_earlier_stages = len(self.stage_history)
@@ -267,6 +310,223 @@ class CFSegModule(L.LightningModule):
             bank.extend(added, build_encoder(encoder))
         return bank
 
+    # ---- experts (strategy "experts") ----------------------------------------------------------------
+    def _layout_from_hparams(self) -> dict[str, Any]:
+        h = self.hparams
+        return {"layers": list(h.expert_layers or experts.DEFAULT_EXPERT_LAYERS), "rank": int(h.expert_rank),
+                "alpha": float(h.expert_alpha)}
+
+    def _attach(self, layout: dict[str, Any], n_total: int) -> None:
+        """LoRA layers of ``layout`` on ``self.net`` with experts 1..n_total-1 (zero-initialised)."""
+        experts.attach_lora(self.net, layout["layers"], int(layout["rank"]), float(layout["alpha"]))
+        while experts.n_experts(self.net) < n_total:
+            experts.add_expert(self.net)
+        self.expert_layout = dict(layout)
+
+    def _restore_experts(self, state: dict[str, Any]) -> None:
+        """Rebuild the experts of a saved checkpoint (:meth:`experts_state`) before its weights are loaded."""
+        self.expert_records = [dict(r) for r in state.get("records", [])]
+        if state.get("layout") and len(self.expert_records) > 1:
+            self._attach(state["layout"], len(self.expert_records))
+        if state.get("router"):
+            self.router = RidgeRouter.from_state(state["router"])
+
+    def experts_state(self) -> dict[str, Any]:
+        """Experts metadata saved in the checkpoint: records, LoRA layout and router statistics (data only)."""
+        return {"records": [dict(r) for r in self.expert_records], "layout": self.expert_layout,
+                "router": self.router.state() if self.router is not None else None,
+                "router_layer": self.hparams.router_layer}
+
+    def _start_from_teacher(self, teacher: CFSegModule, strategy: str) -> None:
+        """Copy the previous stage's network (and its experts); ``experts``: freeze it and add a new expert."""
+        self.expert_records = [dict(r) for r in teacher.expert_records]
+        if not self.expert_records:  # a checkpoint trained before experts existed: expert 0 serves all it knows
+            self.expert_records = [_record(0, teacher.bank.classes, sorted({
+                d.get("domain") or "" for st in teacher.stage_history for d in st.get("datasets", [])} - {""}))]
+        self.router = RidgeRouter.from_state(teacher.router.state()) if teacher.router is not None else None
+        if teacher.expert_layout is not None:
+            if strategy == "experts" and teacher.expert_layout != self._layout_from_hparams():
+                raise ValueError(f"the previous checkpoint's experts sit on {teacher.expert_layout}, this stage asks "
+                                 f"for {self._layout_from_hparams()}; keep expert_layers/rank/alpha across stages")
+            self._attach(teacher.expert_layout, experts.n_experts(teacher.net))
+        self.net.load_state_dict(teacher.net.state_dict())
+        if strategy != "experts":
+            if teacher.expert_layout is not None:
+                raise ValueError("the previous checkpoint carries LoRA experts: continue it with strategy 'experts'")
+            return
+        if self.expert_layout is None:
+            self._attach(self._layout_from_hparams(), 1)
+        previous = experts.n_experts(self.net) - 1
+        new = experts.add_expert(self.net, previous if self.hparams.expert_init == "previous" else None)
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        for p in experts.expert_parameters(self.net, new):
+            p.requires_grad_(True)
+        experts.set_active_expert(self.net, new)
+        self._expert_stage = True
+        if self.router is None and self.hparams.router_batches > 0:
+            import warnings
+
+            warnings.warn("the previous checkpoint has no router statistics for its expert(s): volumes cannot be "
+                          "routed between domains (class-incremental experts still serve their classes); train "
+                          "stage 0 with model.router_batches > 0 for domain routing", stacklevel=3)
+
+    @property
+    def n_experts(self) -> int:
+        """Experts of the network including expert 0 (the shared weights); 1 without LoRA experts."""
+        return experts.n_experts(self.net)
+
+    def train(self, mode: bool = True) -> CFSegModule:
+        """As ``nn.Module.train``; in an ``experts`` stage normalisation statistics of the frozen network stay fixed."""
+        super().train(mode)
+        if mode and getattr(self, "_expert_stage", False):
+            for m in self.net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def _routing_domains(self) -> list[str]:
+        return sorted({d for r in self.expert_records for d in r.get("domains", [])})
+
+    @property
+    def can_route(self) -> bool:
+        """Whether the router can pick a domain: experts of two or more domains and statistics for every expert."""
+        return (self.router is not None and self.n_experts > 1 and len(self._routing_domains()) > 1
+                and self.router.n_experts == len(self.expert_records))
+
+    def expert_plan(self, class_indices: Sequence[int], domain: str | None = None) -> dict[int, list[int]]:
+        """Which expert segments which class: ``{expert: [global class indices]}``.
+
+        A class is served by the experts of the stages that trained it (annotated it); among those, the latest of
+        the routed ``domain`` if there is one, else the latest. ``route_override`` sends every class to one expert.
+        """
+        if self.route_override is not None:
+            return {int(self.route_override): [int(k) for k in class_indices]}
+        plan: dict[int, list[int]] = {}
+        names = self.bank.names
+        for k in class_indices:
+            serving = [e for e, r in enumerate(self.expert_records) if names[int(k)] in r["classes"]] or [0]
+            in_domain = [e for e in serving if domain is not None and domain in self.expert_records[e]["domains"]]
+            plan.setdefault((in_domain or serving)[-1], []).append(int(k))
+        return plan
+
+    def _router_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Router features [B, 2C] of images ``x`` [B, C, *S]: the pooled ``router_layer`` output of the shared
+        network (expert 0); the rest of the network is not run."""
+        name = self._router_layer_name()
+        layer = self.net.backbone.get_submodule(name)
+        store: list[torch.Tensor] = []
+
+        class _Stop(Exception):
+            pass
+
+        def hook(_m: nn.Module, _i: Any, out: Any) -> None:
+            store.append(out[0] if isinstance(out, (tuple, list)) else out)
+            raise _Stop
+
+        handle = layer.register_forward_hook(hook)
+        try:
+            with torch.no_grad(), experts.active_expert(self.net, 0):
+                self.net.backbone(x)
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
+        if not store:
+            raise ValueError(f"router layer {name!r} did not run in the backbone's forward pass")
+        return pooled_features(store[0].float()).as_subclass(torch.Tensor)  # plain data, never a MetaTensor
+
+    def _router_layer_name(self) -> str:
+        import re
+
+        pattern = self.hparams.router_layer
+        names = [n for n, _ in self.net.backbone.named_modules() if n and re.fullmatch(pattern, n)]
+        if not names:
+            raise ValueError(f"router_layer {pattern!r} matches no module of the backbone; set model.router_layer to "
+                             "a regular expression of a module name (e.g. its bottleneck)")
+        return max(names, key=lambda n: (n.count("."), len(n)))
+
+    def route(self, image: torch.Tensor) -> dict[str, Any]:
+        """Top-1 expert and its domain for one preprocessed volume ``image`` [1, C, *S].
+
+        The volume is covered by ``roi_size`` windows without overlap except at the far borders (the last window
+        ends at the border; zero padding only where the volume is smaller than a window), the router scores each
+        window's features and the mean score picks the expert (as :meth:`RidgeRouter.predict_volume`).
+        """
+        from monai.data.utils import dense_patch_slices
+
+        if self.router is None:
+            raise ValueError("this checkpoint has no router statistics")
+        roi = [int(r) for r in self.hparams.roi_size]
+        x = image[:1].as_subclass(torch.Tensor) if isinstance(image, torch.Tensor) else image
+        pad = [max(0, r - n) for n, r in zip(x.shape[2:], roi, strict=True)]
+        x = torch.nn.functional.pad(x, [p for q in reversed(pad) for p in (0, q)])
+        p0 = next(self.parameters())
+        feats = [self._router_features(x[(slice(None), slice(None), *sl)].to(p0.device, p0.dtype)).cpu()
+                 for sl in dense_patch_slices(tuple(x.shape[2:]), roi, roi)]
+        e = int(self.router.predict_volume(torch.cat(feats)))
+        return {"expert": e, "domains": list(self.expert_records[e]["domains"]), "stage": e}
+
+    def _collect_router_statistics(self, expert: int) -> None:
+        """Router statistics of this stage's training images for ``expert`` (``router_batches`` batches)."""
+        h = self.hparams
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if loader is None or h.router_batches <= 0:
+            return
+        if self.router is None:
+            if expert != 0:
+                return  # no statistics for the earlier experts: routing would be wrong, so none is kept
+            width = 2 * self._router_feature_channels()
+            self.router = RidgeRouter(width, gamma=h.router_gamma, random_features=h.router_random_features,
+                                      seed=int(torch.initial_seed()) % 2**31)
+        seen, last = 0, -1
+        while last != seen < h.router_batches:  # passes over the loader until enough batches (a short one repeats)
+            last = seen
+            for batch in loader:
+                if isinstance(batch, dict) and "labeled" in batch:
+                    batch = batch["labeled"]
+                x = batch["image"].to(self.device, next(self.parameters()).dtype)
+                self.router.update(self._router_features(x).cpu(), expert)
+                seen += 1
+                if seen >= h.router_batches:
+                    break
+
+    def _router_feature_channels(self) -> int:
+        layer = self.net.backbone.get_submodule(self._router_layer_name())
+        channels = [m.out_channels for m in layer.modules() if hasattr(m, "out_channels")]
+        if channels:
+            return int(channels[-1])
+        x = torch.zeros(1, self.net.backbone.in_channels if hasattr(self.net.backbone, "in_channels") else 1,
+                        *self.hparams.roi_size, device=self.device)
+        return self._router_features(x).shape[1] // 2
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The router's statistics are taken when training ends, before the last checkpoint is written."""
+        return [_RouterStatistics()]
+
+    def on_train_start(self) -> None:
+        self._entropy_hist = self._entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
+        self._hist_batches = 0
+        self._router_done = False
+
+    def on_train_end(self) -> None:
+        self.router_statistics()  # training stopped early (no last epoch end): still before the final save
+
+    def router_statistics(self) -> None:
+        """Stage 0 (no previous checkpoint) and ``experts`` stages: the router's statistics of this stage's images,
+        once per fit, from the shared network as it will stay frozen."""
+        h = self.hparams
+        if getattr(self, "_router_done", True) or h.router_batches <= 0 or h.strategy == "joint" \
+                or (h.previous_checkpoint and not self._expert_stage):
+            return
+        self._router_done = True
+        was_training = self.training
+        self.eval()
+        try:
+            self._collect_router_statistics(self.n_experts - 1 if self._expert_stage else 0)
+        finally:
+            self.train(was_training)
+
     # ---- properties ----------------------------------------------------------------------------------
     @property
     def class_names(self) -> list[str]:
@@ -279,7 +539,42 @@ class CFSegModule(L.LightningModule):
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, class_indices: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits [B, K'+1, *S] over background plus ``class_indices`` (all classes when None)."""
+        """Logits [B, K'+1, *S] over background plus ``class_indices`` (all classes when None).
+
+        With LoRA experts outside training, each class comes from the expert that serves it
+        (:meth:`expert_plan`, in the domain of :attr:`last_route`); several experts' outputs merge as log-odds
+        against each expert's own background: class c of expert e scores ``log p_e(c) - log p_e(bg)``, background
+        scores 0. A voxel is background unless some expert prefers one of its classes to background, and an expert's
+        decision stands wherever no other expert claims the voxel; with one expert the softmax of these scores is
+        that expert's softmax.
+        """
+        if self.n_experts > 1 and not self.training:
+            return self._experts_forward(x, class_indices)
+        return self._forward_active(x, class_indices)
+
+    def _experts_forward(self, x: torch.Tensor, class_indices: Sequence[int] | None) -> torch.Tensor:
+        ks = list(range(1, len(self.bank.names))) if class_indices is None else \
+            [int(i) for i in class_indices if int(i) != 0]
+        domains = (self.last_route or {}).get("domains") or [None]
+        plan = self.expert_plan(ks, domains[0])
+        if len(plan) == 1:
+            (e, _), = plan.items()
+            with experts.active_expert(self.net, e):
+                return self._forward_active(x, ks)
+        position = {k: i + 1 for i, k in enumerate(ks)}
+        out = None
+        with experts.shared_prefix_cache(self.net.backbone):
+            for e, mine in plan.items():
+                with experts.active_expert(self.net, e):
+                    lp = self._forward_active(x, mine).float().log_softmax(1)
+                if out is None:
+                    out = lp.new_zeros((lp.shape[0], len(ks) + 1, *lp.shape[2:]))
+                for j, k in enumerate(mine):
+                    torch.sub(lp[:, j + 1], lp[:, 0], out=out[:, position[k]])
+        return out
+
+    def _forward_active(self, x: torch.Tensor, class_indices: Sequence[int] | None = None) -> torch.Tensor:
+        """Logits of the active expert (the plain network without experts). x [B, C, *S] -> [B, K'+1, *S]."""
         P = self.prototypes
         if class_indices is not None:
             idx = [0, *[int(i) for i in class_indices if int(i) != 0]]
@@ -300,6 +595,14 @@ class CFSegModule(L.LightningModule):
         h = self.hparams
         if sw_device is None:
             sw_device = next(self.parameters()).device
+        if self.n_experts > 1 and not self.training:
+            if image.shape[0] > 1:  # one route per volume
+                return torch.cat([self.sliding_window_logits(image[b:b + 1], class_indices, sw_device, device)
+                                  for b in range(image.shape[0])])
+            self.last_route = None
+            if self.route_override is None and self.can_route:
+                with torch.no_grad():
+                    self.last_route = self.route(image)
         return sliding_window_inference(
             image, roi_size=tuple(h.roi_size), sw_batch_size=h.sw_batch_size,
             predictor=lambda x: self(x, class_indices), overlap=h.sw_overlap, mode="gaussian",
@@ -395,10 +698,6 @@ class CFSegModule(L.LightningModule):
         ignore = PSEUDO_IGNORE if h.pseudo_ignore_uncertain else None
         new_target, new_annotated = distill.pseudo_label(target, annotated, teacher_logits, thresholds, ignore)
         return new_target, new_annotated, ignore
-
-    def on_train_start(self) -> None:
-        self._entropy_hist = self._entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
-        self._hist_batches = 0
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         unlabeled = None
@@ -537,6 +836,17 @@ class CFSegModule(L.LightningModule):
         }
         # one entry per stage: a resumed fit (``--ckpt_path``) replaces this stage's entry, never appends another
         self.stage_history = [*self.stage_history[: self._n_earlier_stages], stage]
+        trained = [d for d in getattr(dm, "datasets", []) if d.config.labeled and not d.config.val_only]
+        classes = {c for d in trained for c in d.info.classes if d.config.classes is None or c in d.config.classes}
+        classes_in_order = [c for c in self.bank.classes if c in classes]
+        domains = sorted({str(d.domain) for d in trained})
+        if self._expert_stage:  # this stage's expert serves the classes it was trained on, in its domains
+            new = self.n_experts - 1
+            self.expert_records = [*self.expert_records[:new], _record(new, classes_in_order, domains)]
+        elif self.hparams.strategy != "experts":  # the whole network changed: expert 0 serves all it learnt
+            old = self.expert_records[0] if self.expert_records else {"classes": [], "domains": []}
+            self.expert_records = [_record(0, [c for c in self.bank.classes if c in classes or c in old["classes"]],
+                                           sorted(set(domains) | set(old["domains"])))]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cfseg"] = {
@@ -549,6 +859,7 @@ class CFSegModule(L.LightningModule):
             "preprocessing": self.preprocessing,
             "head": self.hparams.head,
             "stage_history": list(self.stage_history),
+            "experts": self.experts_state(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -574,6 +885,22 @@ class CFSegModule(L.LightningModule):
             raise ValueError(f"the checkpoint has a {meta.get('head')!r} head, this run a {self.hparams.head!r} head")
         self.preprocessing = merge_preprocessing(meta.get("preprocessing") or {}, self.preprocessing, "this run")
         self.stage_history = list(meta.get("stage_history", []))
+
+
+class _RouterStatistics(L.Callback):
+    """Calls :meth:`CFSegModule.router_statistics` at the end of the last training epoch (Lightning runs model
+    callbacks before checkpoint callbacks, so the checkpoint of that epoch carries the statistics)."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        last_step = 0 < trainer.max_steps <= trainer.global_step
+        last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+        if (last_step or last_epoch) and isinstance(pl_module, CFSegModule):
+            pl_module.router_statistics()
+
+
+def _record(expert: int, classes: list[str], domains: list[str]) -> dict[str, Any]:
+    """What one expert serves: the classes its stage trained and the domains of its training images."""
+    return {"expert": int(expert), "classes": list(classes), "domains": list(domains)}
 
 
 def _canonical_preprocessing(p: Any) -> Any:
@@ -628,14 +955,16 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     import inspect
 
     skip = {"self", "class_names", "preprocessing", "previous_checkpoint", "new_classes", "trusted_modules",
-            "bank_state", "optimizer"}
+            "bank_state", "optimizer", "experts_state"}
     allowed = set(inspect.signature(CFSegModule.__init__).parameters) - skip
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in allowed}
     hp["backbone"] = hp.get("backbone") or DEFAULT_BACKBONE
     check_spec(hp["backbone"], trusted_modules)  # refuse before anything else is built or imported
     try:
+        if hp.get("strategy") == "experts":  # the stage is over: its experts come from the saved metadata
+            hp["strategy"] = "finetune"
         module = CFSegModule(bank_state=meta["prototype_bank"], preprocessing=meta.get("preprocessing"),
-                             trusted_modules=trusted_modules, **hp)
+                             trusted_modules=trusted_modules, experts_state=meta.get("experts"), **hp)
         module.load_state_dict(ckpt["state_dict"])
         module.on_load_checkpoint(ckpt)
     except UntrustedSpecError as e:

@@ -186,3 +186,23 @@ def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
     assert rows[0] == rows[1] and len(rows[0]) == 2  # full_matrix: stage 0's model on stage 1's test cases too
     fin = summary["strategies"]["finetune"]["per_seed"]["0"]
     assert fin["bwt"] == pytest.approx(fin["matrix"][1][0] - fin["matrix"][0][0])
+
+
+def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_path):
+    spec_path = write_spec(
+        tmp_path, strategies=["experts", "replay"], max_steps=6, lr=0.01, fit_args=FAST, replay_fraction=0.5,
+        stages=[{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
+                {"name": "s1", "datasets": [box(boxes, ["aorta"])]}])
+    res = run_protocol(load_protocol(spec_path))[0]
+    experts = res["experts"]
+    assert len(experts["R"]) == 2 and "routing_accuracy" not in experts  # one domain: nothing to route
+    stage0, stage1 = experts["params"]
+    assert stage0["trainable"] == stage0["total"] and 0 < stage1["trainable"] < 0.1 * stage1["total"]  # a tiny UNet
+    run = tmp_path / "out" / "seed0" / "runs"
+    args = json.loads((run / "replay_stage1" / "final.json").read_text())["args"]
+    datasets = json.loads(next(a for a in args if a.startswith("--data.datasets="))[len("--data.datasets="):])
+    replayed = [d for d in datasets if d.get("train_fraction") == 0.5]
+    assert len(replayed) == 1 and replayed[0]["classes"] == ["liver", "spleen"]
+    assert "--model.strategy=finetune" in args
+    model = load_checkpoint(str(run / "experts_stage1" / "final.ckpt"))
+    assert model.n_experts == 2 and model.expert_records[1]["classes"] == ["aorta"]

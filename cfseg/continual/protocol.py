@@ -6,6 +6,10 @@ earlier domains for distillation, and its own budget) and the strategies to comp
 
 * ``distill``: stage i starts from stage i-1's checkpoint, which is also the frozen teacher (cfseg's method);
 * ``finetune``: stage i starts from stage i-1's checkpoint, no distillation (the lower bound);
+* ``experts``: stage 0's network is frozen; stage i trains only a new LoRA expert (``model.expert_*``) that serves
+  the stage's classes in the stage's domains, chosen per volume by the analytic router (``model.router_*``);
+* ``replay`` (reference, not rehearsal-free): ``finetune`` plus ``replay_fraction`` (default 0.25) of every earlier
+  stage's training cases;
 * ``joint``: after stage i, one model trained from scratch on the data of stages 0..i at once with the
   *cumulative* step budget of stages 0..i and stage 0's learning rate (the upper bound; each stage keeps its own
   annotated classes).
@@ -48,7 +52,13 @@ import yaml
 
 from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
 
-STRATEGIES = ("distill", "finetune", "joint")
+STRATEGIES = ("distill", "finetune", "joint", "experts", "replay")
+#: the module's strategy for each protocol strategy (``replay`` is fine-tuning on the stage's data plus a fraction
+#: of every earlier stage's training cases: a reference row that is not rehearsal-free)
+MODULE_STRATEGY = {"distill": "distill", "finetune": "finetune", "joint": "joint", "experts": "experts",
+                   "replay": "finetune"}
+DEFAULT_STRATEGIES = ("distill", "finetune", "joint")
+DEFAULT_REPLAY_FRACTION = 0.25  # EvoSAM's experience-replay baseline keeps 25% of each earlier task
 DEFAULT_LR = 2e-3  # CFSegModule's default
 # set through protocol keys (max_steps, lr/lr_factor, seeds), never through fit_args
 RESERVED_ARGS = {"--trainer.max_steps": "max_steps", "--model.lr": "lr / lr_factor",
@@ -142,7 +152,7 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
         st.setdefault("name", f"stage{i}")
         st["fit_args"] = _fit_args(st.get("fit_args"), f"{path}: stages[{i}].fit_args")
     spec["fit_args"] = _fit_args(spec.get("fit_args"), f"{path}: fit_args")
-    spec["strategies"] = _strategies(spec.get("strategies", STRATEGIES), path)
+    spec["strategies"] = _strategies(spec.get("strategies", DEFAULT_STRATEGIES), path)
     spec.setdefault("output", "results/protocol")
     seeds = spec.get("seeds", [spec.get("seed", 0)])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
@@ -178,6 +188,14 @@ def _unlabeled(stage: dict[str, Any]) -> list[dict[str, Any]]:
 def _val_only(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The validation cases of ``stages`` as validation-only entries, each annotating its own stage's classes."""
     return [{**d, "val_only": True, "name": f"val_{st['name']}_{k}_" + Path(d["path"]).name}
+            for st in stages for k, d in enumerate(_stage_datasets(st))]
+
+
+def _replayed(spec: dict[str, Any], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``replay``: every earlier stage's labelled datasets restricted to ``replay_fraction`` of their training
+    cases (their validation cases validate as usual, so no validation-only copies are added)."""
+    fraction = float(spec.get("replay_fraction", DEFAULT_REPLAY_FRACTION))
+    return [{**d, "train_fraction": fraction, "name": f"replay_{st['name']}_{k}_" + Path(d["path"]).name}
             for st in stages for k, d in enumerate(_stage_datasets(st))]
 
 
@@ -230,17 +248,22 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
     run = cli(args)
     run.trainer.save_checkpoint(done)
     wall = round(time.time() - t0, 1)
+    params = list(run.model.parameters())
     record.write_text(json.dumps({"tag": tag, "steps": steps, "lr": lr, "seed": seed, "wall_time_s": wall,
-                                  "global_step": run.trainer.global_step, "args": args[1:]}, indent=2))
+                                  "global_step": run.trainer.global_step,
+                                  "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                                  "total_params": sum(p.numel() for p in params), "args": args[1:]}, indent=2))
     print(f"[{tag}] trained in {wall:.0f} s -> {done}", flush=True)
     return done, wall
 
 
-def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
-                         split: str = "test") -> tuple[list[float], dict[str, dict]]:
+def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0, split: str = "test",
+                         details: dict[str, Any] | None = None) -> tuple[list[float], dict[str, dict]]:
     """Dice of ``ckpt`` on the ``split`` ("test" or "val") cases of stages 0..upto, each on its own classes.
 
     Stages that share test cases (one fixed test set, as in the OpenKBP protocol) predict each case once.
+    ``details``, when given, receives ``routing_accuracy``: per stage, the fraction of its cases the router sent
+    to an expert of their own domain (None where the model does not route).
 
     Returns:
         (mean Dice per stage [upto + 1], ``{stage name: {class: Dice}}``).
@@ -259,6 +282,8 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
     cache = Path(ckpt).parent / f"scores_{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
     if cache.is_file():
         hit = json.loads(cache.read_text())
+        if details is not None:
+            details["routing_accuracy"] = hit.get("routing_accuracy", [None] * (upto + 1))
         return [float("nan") if v is None else v for v in hit["row"]], hit["per_class"]
     module = load_checkpoint(str(ckpt))
     known = set(module.class_names)
@@ -279,10 +304,20 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0,
     names = [spec["stages"][j]["name"] for j in range(upto + 1)]
     row = [by_stage[j]["mean_dice"] if j in by_stage else float("nan") for j in range(upto + 1)]
     per_class = {n: by_stage[j]["per_class_dice"] if j in by_stage else {} for j, n in enumerate(names)}
+    routing = [by_stage[j].get("routing_accuracy") if j in by_stage else None for j in range(upto + 1)]
+    if details is not None:
+        details["routing_accuracy"] = routing
     tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(_finite({"key": key, "row": row, "per_class": per_class})))
+    tmp.write_text(json.dumps(_finite({"key": key, "row": row, "per_class": per_class, "routing_accuracy": routing})))
     tmp.replace(cache)
     return row, per_class
+
+
+def _params(run_dir: Path) -> dict[str, int | None]:
+    """Trainable and total parameters of a finished run (from its ``final.json``; None for older records)."""
+    record = run_dir / "final.json"
+    info = json.loads(record.read_text()) if record.is_file() else {}
+    return {"trainable": info.get("trainable_params"), "total": info.get("total_params")}
 
 
 def plot_matrix(R: list[list[float]], names: list[str], title: str, path: Path) -> None:
@@ -356,6 +391,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
         R, per_class, prev = [row0], classes0, stage0
         R_val = [val0]
         budget = [steps[0]]
+        routing: list[list[float | None]] = []
+        params = [_params(out / "runs" / "stage0")]
         for i in range(1, len(stages)):
             if strategy == "joint":
                 datasets = [d for j in range(i + 1) for d in _stage_datasets(stages[j])]
@@ -364,13 +401,16 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
                                       seed, stages[0]["fit_args"] + entry["fit_args"])
             else:
                 datasets = _stage_datasets(stages[i]) + (_unlabeled(stages[i]) if strategy == "distill" else []) \
-                    + _val_only(stages[:i])
+                    + (_replayed(spec, stages[:i]) if strategy == "replay" else _val_only(stages[:i]))
                 budget.append(steps[i])
-                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, strategy, steps[i], lrs[i], seed,
-                                      stages[i]["fit_args"] + entry["fit_args"])
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, MODULE_STRATEGY[strategy],
+                                      steps[i], lrs[i], seed, stages[i]["fit_args"] + entry["fit_args"])
             train_s += t
+            params.append(_params(ckpt.parent))
             t0 = time.time()
-            row, per_class = evaluate_stage_tests(ckpt, spec, upto(i), seed)
+            info: dict[str, Any] = {}
+            row, per_class = evaluate_stage_tests(ckpt, spec, upto(i), seed, details=info)
+            routing.append(info.get("routing_accuracy"))
             if score_val:
                 R_val.append(evaluate_stage_tests(ckpt, spec, upto(i), seed, "val")[0])
             eval_s += time.time() - t0
@@ -381,7 +421,9 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
                "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
                "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
                "fit_args": entry["fit_args"], "wall_time_s": round(train_s, 1),
-               "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION}
+               "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION, "params": params}
+        if any(v is not None for r in routing for v in (r or [])):  # experts: routing accuracy per stage's cases
+            res["routing_accuracy"] = [None, *routing]
         if score_val:  # the validation cases' matrix: what settings are chosen on (never the test cases)
             res.update(R_val=R_val, average_dice_val=average_after_last(R_val), bwt_val=backward_transfer(R_val))
         results[name] = res
@@ -519,7 +561,8 @@ def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any
             "per_seed": {str(s): {"average_dice": r["average_dice"], "bwt": r["bwt"], "matrix": r["R"],
                                   "per_class_dice": r["per_class_dice"], "wall_time_s": r["wall_time_s"],
                                   **({"average_dice_val": r["average_dice_val"], "bwt_val": r["bwt_val"],
-                                      "matrix_val": r["R_val"]} if "R_val" in r else {})}
+                                      "matrix_val": r["R_val"]} if "R_val" in r else {}),
+                                  **{k: r[k] for k in ("routing_accuracy", "params") if k in r}}
                          for s, r in runs.items()},
             "per_class_dice": per_class,
             "base_strategy": first["base_strategy"],

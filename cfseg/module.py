@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning as L
@@ -35,6 +35,7 @@ from cfseg.continual.distill import (
     resolve_layers,
     similarity_distillation,
 )
+from cfseg.continual.ewc import diagonal_fisher, ewc_penalty, merge_fisher
 from cfseg.continual.router import RidgeRouter, pooled_features
 from cfseg.losses import partial_label_loss
 from cfseg.metrics import PerClassDice, dice_per_class
@@ -52,7 +53,7 @@ DEFAULT_BACKBONE: dict[str, Any] = {
     },
 }
 HEADS = ("prototype", "softmax")
-STRATEGIES = ("distill", "finetune", "joint", "experts")
+STRATEGIES = ("distill", "finetune", "joint", "experts", "ewc")
 EXPERT_INITS = ("previous", "zero")
 #: MONAI UNet's bottleneck convolution *before* its instance normalisation (the deepest match): after the norm, the
 #: per-channel mean and spread of a block's output are normalised away and cannot tell one scanner from another
@@ -139,6 +140,11 @@ class CFSegModule(L.LightningModule):
         router_random_features: width of the router's fixed random ReLU feature expansion (0: none).
         router_batches: training batches whose (frozen shared network) features feed the router's statistics at
             the end of stage 0 and of every ``experts`` stage (0: no router).
+        ewc_lambda: ``strategy="ewc"`` (reference baseline, Kirkpatrick et al. 2017): the penalty
+            ``lambda / 2 * sum_i F_i (theta_i - theta*_i)^2`` towards the previous checkpoint's weights ``theta*``
+            with its accumulated diagonal Fisher ``F`` (see :mod:`cfseg.continual.ewc` for the units).
+        ewc_fisher_batches: training batches whose squared loss gradients give the diagonal Fisher at the end of
+            stage 0 and of every ``ewc`` stage (stored in the checkpoint; 0: none, and no later ``ewc`` stage).
         optimizer: optional callable ``params -> Optimizer`` (LightningCLI injection).
         bank_state: a saved bank (:meth:`PrototypeBank.state`) to restore instead of encoding names; used when
             loading checkpoints, never written to hyper-parameters.
@@ -193,6 +199,8 @@ class CFSegModule(L.LightningModule):
         router_gamma: float = 1.0,
         router_random_features: int = 0,
         router_batches: int = 16,
+        ewc_lambda: float = 100.0,
+        ewc_fisher_batches: int = 8,
         optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None,
         bank_state: dict[str, Any] | None = None,
         experts_state: dict[str, Any] | None = None,
@@ -203,9 +211,9 @@ class CFSegModule(L.LightningModule):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-        if strategy == "experts" and not previous_checkpoint:
-            raise ValueError("strategy 'experts' starts from a trained stage: give model.previous_checkpoint (stage 0 "
-                             "trains the whole network with any other strategy)")
+        if strategy in ("experts", "ewc") and not previous_checkpoint:
+            raise ValueError(f"strategy {strategy!r} starts from a trained stage: give model.previous_checkpoint "
+                             "(stage 0 trains the whole network with any other strategy)")
         if expert_init not in EXPERT_INITS:
             raise ValueError(f"expert_init must be one of {EXPERT_INITS}, got {expert_init!r}")
         if strategy == "joint" and previous_checkpoint:
@@ -262,6 +270,8 @@ class CFSegModule(L.LightningModule):
         self.route_override: int | None = None  # force one expert for every class (cfseg-segment --expert)
         self.last_route: dict[str, Any] | None = None
         self._expert_stage = False
+        self.ewc_fisher: dict[str, torch.Tensor] | None = None  # accumulated importance, saved in the checkpoint
+        self._ewc_anchor: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []  # (theta*, F)
         if experts_state is not None:
             self._restore_experts(experts_state)
         if teacher is not None:
@@ -273,6 +283,12 @@ class CFSegModule(L.LightningModule):
             if strategy == "distill":
                 teacher.freeze()  # eval mode, requires_grad False
                 self._teacher.append(teacher)
+            if strategy == "ewc":
+                if not teacher.ewc_fisher:
+                    raise ValueError(f"{previous_checkpoint} carries no Fisher information: train the previous stage "
+                                     "with model.ewc_fisher_batches > 0 (stage 0 and ewc stages store it)")
+                anchors = {n: p.detach().clone() for n, p in teacher.net.named_parameters()}
+                self._ewc_anchor.append((anchors, dict(teacher.ewc_fisher)))
         self.val_dice = PerClassDice(len(self.bank.names))
 
     @staticmethod
@@ -507,10 +523,48 @@ class CFSegModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._entropy_hist = self._entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
         self._hist_batches = 0
-        self._router_done = False
+        self._router_done = self._fisher_done = False
 
     def on_train_end(self) -> None:
-        self.router_statistics()  # training stopped early (no last epoch end): still before the final save
+        self.end_of_stage()  # training stopped early (no last epoch end): still before the final save
+
+    def end_of_stage(self) -> None:
+        """What a stage leaves for later stages, computed once per fit before the last checkpoint: the router's
+        statistics and the EWC Fisher."""
+        self.router_statistics()
+        self.fisher_information()
+
+    def fisher_information(self) -> None:
+        """Stage 0 and ``ewc`` stages: the diagonal Fisher of this stage's loss (``ewc_fisher_batches`` training
+        batches) at the final weights, added to the previous stages' (EWC's accumulated importance)."""
+        h = self.hparams
+        if getattr(self, "_fisher_done", True) or h.ewc_fisher_batches <= 0 or h.strategy == "joint" \
+                or (h.previous_checkpoint and h.strategy != "ewc"):
+            return
+        self._fisher_done = True
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if loader is None:
+            return
+
+        def labelled(loader: Any) -> Iterator[dict[str, Any]]:
+            while True:  # a short loader repeats
+                n = 0
+                for batch in loader:
+                    n += 1
+                    yield batch["labeled"] if isinstance(batch, dict) and "labeled" in batch else batch
+                if n == 0:
+                    return
+
+        def loss_fn(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+            x = batch["image"].to(self.device).as_subclass(torch.Tensor)
+            batch = {k: (v.to(self.device).as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v)
+                     for k, v in batch.items()}
+            return self.loss(self._logits(net.features(x)), batch).float()
+
+        with torch.enable_grad():
+            new = diagonal_fisher(self.net, labelled(loader), loss_fn, h.ewc_fisher_batches)
+        old = self._ewc_anchor[0][1] if self._ewc_anchor else None
+        self.ewc_fisher = merge_fisher({n: f.cpu() for n, f in old.items()} if old else None, new)
 
     def router_statistics(self) -> None:
         """Stage 0 (no previous checkpoint) and ``experts`` stages: the router's statistics of this stage's images,
@@ -731,6 +785,14 @@ class CFSegModule(L.LightningModule):
             if "pod" in terms:
                 self.log("train/pod", terms["pod"], on_step=True, on_epoch=True, batch_size=bs)
             loss = loss + kd
+        if self._ewc_anchor:
+            anchors, fisher = self._ewc_anchor[0]
+            if next(iter(anchors.values())).device != x.device:
+                self._ewc_anchor[0] = anchors, fisher = ({n: t.to(x.device) for n, t in anchors.items()},
+                                                         {n: t.to(x.device) for n, t in fisher.items()})
+            penalty = 0.5 * h.ewc_lambda * ewc_penalty(self.net.named_parameters(), anchors, fisher)
+            self.log("train/ewc", penalty, on_step=True, on_epoch=True, batch_size=bs)
+            loss = loss + penalty
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         return loss
 
@@ -860,6 +922,7 @@ class CFSegModule(L.LightningModule):
             "head": self.hparams.head,
             "stage_history": list(self.stage_history),
             "experts": self.experts_state(),
+            "ewc_fisher": self.ewc_fisher,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -885,6 +948,11 @@ class CFSegModule(L.LightningModule):
             raise ValueError(f"the checkpoint has a {meta.get('head')!r} head, this run a {self.hparams.head!r} head")
         self.preprocessing = merge_preprocessing(meta.get("preprocessing") or {}, self.preprocessing, "this run")
         self.stage_history = list(meta.get("stage_history", []))
+        fisher = meta.get("ewc_fisher")
+        if fisher is not None and not (isinstance(fisher, dict)
+                                       and all(isinstance(v, torch.Tensor) for v in fisher.values())):
+            raise ValueError("damaged cfseg checkpoint: 'ewc_fisher' is not a dict of tensors")
+        self.ewc_fisher = fisher
 
 
 class _RouterStatistics(L.Callback):
@@ -895,7 +963,7 @@ class _RouterStatistics(L.Callback):
         last_step = 0 < trainer.max_steps <= trainer.global_step
         last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
         if (last_step or last_epoch) and isinstance(pl_module, CFSegModule):
-            pl_module.router_statistics()
+            pl_module.end_of_stage()
 
 
 def _record(expert: int, classes: list[str], domains: list[str]) -> dict[str, Any]:
@@ -961,7 +1029,7 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     hp["backbone"] = hp.get("backbone") or DEFAULT_BACKBONE
     check_spec(hp["backbone"], trusted_modules)  # refuse before anything else is built or imported
     try:
-        if hp.get("strategy") == "experts":  # the stage is over: its experts come from the saved metadata
+        if hp.get("strategy") in ("experts", "ewc"):  # the stage is over: its experts come from the saved metadata
             hp["strategy"] = "finetune"
         module = CFSegModule(bank_state=meta["prototype_bank"], preprocessing=meta.get("preprocessing"),
                              trusted_modules=trusted_modules, experts_state=meta.get("experts"), **hp)

@@ -190,7 +190,7 @@ def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
 
 def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_path):
     spec_path = write_spec(
-        tmp_path, strategies=["experts", "replay"], max_steps=6, lr=0.01, fit_args=FAST, replay_fraction=0.5,
+        tmp_path, strategies=["experts", "replay", "ewc"], max_steps=6, lr=0.01, fit_args=FAST, replay_fraction=0.5,
         stages=[{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
                 {"name": "s1", "datasets": [box(boxes, ["aorta"])]}])
     res = run_protocol(load_protocol(spec_path))[0]
@@ -206,3 +206,9 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     assert "--model.strategy=finetune" in args
     model = load_checkpoint(str(run / "experts_stage1" / "final.ckpt"))
     assert model.n_experts == 2 and model.expert_records[1]["classes"] == ["aorta"]
+    # ewc: stage 0 stores its Fisher, the ewc stage is penalised towards stage 0 and accumulates the Fisher
+    f0 = load_checkpoint(str(run / "stage0" / "final.ckpt")).ewc_fisher
+    ewc = load_checkpoint(str(run / "ewc_stage1" / "final.ckpt"))
+    assert set(f0) == {n for n, _ in ewc.net.named_parameters()}
+    assert all((ewc.ewc_fisher[n] >= f0[n]).all() for n in f0) and any((ewc.ewc_fisher[n] > f0[n]).any() for n in f0)
+    assert "train/ewc_step" in _metrics_columns(run / "ewc_stage1")

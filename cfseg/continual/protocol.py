@@ -8,6 +8,8 @@ earlier domains for distillation, and its own budget) and the strategies to comp
 * ``finetune``: stage i starts from stage i-1's checkpoint, no distillation (the lower bound);
 * ``experts``: stage 0's network is frozen; stage i trains only a new LoRA expert (``model.expert_*``) that serves
   the stage's classes in the stage's domains, chosen per volume by the analytic router (``model.router_*``);
+* ``ewc`` (reference): ``finetune`` with the EWC penalty (``model.ewc_lambda``) towards the previous stage's weights,
+  weighted by the diagonal Fisher each stage stores in its checkpoint;
 * ``replay`` (reference, not rehearsal-free): ``finetune`` plus ``replay_fraction`` (default 0.25) of every earlier
   stage's training cases;
 * ``joint``: after stage i, one model trained from scratch on the data of stages 0..i at once with the
@@ -52,11 +54,11 @@ import yaml
 
 from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
 
-STRATEGIES = ("distill", "finetune", "joint", "experts", "replay")
+STRATEGIES = ("distill", "finetune", "joint", "experts", "replay", "ewc")
 #: the module's strategy for each protocol strategy (``replay`` is fine-tuning on the stage's data plus a fraction
 #: of every earlier stage's training cases: a reference row that is not rehearsal-free)
 MODULE_STRATEGY = {"distill": "distill", "finetune": "finetune", "joint": "joint", "experts": "experts",
-                   "replay": "finetune"}
+                   "replay": "finetune", "ewc": "ewc"}
 DEFAULT_STRATEGIES = ("distill", "finetune", "joint")
 DEFAULT_REPLAY_FRACTION = 0.25  # EvoSAM's experience-replay baseline keeps 25% of each earlier task
 DEFAULT_LR = 2e-3  # CFSegModule's default

@@ -131,6 +131,8 @@ class CFSegModule(L.LightningModule):
             decoder, so the encoder runs once per window for all experts at inference).
         expert_rank: rank ``r`` of each expert's weight update.
         expert_alpha: LoRA scale numerator (the update is ``alpha / r * U D``).
+        expert_projection: every expert also owns a copy of the prototype projection ``W`` (D x F parameters; see
+            :class:`cfseg.continual.experts.ExpertProjection` for why new classes need it).
         expert_init: ``"previous"`` (a new expert starts as a copy of the previous stage's expert, as EvoSAM) or
             ``"zero"`` (it starts as no change of the shared weights).
         router_layer: regular expression of the backbone module whose output, pooled (mean and standard
@@ -195,6 +197,7 @@ class CFSegModule(L.LightningModule):
         expert_rank: int = 4,
         expert_alpha: float = 4.0,
         expert_init: str = "previous",
+        expert_projection: bool = True,
         router_layer: str = DEFAULT_ROUTER_LAYER,
         router_gamma: float = 1.0,
         router_random_features: int = 0,
@@ -330,11 +333,13 @@ class CFSegModule(L.LightningModule):
     def _layout_from_hparams(self) -> dict[str, Any]:
         h = self.hparams
         return {"layers": list(h.expert_layers or experts.DEFAULT_EXPERT_LAYERS), "rank": int(h.expert_rank),
-                "alpha": float(h.expert_alpha)}
+                "alpha": float(h.expert_alpha),
+                "projection": bool(h.expert_projection) and isinstance(self.net, PrototypeSegmenter)}
 
     def _attach(self, layout: dict[str, Any], n_total: int) -> None:
         """LoRA layers of ``layout`` on ``self.net`` with experts 1..n_total-1 (zero-initialised)."""
-        experts.attach_lora(self.net, layout["layers"], int(layout["rank"]), float(layout["alpha"]))
+        experts.attach_lora(self.net, layout["layers"], int(layout["rank"]), float(layout["alpha"]),
+                            bool(layout.get("projection", False)))
         while experts.n_experts(self.net) < n_total:
             experts.add_expert(self.net)
         self.expert_layout = dict(layout)

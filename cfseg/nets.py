@@ -342,6 +342,7 @@ class PrototypeSegmenter(nn.Module):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}; e.g. 0.07.")
         self.backbone = backbone
         self.head = ProjectionHead(feature_channels, embed_dim, hidden_channels)
+        self.expert_projection: nn.Module | None = None  # per-expert projections (cfseg.continual.experts)
         self.feature_channels = feature_channels
         self.embed_dim = embed_dim
         self.eps = eps
@@ -367,7 +368,9 @@ class PrototypeSegmenter(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """The projection ``W`` of shape ``[D, F']``."""
+        """The projection ``W`` of shape ``[D, F']`` (the active expert's when experts carry their own)."""
+        if self.expert_projection is not None:  # LoRA experts: each expert has its own projection
+            return self.expert_projection.weight()
         return self.head.weight
 
     def features(self, x: Tensor) -> Tensor:
@@ -377,7 +380,7 @@ class PrototypeSegmenter(nn.Module):
     def logits_from_features(self, feats: Tensor, prototypes: Tensor) -> Tensor:
         """Cosine logits ``[B, K+1, *S]`` from features ``[B, F', *S]`` and prototypes ``[K+1, D]``."""
         self._check_prototypes(prototypes)
-        return cosine_logits(feats, self.head.weight, prototypes, self.temperature, self.eps)
+        return cosine_logits(feats, self.weight, prototypes, self.temperature, self.eps)
 
     def forward(self, x: Tensor, prototypes: Tensor) -> Tensor:
         """Logits ``[B, K+1, *S]`` for images ``x`` ``[B, C, *S]`` against prototypes ``[K+1, D]``."""
@@ -386,7 +389,7 @@ class PrototypeSegmenter(nn.Module):
     def similarity(self, x: Tensor, prototypes: Tensor) -> Tensor:
         """Cosine similarity maps ``[B, K+1, *S]`` in ``[-1, 1]`` (no temperature)."""
         self._check_prototypes(prototypes)
-        return cosine_similarity_maps(self.features(x), self.head.weight, prototypes, self.eps)
+        return cosine_similarity_maps(self.features(x), self.weight, prototypes, self.eps)
 
     def _check_prototypes(self, prototypes: Tensor) -> None:
         if prototypes.dim() != 2 or prototypes.shape[1] != self.embed_dim:

@@ -131,7 +131,9 @@ def test_experts_stage_freezes_the_shared_network_and_round_trips(ct_stage0, tin
               "--model.strategy=experts")
     model = run.model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(".lora_" in n and n.endswith(".0") for n in trainable)  # expert 1 = slot 0
+    # expert 1 = slot 0 of the decoder's LoRA factors and of the projection copies
+    assert "net.expert_projection.copies.0" in trainable
+    assert all((".lora_" in n or "expert_projection" in n) and n.endswith(".0") for n in trainable)
     shared = teacher.net.state_dict()
     after = model.net.state_dict()
     for k, v in shared.items():  # the frozen weights are bit-identical after training

@@ -3,8 +3,11 @@
 Stage 0 trains the whole network; from stage 1 on the shared weights stay frozen and every stage trains one new
 *expert*: a low-rank update ``dW_e = (alpha / r) * U_e D_e`` of chosen ``Conv3d`` / ``ConvTranspose3d`` weights
 (LoRA, Hu et al. 2022, brought to 3D convolutions; EvoSAM, Liu et al. 2025, puts one per task on a frozen SAM).
-``U_e`` starts at zero, so a new expert starts as the identity change. Expert 0 is the shared network itself (no
-update); expert ``e >= 1`` lives in slot ``e - 1`` of every :class:`LoRAConv`.
+``U_e`` starts at zero, so a new expert starts as the identity change. With a prototype head each expert also
+owns a copy of the projection ``W [D, F]`` (:class:`ExpertProjection`, ``D * F`` parameters): new classes'
+prototypes lie mostly outside the range of the stage-0 ``W`` (on OpenKBP the stage-1/2 organs' prototypes keep
+12-22 % of their norm in it, so no decoder change could raise their cosine logits above about 0.2).
+Expert 0 is the shared network itself (no update); expert ``e >= 1`` lives in slot ``e - 1`` of every :class:`LoRAConv`.
 
 A wrapped layer keeps the original ``weight`` and ``bias`` parameters under their original names, so a checkpoint
 of the plain network loads into the wrapped one (``strict=False`` for the missing expert tensors) and the expert
@@ -127,6 +130,39 @@ class LoRAConv(nn.Module):
                f"experts={self.n_experts}"
 
 
+class ExpertProjection(nn.Module):
+    """Per-expert copies of a prototype head's projection ``W [D, F']``; expert 0 uses the shared ``W``.
+
+    The shared parameter is referenced, not registered (it stays ``head.weight`` in the state dict); copies are
+    ``copies.<slot>``.
+    """
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self._shared = [weight]
+        self.copies = nn.ParameterList()
+        self.active = 0
+
+    @property
+    def n_experts(self) -> int:
+        return 1 + len(self.copies)
+
+    def add_expert(self, init_from: int | None = None) -> int:
+        """Append a copy of expert ``init_from``'s projection (the shared one by default); returns its index."""
+        self.copies.append(nn.Parameter(self.weight(init_from or 0).detach().clone()))
+        return self.n_experts - 1
+
+    def weight(self, expert: int | None = None) -> Tensor:
+        """The projection of ``expert`` (the active one by default), ``[D, F']``."""
+        e = self.active if expert is None else expert
+        if not 0 <= e < self.n_experts:
+            raise ValueError(f"expert {e} does not exist (experts 0..{self.n_experts - 1})")
+        return self._shared[0] if e == 0 else self.copies[e - 1]
+
+    def expert_parameters(self, expert: int) -> list[nn.Parameter]:
+        return [self.copies[expert - 1]]
+
+
 def resolve_expert_layers(net: nn.Module, patterns: Sequence[str]) -> list[str]:
     """Names of ``net``'s convolutions (or already wrapped layers) fully matching any of ``patterns``.
 
@@ -149,12 +185,22 @@ def resolve_expert_layers(net: nn.Module, patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def attach_lora(net: nn.Module, patterns: Sequence[str], rank: int, alpha: float) -> list[str]:
+def attach_lora(net: nn.Module, patterns: Sequence[str], rank: int, alpha: float,
+                projection: bool = False) -> list[str]:
     """Wrap the convolutions of ``net`` matching ``patterns`` in :class:`LoRAConv` (in place; idempotent).
+
+    ``projection``: also give every expert its own copy of a prototype head's projection (``net`` must have an
+    ``expert_projection`` slot and a ``head.weight``, as :class:`cfseg.nets.PrototypeSegmenter`).
 
     Returns:
         the wrapped layers' names.
     """
+    if projection:
+        if not hasattr(net, "expert_projection") or not isinstance(getattr(net.head, "weight", None), nn.Parameter):
+            raise ValueError(f"{type(net).__name__} has no prototype projection for experts (projection=True needs "
+                             "a prototype head)")
+        if net.expert_projection is None:
+            net.expert_projection = ExpertProjection(net.head.weight)
     names = resolve_expert_layers(net, patterns)
     for name in names:
         parent_name, _, child = name.rpartition(".")
@@ -165,9 +211,9 @@ def attach_lora(net: nn.Module, patterns: Sequence[str], rank: int, alpha: float
     return names
 
 
-def lora_layers(net: nn.Module) -> dict[str, LoRAConv]:
-    """``{name: layer}`` of every :class:`LoRAConv` in ``net``."""
-    return {n: m for n, m in net.named_modules() if isinstance(m, LoRAConv)}
+def lora_layers(net: nn.Module) -> dict[str, LoRAConv | ExpertProjection]:
+    """``{name: layer}`` of every layer of ``net`` carrying experts (:class:`LoRAConv`, :class:`ExpertProjection`)."""
+    return {n: m for n, m in net.named_modules() if isinstance(m, (LoRAConv, ExpertProjection))}
 
 
 def n_experts(net: nn.Module) -> int:
@@ -212,14 +258,18 @@ def expert_parameters(net: nn.Module, expert: int) -> list[nn.Parameter]:
     """The trainable factors of ``expert`` (>= 1) across all LoRA layers."""
     if not 1 <= expert < n_experts(net):
         raise ValueError(f"expert {expert} has no LoRA factors (experts with factors: 1..{n_experts(net) - 1})")
-    return [p for m in lora_layers(net).values() for p in (m.lora_down[expert - 1], m.lora_up[expert - 1])]
+    return [p for m in lora_layers(net).values() for p in
+            (m.expert_parameters(expert) if isinstance(m, ExpertProjection)
+             else (m.lora_down[expert - 1], m.lora_up[expert - 1]))]
 
 
-def expert_parameter_count(net: nn.Module, rank: int, patterns: Sequence[str]) -> int:
-    """Parameters one expert adds to ``net`` for the layers ``patterns`` select (sum of r * (R + prod(rest)))."""
+def expert_parameter_count(net: nn.Module, rank: int, patterns: Sequence[str], projection: bool = False) -> int:
+    """Parameters one expert adds to ``net`` for the layers ``patterns`` select (sum of r * (R + prod(rest))), plus
+    the projection's ``D * F'`` with ``projection``."""
     mods = dict(net.named_modules())
-    return sum(rank * (mods[n].weight.shape[0] + mods[n].weight[0].numel())
-               for n in resolve_expert_layers(net, patterns))
+    head = net.head.weight.numel() if projection else 0
+    return head + sum(rank * (mods[n].weight.shape[0] + mods[n].weight[0].numel())
+                      for n in resolve_expert_layers(net, patterns))
 
 
 # ---- running the expert-independent part of a network once per input ------------------------------------------

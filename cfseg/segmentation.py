@@ -2,7 +2,7 @@
 
     cfseg-segment -i ct.nii.gz -o masks/ --ckpt model.ckpt [--classes liver spleen] [--multilabel]
                   [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--modality ct|mri]
-                  [--max-voxels N] [--list-classes]
+                  [--max-voxels N] [--expert N] [--list-classes]
 
 The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding
 windows over background plus the requested classes in one forward pass, and the result is resampled back onto
@@ -12,6 +12,13 @@ Modality: without ``--modality`` it is read off the image (CT: air at about -100
 non-negative arbitrary units) and printed (``case.nii.gz: modality ct (detected: ...)``). An image that looks
 like a modality the checkpoint was not trained on, or that fits neither rule, is refused; ``--modality`` forces
 one (with a warning when the image looks otherwise).
+
+Experts: a checkpoint trained with LoRA experts (``strategy: experts``) segments each class with the expert of the
+stage that trained it (expert 0: the shared network), the volume's domain picked by the checkpoint's router when
+its experts cover several domains; each case prints which experts ran (``case.nii.gz: routed to expert 2 (domains
+mri); experts used: 0 (liver, spleen), 2 (stomach)``). ``--expert N`` makes expert ``N`` segment every class (no
+routing); ``N`` must be one of the checkpoint's experts, ``0..n-1`` (only 0 without experts). Checkpoints without
+experts print nothing about them.
 
 Output layout: for one input file, ``-o/<class>.nii.gz`` (or ``labels.nii.gz`` + ``labels.json``,
 ``similarity_<class>.nii.gz``); each file is replaced atomically and the files the previous single-file run
@@ -212,6 +219,44 @@ def resolve_classes(module, classes: Sequence[str] | None) -> list[int]:
     return idx
 
 
+def check_expert(module, expert: int | None) -> None:
+    """Refuse an ``expert`` (``--expert``) the module does not have; None (the module's own plan) is always valid.
+
+    Raises:
+        SegmentError: ``expert`` is not an integer in ``0..module.n_experts - 1`` (only 0 without experts).
+    """
+    if expert is None:
+        return
+    n = int(module.n_experts)
+    if not isinstance(expert, (int, np.integer)) or isinstance(expert, bool) or not 0 <= int(expert) < n:
+        if n == 1:
+            raise SegmentError(f"expert {expert!r} does not exist: this checkpoint has no LoRA experts, only expert 0 "
+                               f"(the shared network); the valid range is 0..0")
+        raise SegmentError(f"expert {expert!r} does not exist: this checkpoint has experts 0..{n - 1} (0: the shared "
+                           f"network, 1..{n - 1}: the LoRA experts of its later stages)")
+
+
+def experts_used(module, class_indices: Sequence[int]) -> str | None:
+    """Which experts segmented ``class_indices`` in the module's last sliding-window pass, in one line; None when
+    the module has no LoRA experts.
+
+    Mirrors the module's own choice: ``route_override`` if set, else :meth:`~cfseg.module.CFSegModule.expert_plan`
+    in the domain of ``last_route`` (the router's pick for the volume, when there is one).
+    """
+    if module.n_experts <= 1:
+        return None
+    names = module.bank.names
+    ks = [int(k) for k in class_indices if int(k) != 0]
+    if module.route_override is not None:
+        return f"expert {int(module.route_override)} (forced) segments every class"
+    route = module.last_route
+    domains = (route or {}).get("domains") or [None]
+    plan = module.expert_plan(ks, domains[0])
+    used = ", ".join(f"{e} ({', '.join(names[k] for k in mine)})" for e, mine in sorted(plan.items()))
+    head = f"routed to expert {route['expert']} (domains {', '.join(route['domains']) or 'none'}); " if route else ""
+    return f"{head}experts used: {used}"
+
+
 def _check_box(box: Sequence[int], shape: Sequence[int]) -> tuple[slice, slice, slice]:
     if len(box) != 6:
         raise SegmentError(f"--box needs 6 integers x0 y0 z0 x1 y1 z1, got {list(box)}")
@@ -235,6 +280,7 @@ def segment(
     context: int = 16,
     max_voxels: int = DEFAULT_MAX_VOXELS,
     notify: Callable[[str, str], None] | None = None,
+    expert: int | None = None,
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one image; every returned image has the input's shape and affine.
 
@@ -252,11 +298,14 @@ def segment(
             trained on is refused unless ``modality`` is given (then a warning).
         context: voxels of context around ``box`` given to the network.
         max_voxels: largest input grid and largest resampled grid accepted (see :mod:`cfseg.geometry`).
-        notify: ``notify(level, message)`` with level ``"info"`` (the modality used and why) or ``"warning"``;
-            None logs the info (logger ``cfseg.segmentation``) and issues warnings with :func:`warnings.warn`.
+        notify: ``notify(level, message)`` with level ``"info"`` (the modality used and why; with LoRA experts,
+            which experts ran: :func:`experts_used`) or ``"warning"``; None logs the info (logger
+            ``cfseg.segmentation``) and issues warnings with :func:`warnings.warn`.
+        expert: force this expert (0: the shared network) for every class (the module's ``route_override`` for
+            this call only); None: each class by the expert of the stage that trained it, routed by domain.
 
     Raises:
-        SegmentError: a bad image, box, class or modality (the message names the file and the problem).
+        SegmentError: a bad image, box, class, modality or expert (the message names the file and the problem).
 
     Returns:
         name -> image: ``<class>`` masks (uint8 0/1) or ``"labels"``; ``similarity_<class>`` when asked.
@@ -267,6 +316,7 @@ def segment(
 
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     idx = resolve_classes(module, classes)
+    check_expert(module, expert)
     img, where = load_input(image, max_voxels)
     try:
         chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality)
@@ -292,7 +342,16 @@ def segment(
     except GeometryError as e:
         raise SegmentError(f"{where}: {e}") from None
     work = _preprocess(img, pre)
-    out = predict_volume(module, work["image"], idx, device=device, similarity=similarity)
+    before = module.route_override
+    if expert is not None:
+        module.route_override = int(expert)
+    try:
+        out = predict_volume(module, work["image"], idx, device=device, similarity=similarity)
+        used = experts_used(module, idx)
+    finally:
+        module.route_override = before
+    if used is not None:
+        _notify(notify, "info", f"{where}: {used}")
     src_affine = work["image"].affine.numpy()
     labels = labels_to_input_grid(out["labels"].numpy(), out["probs"].numpy(), [0, *idx], src_affine, img.shape,
                                   img.affine)
@@ -506,6 +565,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="force the modality (default: detected from the image)")
     p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS,
                    help=f"largest input and resampled grid, in voxels (default {DEFAULT_MAX_VOXELS} = 2**28)")
+    p.add_argument("--expert", type=int, default=None, metavar="N",
+                   help="LoRA-experts checkpoints: expert N (0: the shared network) segments every class (default: "
+                        "each class by the expert of the stage that trained it, routed by the volume's domain)")
     p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
     a = p.parse_args(argv)
     from cfseg.module import load_checkpoint
@@ -528,6 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"--max-voxels must be positive, got {a.max_voxels}")
     try:
         resolve_classes(module, a.classes)  # unknown names fail before any work
+        check_expert(module, a.expert)
     except ValueError as e:
         return _fail(_where(a.ckpt, e))
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -595,7 +658,7 @@ def _run(a, module, files: list[Path], cases: dict[Path, str], out: Path, folder
     for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
         try:
             images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
-                             max_voxels=a.max_voxels, notify=notify)
+                             max_voxels=a.max_voxels, notify=notify, expert=a.expert)
             if folder:
                 write_case_dir(out, cases[f], images, labels)
             else:

@@ -367,3 +367,116 @@ def test_tiny_model_reaches_stated_dice_through_cfseg_segment(tmp_path, capsys):
         dice.append(2 * (pred & gt).sum() / (pred.sum() + gt.sum()))
     assert min(dice) > LIVER_DICE, dice
     capsys.readouterr()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA experts: --expert N and the "experts used" line
+# ---------------------------------------------------------------------------------------------------------
+EXPERT_CLASSES = ["liver", "spleen", "stomach"]  # expert e (stage e) serves EXPERT_CLASSES[e]
+
+
+def _save_module(module, path: Path) -> Path:
+    import torch
+
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expert_models(tmp_path_factory):
+    """A tiny CT module with 3 experts (0: the shared network, 1 and 2: LoRA experts with random non-zero
+    factors), one class each, saved as a checkpoint beside the same network without experts."""
+    import copy
+
+    import torch
+
+    from cfseg.continual import experts
+    from cfseg.data.transforms import Preprocessing
+    from cfseg.module import CFSegModule
+
+    tmp = tmp_path_factory.mktemp("experts_ckpt")
+    torch.manual_seed(0)
+    plain = CFSegModule(
+        class_names=EXPERT_CLASSES, feature_channels=8, encoder="minilm", roi_size=(16, 16, 16),
+        backbone={"class_path": "monai.networks.nets.UNet", "init_args": {
+            "spatial_dims": 3, "in_channels": 1, "out_channels": 8, "channels": [8, 16], "strides": [2],
+            "num_res_units": 0}},
+        preprocessing={"ct": Preprocessing("ct", spacing=(8.0, 8.0, 8.0)).to_dict()})
+    module = copy.deepcopy(plain)
+    layout = {"layers": list(experts.DEFAULT_EXPERT_LAYERS), "rank": 2, "alpha": 2.0}
+    experts.attach_lora(module.net, layout["layers"], 2, 2.0)
+    experts.add_expert(module.net)
+    experts.add_expert(module.net)
+    with torch.no_grad():
+        for layer in experts.lora_layers(module.net).values():
+            for up in layer.lora_up:
+                up.normal_()
+    module.expert_layout = layout
+    module.expert_records = [{"expert": e, "classes": [c], "domains": ["ct"]} for e, c in enumerate(EXPERT_CLASSES)]
+    assert module.n_experts == 3
+    return {"module": module.eval(), "ckpt": _save_module(module, tmp / "experts.ckpt"),
+            "plain": _save_module(plain, tmp / "plain.ckpt")}
+
+
+def test_expert_out_of_range_fails_and_writes_nothing(expert_models, tmp_path, capsys):
+    image = _small_ct(tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    for ckpt, bad, valid in ((expert_models["ckpt"], "3", "0..2"), (expert_models["ckpt"], "-1", "0..2"),
+                             (expert_models["plain"], "1", "0..0")):
+        assert segment_main(["-i", str(image), "-o", str(out), "--ckpt", str(ckpt), "--expert", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{ckpt}: expert {bad} does not exist" in err and valid in err, err
+        assert not out.exists()
+    # expert 0 of a checkpoint without experts is the network itself: it runs and says nothing about experts
+    assert segment_main(["-i", str(image), "-o", str(out), "--ckpt", str(expert_models["plain"]),
+                         "--expert", "0", "--classes", "liver"]) == 0
+    cap = capsys.readouterr()
+    assert _visible(out) == ["liver.nii.gz"] and "modality ct" in cap.out
+    assert "experts used" not in cap.out + cap.err and "(forced)" not in cap.out + cap.err
+    with pytest.raises(cfseg.segmentation.SegmentError, match=r"experts 0\.\.2"):
+        cfseg.segment(image, expert_models["module"], expert=5)
+
+
+def test_expert_override_changes_which_expert_ran(expert_models, tmp_path, capsys, monkeypatch):
+    from cfseg.continual import experts
+
+    module = expert_models["module"]
+    image = _small_ct(tmp_path / "ct.nii.gz")
+    ran: list[int] = []
+    layer = next(iter(experts.lora_layers(module.net).values()))
+    handle = layer.register_forward_pre_hook(lambda m, _x: ran.append(m.active))
+    try:
+        def run(**kw) -> tuple[set[int], list[str], dict]:
+            ran.clear()
+            msgs: list[str] = []
+            res = cfseg.segment(image, module, notify=lambda level, m: msgs.append(m), **kw)
+            return set(ran), [m for m in msgs if "expert" in m.removeprefix(str(image))], res
+
+        used, msgs, default = run()
+        assert used == {0, 1, 2}  # each class by its own stage's expert
+        assert msgs == [f"{image}: experts used: 0 (liver), 1 (spleen), 2 (stomach)"]
+        used, msgs, forced = run(expert=1)
+        assert used == {1} and msgs == [f"{image}: expert 1 (forced) segments every class"]
+        assert module.route_override is None  # forced for that call only
+        used, msgs, _ = run(classes=["stomach"])
+        assert used == {2} and msgs == [f"{image}: experts used: 2 (stomach)"]
+        assert sorted(forced) == sorted(default) == EXPERT_CLASSES
+
+        # a routed volume: the router's pick is reported, and a class picks its expert in that domain
+        module.expert_records[2]["domains"] = ["mri"]
+        monkeypatch.setattr(type(module), "can_route", property(lambda self: True))
+        monkeypatch.setattr(module, "route", lambda _img: {"expert": 2, "domains": ["mri"], "stage": 2})
+        _, msgs, _ = run()
+        assert msgs == [f"{image}: routed to expert 2 (domains mri); experts used: 0 (liver), 1 (spleen), 2 (stomach)"]
+    finally:
+        handle.remove()
+        module.expert_records[2]["domains"] = ["ct"]
+
+    # the command line: the forced expert is printed per case
+    out = tmp_path / "out"
+    assert segment_main(["-i", str(image), "-o", str(out), "--ckpt", str(expert_models["ckpt"]),
+                         "--expert", "2"]) == 0
+    assert f"{image}: expert 2 (forced) segments every class" in capsys.readouterr().out
+    assert _visible(out) == sorted(f"{c}.nii.gz" for c in EXPERT_CLASSES)

@@ -158,5 +158,8 @@ def predict_volume(
     if similarity:
         if not isinstance(module.net, PrototypeSegmenter):
             raise ValueError("similarity maps need the prototype head, this checkpoint has a softmax head")
+        if module.n_experts > 1:  # merged log-odds of several experts are not cosines
+            raise ValueError("similarity maps of a checkpoint with LoRA experts are not defined (each class comes "
+                             "from its own expert); segment without similarity maps")
         out["similarity"] = logits * module.net.temperature.detach().cpu()  # cos = logit * tau
     return out

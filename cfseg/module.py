@@ -601,11 +601,12 @@ class CFSegModule(L.LightningModule):
         """Logits [B, K'+1, *S] over background plus ``class_indices`` (all classes when None).
 
         With LoRA experts outside training, each class comes from the expert that serves it
-        (:meth:`expert_plan`, in the domain of :attr:`last_route`); several experts' outputs merge as log-odds
-        against each expert's own background: class c of expert e scores ``log p_e(c) - log p_e(bg)``, background
-        scores 0. A voxel is background unless some expert prefers one of its classes to background, and an expert's
-        decision stands wherever no other expert claims the voxel; with one expert the softmax of these scores is
-        that expert's softmax.
+        (:meth:`expert_plan`, in the domain of :attr:`last_route`); several experts' outputs merge as log-odds:
+        expert e's softmax covers background and every class known when it was trained, and its class c scores
+        ``log p_e(c) - log p_e(not one of e's classes)`` (background and the other classes, as the partial-label
+        loss it was trained with pools them); background scores 0. A voxel is background unless some expert
+        prefers one of its classes to everything else, and an expert's decision stands wherever no other expert
+        claims the voxel.
         """
         if self.n_experts > 1 and not self.training:
             return self._experts_forward(x, class_indices)
@@ -624,13 +625,20 @@ class CFSegModule(L.LightningModule):
         out = None
         with experts.shared_prefix_cache(self.net.backbone):
             for e, mine in plan.items():
+                others = [k for k in self._known_classes(e) if k not in mine]
                 with experts.active_expert(self.net, e):
-                    lp = self._forward_active(x, mine).float().log_softmax(1)
+                    lp = self._forward_active(x, mine + others).float().log_softmax(1)
+                rest = torch.logsumexp(lp[:, [0, *range(len(mine) + 1, lp.shape[1])]], dim=1)
                 if out is None:
                     out = lp.new_zeros((lp.shape[0], len(ks) + 1, *lp.shape[2:]))
                 for j, k in enumerate(mine):
-                    torch.sub(lp[:, j + 1], lp[:, 0], out=out[:, position[k]])
+                    torch.sub(lp[:, j + 1], rest, out=out[:, position[k]])
         return out
+
+    def _known_classes(self, expert: int) -> list[int]:
+        """Bank indices of the classes known when ``expert`` was trained (its and the earlier experts' stages)."""
+        known = {c for r in self.expert_records[: expert + 1] for c in r["classes"]}
+        return [k for k, name in enumerate(self.bank.names) if k > 0 and name in known]
 
     def _forward_active(self, x: torch.Tensor, class_indices: Sequence[int] | None = None) -> torch.Tensor:
         """Logits of the active expert (the plain network without experts). x [B, C, *S] -> [B, K'+1, *S]."""

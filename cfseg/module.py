@@ -468,7 +468,12 @@ class CFSegModule(L.LightningModule):
         return max(names, key=lambda n: (n.count("."), len(n)))
 
     def route(self, image: torch.Tensor) -> dict[str, Any]:
-        """Top-1 expert and its domain for one preprocessed volume ``image`` [1, C, *S].
+        """Top-1 expert and its domain for one preprocessed volume ``image`` [1, C, *S] (see :meth:`route_scores`)."""
+        e = int(self.route_scores(image).argmax())
+        return {"expert": e, "domains": list(self.expert_records[e]["domains"]), "stage": e}
+
+    def route_scores(self, image: torch.Tensor) -> torch.Tensor:
+        """Mean router score per expert [n_experts] for one preprocessed volume ``image`` [1, C, *S].
 
         The volume is covered by ``roi_size`` windows without overlap except at the far borders (the last window
         ends at the border; zero padding only where the volume is smaller than a window), the router scores each
@@ -485,8 +490,7 @@ class CFSegModule(L.LightningModule):
         p0 = next(self.parameters())
         feats = [self._router_features(x[(slice(None), slice(None), *sl)].to(p0.device, p0.dtype)).cpu()
                  for sl in dense_patch_slices(tuple(x.shape[2:]), roi, roi)]
-        e = int(self.router.predict_volume(torch.cat(feats)))
-        return {"expert": e, "domains": list(self.expert_records[e]["domains"]), "stage": e}
+        return self.router.scores(torch.cat(feats)).mean(0)
 
     def _collect_router_statistics(self, expert: int) -> None:
         """Router statistics of this stage's training images for ``expert`` (``router_batches`` batches)."""
@@ -915,13 +919,15 @@ class CFSegModule(L.LightningModule):
         classes = {c for d in trained for c in d.info.classes if d.config.classes is None or c in d.config.classes}
         classes_in_order = [c for c in self.bank.classes if c in classes]
         domains = sorted({str(d.domain) for d in trained})
+        modalities = sorted({str(d.info.modality) for d in trained})
         if self._expert_stage:  # this stage's expert serves the classes it was trained on, in its domains
             new = self.n_experts - 1
-            self.expert_records = [*self.expert_records[:new], _record(new, classes_in_order, domains)]
+            self.expert_records = [*self.expert_records[:new], _record(new, classes_in_order, domains, modalities)]
         elif self.hparams.strategy != "experts":  # the whole network changed: expert 0 serves all it learnt
             old = self.expert_records[0] if self.expert_records else {"classes": [], "domains": []}
             self.expert_records = [_record(0, [c for c in self.bank.classes if c in classes or c in old["classes"]],
-                                           sorted(set(domains) | set(old["domains"])))]
+                                           sorted(set(domains) | set(old["domains"])),
+                                           sorted(set(modalities) | set(old.get("modalities", []))))]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cfseg"] = {
@@ -979,9 +985,10 @@ class _RouterStatistics(L.Callback):
             pl_module.end_of_stage()
 
 
-def _record(expert: int, classes: list[str], domains: list[str]) -> dict[str, Any]:
-    """What one expert serves: the classes its stage trained and the domains of its training images."""
-    return {"expert": int(expert), "classes": list(classes), "domains": list(domains)}
+def _record(expert: int, classes: list[str], domains: list[str], modalities: list[str] | None = None) -> dict[str, Any]:
+    """What one expert serves: the classes its stage trained, the domains and modalities of its training images."""
+    return {"expert": int(expert), "classes": list(classes), "domains": list(domains),
+            "modalities": list(modalities if modalities is not None else domains)}
 
 
 def _canonical_preprocessing(p: Any) -> Any:

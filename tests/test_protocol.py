@@ -197,7 +197,7 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     experts = res["experts"]
     assert len(experts["R"]) == 2 and "routing_accuracy" not in experts  # one domain: nothing to route
     stage0, stage1 = experts["params"]
-    assert stage0["trainable"] == stage0["total"] and 0 < stage1["trainable"] < 0.1 * stage1["total"]  # a tiny UNet
+    assert stage0["trainable"] == stage0["total"] and stage1["total"] == stage0["total"] + stage1["trainable"]
     run = tmp_path / "out" / "seed0" / "runs"
     args = json.loads((run / "replay_stage1" / "final.json").read_text())["args"]
     datasets = json.loads(next(a for a in args if a.startswith("--data.datasets="))[len("--data.datasets="):])
@@ -206,6 +206,10 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     assert "--model.strategy=finetune" in args
     model = load_checkpoint(str(run / "experts_stage1" / "final.ckpt"))
     assert model.n_experts == 2 and model.expert_records[1]["classes"] == ["aorta"]
+    from cfseg.continual.experts import DEFAULT_EXPERT_LAYERS, expert_parameter_count
+
+    # only the new expert trained: rank-4 LoRA factors of the decoder + its copy of the projection
+    assert stage1["trainable"] == expert_parameter_count(model.net, 4, DEFAULT_EXPERT_LAYERS, projection=True)
     # ewc: stage 0 stores its Fisher, the ewc stage is penalised towards stage 0 and accumulates the Fisher
     f0 = load_checkpoint(str(run / "stage0" / "final.ckpt")).ewc_fisher
     ewc = load_checkpoint(str(run / "ewc_stage1" / "final.ckpt"))

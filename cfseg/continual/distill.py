@@ -358,24 +358,30 @@ def pseudo_label(
 DEFAULT_POD_LAYERS: tuple[str, ...] = (r"model(\.1\.submodule)*\.[02]",)
 
 
-def resolve_layers(module: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Names of ``module``'s submodules that fully match any regular expression in ``patterns``.
+def resolve_layers(module: nn.Module, patterns: Sequence[str], setting: str = "pod_layers",
+                   names: Sequence[str] | None = None, what: str = "module") -> list[str]:
+    """Names of ``module``'s submodules (or of ``names``) that fully match any regular expression in ``patterns``.
+
+    Args:
+        setting: the option the patterns come from, named in errors (``pod_layers``, ``expert_layers``).
+        names: the candidate names (default: every named submodule).
+        what: what the candidates are, named in errors.
 
     Raises:
         ValueError: a pattern that is not a valid regex or matches nothing (some module names are listed).
     """
-    names = [n for n, _ in module.named_modules() if n]
+    names = [n for n, _ in module.named_modules() if n] if names is None else list(names)
     out: list[str] = []
     for p in patterns:
         try:
             rx = re.compile(p)
         except re.error as e:
-            raise ValueError(f"pod_layers pattern {p!r} is not a regular expression: {e}") from None
+            raise ValueError(f"{setting} pattern {p!r} is not a regular expression: {e}") from None
         hits = [n for n in names if rx.fullmatch(n)]
         if not hits:
             raise ValueError(
-                f"pod_layers pattern {p!r} matches no module of the backbone {type(module).__name__}; "
-                f"names look like {names[:8]} (set model.pod_layers to regexes of module names)"
+                f"{setting} pattern {p!r} matches no {what} of {type(module).__name__}; "
+                f"names look like {names[:8]} (set model.{setting} to regexes of module names)"
             )
         out += [n for n in hits if n not in out]
     return out

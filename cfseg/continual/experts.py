@@ -21,7 +21,6 @@ does not depend on the expert: :func:`shared_prefix_cache` runs it once per wind
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -169,20 +168,12 @@ def resolve_expert_layers(net: nn.Module, patterns: Sequence[str]) -> list[str]:
     Raises:
         ValueError: an invalid regex, or a pattern that matches no convolution (some names are listed).
     """
+    from cfseg.continual.distill import resolve_layers
+
+    wrapped = [n for n, m in net.named_modules() if isinstance(m, LoRAConv)]
     convs = [n for n, m in net.named_modules() if isinstance(m, (*_CONVS, LoRAConv))
-             and not any(n.startswith(w + ".") for w, mm in net.named_modules() if isinstance(mm, LoRAConv))]
-    out: list[str] = []
-    for p in patterns:
-        try:
-            rx = re.compile(p)
-        except re.error as e:
-            raise ValueError(f"expert layer pattern {p!r} is not a regular expression: {e}") from None
-        hits = [n for n in convs if rx.fullmatch(n)]
-        if not hits:
-            raise ValueError(f"expert layer pattern {p!r} matches no convolution of {type(net).__name__}; "
-                             f"convolutions are named like {convs[:6]} (set model.experts.layers)")
-        out += [n for n in hits if n not in out]
-    return out
+             and not any(n.startswith(w + ".") for w in wrapped)]
+    return resolve_layers(net, patterns, "expert_layers", convs, what="convolution")
 
 
 def attach_lora(net: nn.Module, patterns: Sequence[str], rank: int, alpha: float,

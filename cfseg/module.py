@@ -11,6 +11,7 @@ the stage history; ``hyper_parameters`` holds the network spec.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -395,6 +396,8 @@ class CFSegModule(L.LightningModule):
     @property
     def n_experts(self) -> int:
         """Experts of the network including expert 0 (the shared weights); 1 without LoRA experts."""
+        if self.expert_layout is None:  # no LoRA attached (the forward path asks this per window batch)
+            return 1
         return experts.n_experts(self.net)
 
     def train(self, mode: bool = True) -> CFSegModule:
@@ -498,36 +501,19 @@ class CFSegModule(L.LightningModule):
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if loader is None or h.router_batches <= 0:
             return
-        if self.router is None:
-            if expert != 0:
-                return  # no statistics for the earlier experts: routing would be wrong, so none is kept
-            width = 2 * self._router_feature_channels()
-            self.router = RidgeRouter(width, gamma=h.router_gamma, random_features=h.router_random_features,
-                                      seed=int(torch.initial_seed()) % 2**31)
-        seen, last = 0, -1
-        while last != seen < h.router_batches:  # passes over the loader until enough batches (a short one repeats)
-            last = seen
-            for batch in loader:
-                if isinstance(batch, dict) and "labeled" in batch:
-                    batch = batch["labeled"]
-                x = batch["image"].to(self.device, next(self.parameters()).dtype)
-                self.router.update(self._router_features(x).cpu(), expert)
-                seen += 1
-                if seen >= h.router_batches:
-                    break
-
-    def _router_feature_channels(self) -> int:
-        layer = self.net.backbone.get_submodule(self._router_layer_name())
-        channels = [m.out_channels for m in layer.modules() if hasattr(m, "out_channels")]
-        if channels:
-            return int(channels[-1])
-        x = torch.zeros(1, self.net.backbone.in_channels if hasattr(self.net.backbone, "in_channels") else 1,
-                        *self.hparams.roi_size, device=self.device)
-        return self._router_features(x).shape[1] // 2
+        if self.router is None and expert != 0:
+            return  # no statistics for the earlier experts: routing would be wrong, so none is kept
+        for batch in itertools.islice(_training_batches(loader), h.router_batches):
+            feats = self._router_features(batch["image"].to(self.device, next(self.parameters()).dtype)).cpu()
+            if self.router is None:  # the feature width comes from the first batch
+                self.router = RidgeRouter(feats.shape[1], gamma=h.router_gamma,
+                                          random_features=h.router_random_features,
+                                          seed=int(torch.initial_seed()) % 2**31)
+            self.router.update(feats, expert)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """The router's statistics are taken when training ends, before the last checkpoint is written."""
-        return [_RouterStatistics()]
+        return [_EndOfStage()]
 
     def on_train_start(self) -> None:
         self._entropy_hist = self._entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
@@ -555,15 +541,6 @@ class CFSegModule(L.LightningModule):
         if loader is None:
             return
 
-        def labelled(loader: Any) -> Iterator[dict[str, Any]]:
-            while True:  # a short loader repeats
-                n = 0
-                for batch in loader:
-                    n += 1
-                    yield batch["labeled"] if isinstance(batch, dict) and "labeled" in batch else batch
-                if n == 0:
-                    return
-
         def loss_fn(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
             x = batch["image"].to(self.device).as_subclass(torch.Tensor)
             batch = {k: (v.to(self.device).as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v)
@@ -571,7 +548,7 @@ class CFSegModule(L.LightningModule):
             return self.loss(self._logits(net.features(x)), batch).float()
 
         with torch.enable_grad():
-            new = diagonal_fisher(self.net, labelled(loader), loss_fn, h.ewc_fisher_batches)
+            new = diagonal_fisher(self.net, _training_batches(loader), loss_fn, h.ewc_fisher_batches)
         old = self._ewc_anchor[0][1] if self._ewc_anchor else None
         self.ewc_fisher = merge_fisher({n: f.cpu() for n, f in old.items()} if old else None, new)
 
@@ -974,9 +951,20 @@ class CFSegModule(L.LightningModule):
         self.ewc_fisher = fisher
 
 
-class _RouterStatistics(L.Callback):
-    """Calls :meth:`CFSegModule.router_statistics` at the end of the last training epoch (Lightning runs model
-    callbacks before checkpoint callbacks, so the checkpoint of that epoch carries the statistics)."""
+def _training_batches(loader: Iterable[Any]) -> Iterator[dict[str, Any]]:
+    """The labelled part of ``loader``'s batches, pass after pass (a short loader repeats; an empty one ends)."""
+    while True:
+        n = 0
+        for batch in loader:
+            n += 1
+            yield batch["labeled"] if isinstance(batch, dict) and "labeled" in batch else batch
+        if n == 0:
+            return
+
+
+class _EndOfStage(L.Callback):
+    """Calls :meth:`CFSegModule.end_of_stage` (router statistics, EWC Fisher) at the end of the last training epoch
+    (Lightning runs model callbacks before checkpoint callbacks, so the checkpoint of that epoch carries them)."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         last_step = 0 < trainer.max_steps <= trainer.global_step

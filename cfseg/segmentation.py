@@ -2,7 +2,7 @@
 
     cfseg-segment -i ct.nii.gz -o masks/ --ckpt model.ckpt [--classes liver spleen] [--multilabel]
                   [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--modality ct|mri]
-                  [--max-voxels N] [--expert N] [--list-classes]
+                  [--max-voxels N] [--expert N] [--online DIR] [--list-classes]
 
 The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding
 windows over background plus the requested classes in one forward pass, and the result is resampled back onto
@@ -19,6 +19,10 @@ its experts cover several domains; each case prints which experts ran (``case.ni
 mri); experts used: 0 (liver, spleen), 2 (stomach)``). ``--expert N`` makes expert ``N`` segment every class (no
 routing); ``N`` must be one of the checkpoint's experts, ``0..n-1`` (only 0 without experts). Checkpoints without
 experts print nothing about them.
+
+Online corrector: ``--online DIR`` fuses the checkpoint's output with the auxiliary network that ``cfseg-correct
+--state DIR`` trained from corrected cases (:mod:`cfseg.online`); each case prints the fusion weight per class
+(1: the checkpoint alone).
 
 Output layout: for one input file, ``-o/<class>.nii.gz`` (or ``labels.nii.gz`` + ``labels.json``,
 ``similarity_<class>.nii.gz``); each file is replaced atomically and the files the previous single-file run
@@ -257,6 +261,27 @@ def experts_used(module, class_indices: Sequence[int]) -> str | None:
     return f"{head}experts used: {used}"
 
 
+def open_online(online: str | Path | Any | None, module) -> Any:
+    """The online corrector of ``online`` (a state directory or an :class:`~cfseg.online.OnlineCorrector`) for
+    ``module``; None when ``online`` is None.
+
+    Raises:
+        SegmentError: not a state, a damaged one, or one made for another checkpoint.
+    """
+    if online is None:
+        return None
+    from cfseg.online import OnlineCorrector, OnlineStateError
+
+    if isinstance(online, OnlineCorrector):
+        if online.module is not module:
+            raise SegmentError("the online corrector was made for another loaded model than the one segmenting")
+        return online
+    try:
+        return OnlineCorrector.load(online, module)
+    except OnlineStateError as e:
+        raise SegmentError(str(e)) from None
+
+
 def _check_box(box: Sequence[int], shape: Sequence[int]) -> tuple[slice, slice, slice]:
     if len(box) != 6:
         raise SegmentError(f"--box needs 6 integers x0 y0 z0 x1 y1 z1, got {list(box)}")
@@ -281,6 +306,7 @@ def segment(
     max_voxels: int = DEFAULT_MAX_VOXELS,
     notify: Callable[[str, str], None] | None = None,
     expert: int | None = None,
+    online: str | Path | Any | None = None,
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one image; every returned image has the input's shape and affine.
 
@@ -303,9 +329,13 @@ def segment(
             ``cfseg.segmentation``) and issues warnings with :func:`warnings.warn`.
         expert: force this expert (0: the shared network) for every class (the module's ``route_override`` for
             this call only); None: each class by the expert of the stage that trained it, routed by domain.
+        online: an online corrector state directory (``cfseg-correct --state``) or a loaded
+            :class:`cfseg.online.OnlineCorrector`: the masks come from the frozen model fused with the corrector
+            (similarity maps stay the frozen model's cosines).
 
     Raises:
-        SegmentError: a bad image, box, class, modality or expert (the message names the file and the problem).
+        SegmentError: a bad image, box, class, modality, expert or online state (the message names the file and
+            the problem).
 
     Returns:
         name -> image: ``<class>`` masks (uint8 0/1) or ``"labels"``; ``similarity_<class>`` when asked.
@@ -317,6 +347,7 @@ def segment(
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     idx = resolve_classes(module, classes)
     check_expert(module, expert)
+    corrector = open_online(online, module)
     img, where = load_input(image, max_voxels)
     try:
         chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality)
@@ -352,6 +383,10 @@ def segment(
         module.route_override = before
     if used is not None:
         _notify(notify, "info", f"{where}: {used}")
+    if corrector is not None:
+        fused = corrector.fuse(work["image"], out["probs"], idx)
+        out = {**out, "probs": fused["probs"], "labels": fused["labels"]}
+        _notify(notify, "info", f"{where}: {corrector.describe(fused['alpha'])}")
     src_affine = work["image"].affine.numpy()
     labels = labels_to_input_grid(out["labels"].numpy(), out["probs"].numpy(), [0, *idx], src_affine, img.shape,
                                   img.affine)
@@ -389,22 +424,27 @@ def _notify(notify: Callable[[str, str], None] | None, level: str, message: str)
         log.info(message)
 
 
-def _preprocess(img: nib.Nifti1Image, pre) -> dict[str, Any]:
-    """Run the checkpoint's deterministic preprocessing on an in-memory image."""
+def _preprocess(img: nib.Nifti1Image, pre, masks: np.ndarray | None = None) -> dict[str, Any]:
+    """Run the checkpoint's deterministic preprocessing on an in-memory image; ``masks`` [M, *S] (on the image's
+    grid) go along as ``"masks"``, resampled nearest-neighbour onto the network grid."""
     from monai.data import MetaTensor
     from monai.transforms import Compose, EnsureTyped, Orientationd, Spacingd
 
     from cfseg.data.transforms import intensity_transform
 
-    arr = torch.as_tensor(np.asarray(img.dataobj, dtype=np.float32))[None]
-    mt = MetaTensor(arr, affine=torch.as_tensor(img.affine, dtype=torch.float64))
+    affine = torch.as_tensor(img.affine, dtype=torch.float64)
+    data = {"image": MetaTensor(torch.as_tensor(np.asarray(img.dataobj, dtype=np.float32))[None], affine=affine)}
+    keys = ["image"]
+    if masks is not None:
+        data["masks"] = MetaTensor(torch.as_tensor(np.asarray(masks, dtype=np.uint8)), affine=affine.clone())
+        keys.append("masks")
     tf = Compose([
-        Orientationd("image", axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        Spacingd("image", pixdim=pre.spacing, mode="bilinear"),
+        Orientationd(keys, axcodes=pre.orientation, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys, pixdim=pre.spacing, mode=["bilinear", "nearest"][:len(keys)]),
         intensity_transform(pre, "image"),
         EnsureTyped("image", dtype=torch.float32),
     ])
-    return tf({"image": mt})
+    return tf(data)
 
 
 def labels_json(module, classes: Sequence[str] | None) -> dict[str, str]:
@@ -568,6 +608,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--expert", type=int, default=None, metavar="N",
                    help="LoRA-experts checkpoints: expert N (0: the shared network) segments every class (default: "
                         "each class by the expert of the stage that trained it, routed by the volume's domain)")
+    p.add_argument("--online", type=Path, default=None, metavar="DIR",
+                   help="fuse the checkpoint's output with the online corrector in DIR (what cfseg-correct --state "
+                        "DIR learnt from corrected cases)")
     p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
     a = p.parse_args(argv)
     from cfseg.module import load_checkpoint
@@ -593,6 +636,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_expert(module, a.expert)
     except ValueError as e:
         return _fail(_where(a.ckpt, e))
+    if a.online is not None:
+        try:
+            open_online(a.online, module)  # a bad state fails before any work
+        except SegmentError as e:
+            return _fail(str(e))
     if a.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is available here")
     folder = a.input.is_dir() and not _isnifti_image(a.input)
@@ -654,11 +702,12 @@ def _run(a, module, files: list[Path], cases: dict[Path, str], out: Path, folder
             tqdm.write(message, file=sys.stdout)
 
     labels = labels_json(module, a.classes) if a.multilabel else None
+    online = open_online(a.online, module) if a.online is not None else None  # loaded once for every case
     done, failures = 0, []
     for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
         try:
             images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
-                             max_voxels=a.max_voxels, notify=notify, expert=a.expert)
+                             max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online)
             if folder:
                 write_case_dir(out, cases[f], images, labels)
             else:

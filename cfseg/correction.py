@@ -1,0 +1,240 @@
+"""``cfseg-correct``: teach the online corrector from one case whose masks a user corrected.
+
+    cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask corrected.nii.gz --labels labels.json
+    cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask liver.nii.gz spleen.nii.gz \\
+                  --classes liver spleen
+    cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask masks/        # a cfseg-segment -o
+
+The corrected masks come in one of three forms:
+
+* a label map with ``--labels labels.json`` (value -> class name, as ``cfseg-segment --multilabel`` writes it):
+  every class the JSON lists counts as corrected (absent from the map: the organ is not there);
+* per-class binary masks with ``--classes``, one name per file, in order;
+* a folder as ``cfseg-segment -o`` wrote it and the user edited: ``labels.nii.gz`` + ``labels.json``, or
+  ``<class>.nii.gz`` per class.
+
+``--classes`` with a label map restricts learning to those classes. Every mask must have the image's shape and
+affine (a mask saved on another grid is refused, not resampled). The checkpoint's model segments the image
+(frozen, all its classes), the corrector fuses and scores its output against the correction, records the best
+fusion weight, learns from the crops and saves its state (:mod:`cfseg.online`) atomically into ``--state``.
+A missing or empty ``--state`` starts a new state (``--config settings.json`` sets :class:`~cfseg.online.
+OnlineConfig` then); a folder holding other files, a damaged state or one made for another checkpoint is
+refused. Any error leaves the state as it was. Then ``cfseg-segment --online DIR`` segments with the fused output.
+
+Output: one line per corrected class (Dice of the checkpoint and of the fused output against the correction,
+before learning from it; the fusion weight used and the best one) and the update's seconds. Exit codes: 0 done,
+2 an error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from cfseg.segmentation import SegmentError, load_input, safe_name
+
+AFFINE_TOLERANCE = 1e-3  # mm: two grids whose affines differ by less are the same grid
+
+
+def _read_mask(path: Path, image: nib.Nifti1Image) -> np.ndarray:
+    """A mask file as an integer array on the image's grid (same shape and affine, else refused)."""
+    if not path.is_file():
+        raise SegmentError(f"{path}: mask not found")
+    try:
+        m = nib.load(str(path))
+        shape = tuple(int(s) for s in m.shape)
+        if len(shape) == 4 and shape[3] == 1:
+            shape = shape[:3]
+        if shape != tuple(image.shape[:3]):
+            raise SegmentError(f"{path}: the mask has shape {shape}, the image {tuple(image.shape[:3])}; a "
+                               f"correction must be saved on the image's own grid")
+        if not np.allclose(m.affine, image.affine, atol=AFFINE_TOLERANCE):
+            raise SegmentError(f"{path}: the mask's affine differs from the image's (max difference "
+                               f"{float(np.abs(m.affine - image.affine).max()):.4g}); a correction must be saved "
+                               f"on the image's own grid")
+        data = np.asarray(m.dataobj).reshape(shape)
+    except SegmentError:
+        raise
+    except Exception as e:  # nibabel raises several types for unreadable files
+        raise SegmentError(f"{path}: not a readable NIfTI mask ({type(e).__name__}: {e})") from e
+    if not np.isfinite(data).all() or (data < 0).any() or (data != np.round(data)).any():
+        raise SegmentError(f"{path}: a mask holds non-negative integer labels, this one does not")
+    return data.astype(np.int64)
+
+
+def _class_index(module, name: str, where: str) -> int:
+    try:
+        k = module.bank.index(name)
+    except (KeyError, ValueError) as e:
+        raise SegmentError(f"{where}: {' '.join(str(e).split())}") from None
+    if k == 0:
+        raise SegmentError(f"{where}: {name!r} is the background, not a class to correct")
+    return k
+
+
+def read_correction(module, image: nib.Nifti1Image, masks: Sequence[str | Path],
+                    labels: str | Path | None = None,
+                    classes: Sequence[str] | None = None) -> dict[int, np.ndarray]:
+    """The corrected masks on the image's grid: global class index -> boolean [X, Y, Z] (see the module doc).
+
+    Raises:
+        SegmentError: a mask of another shape or affine, an unknown class, values a labels.json does not name,
+            or masks whose meaning is not said (no labels.json, no --classes).
+    """
+    paths = [Path(m) for m in masks]
+    if len(paths) == 1 and paths[0].is_dir():
+        folder = paths[0]
+        if (folder / "labels.nii.gz").is_file() and (folder / "labels.json").is_file() and labels is None:
+            paths, labels = [folder / "labels.nii.gz"], folder / "labels.json"
+        elif labels is None and not classes:
+            by_name = {f"{safe_name(n)}.nii.gz": n for n in module.bank.names[1:]}
+            found = sorted(p.name for p in folder.iterdir() if p.name in by_name)
+            if not found:
+                raise SegmentError(f"{folder}: no labels.nii.gz + labels.json and no <class>.nii.gz of the "
+                                   f"checkpoint's classes in this folder")
+            paths, classes = [folder / f for f in found], [by_name[f] for f in found]
+        else:
+            raise SegmentError(f"{folder}: a folder of masks is read as cfseg-segment writes it; with --labels or "
+                               f"--classes give the mask files themselves")
+    if labels is not None:
+        if len(paths) != 1:
+            raise SegmentError(f"--labels goes with one label-map mask, got {len(paths)} mask files")
+        try:
+            table = json.loads(Path(labels).read_text())
+            table = {int(v): str(n) for v, n in table.items()}
+        except (OSError, ValueError, AttributeError, TypeError) as e:
+            raise SegmentError(f"{labels}: not a labels.json of value -> class name ({e})") from None
+        data = _read_mask(paths[0], image)
+        named = {v: _class_index(module, n, str(labels)) for v, n in table.items() if v != 0}
+        stray = sorted(set(np.unique(data).tolist()) - set(named) - {0})
+        if stray:
+            raise SegmentError(f"{paths[0]}: label values {stray} are not in {labels}")
+        wanted = None if not classes else {_class_index(module, c, "--classes") for c in classes}
+        out = {k: data == v for v, k in named.items() if wanted is None or k in wanted}
+        if wanted is not None and wanted - set(out):
+            raise SegmentError(f"--classes {sorted(module.bank.names[k] for k in wanted - set(out))} are not in "
+                               f"{labels}")
+        return out
+    if not classes:
+        raise SegmentError("say what the masks are: a label map with --labels labels.json, or one binary mask per "
+                           "class with --classes (one name per mask, in order)")
+    if len(classes) != len(paths):
+        raise SegmentError(f"--classes names {len(classes)} classes for {len(paths)} mask files; give one per mask")
+    out: dict[int, np.ndarray] = {}
+    for c, p in zip(classes, paths, strict=True):
+        k = _class_index(module, c, "--classes")
+        if k in out:
+            raise SegmentError(f"--classes names {module.bank.names[k]!r} twice")
+        out[k] = _read_mask(p, image) > 0
+    return out
+
+
+def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], checkpoint: str | Path | Any,
+            state: str | Path, labels: str | Path | None = None, classes: Sequence[str] | None = None,
+            modality: str | None = None, device: str = "cpu", config: dict | None = None):
+    """Learn from one corrected case and save the online state (the Python API of ``cfseg-correct``).
+
+    Args:
+        image: the case (NIfTI path or nibabel image).
+        masks: the corrected mask file(s) or a cfseg-segment output folder (see the module doc).
+        checkpoint: cfseg checkpoint path or loaded module.
+        state: the online state directory (missing or empty: a new state).
+        labels, classes: what the masks mean (see the module doc).
+        modality: ``"ct"``/``"mri"``; None: detected.
+        config: :class:`~cfseg.online.OnlineConfig` fields for a new state.
+
+    Returns:
+        ``(corrector, report)``: the :class:`~cfseg.online.OnlineCorrector` after the update and its
+        :class:`~cfseg.online.CaseReport`.
+
+    Raises:
+        SegmentError: bad inputs or state (nothing is written then).
+    """
+    from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
+    from cfseg.module import CFSegModule, load_checkpoint
+    from cfseg.online import OnlineCorrector, OnlineStateError
+    from cfseg.segmentation import _preprocess
+
+    module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
+    try:
+        corrector = OnlineCorrector.open(state, module, config)
+    except (OnlineStateError, ValueError) as e:
+        raise SegmentError(str(e)) from None
+    img, where = load_input(image)
+    corrected = read_correction(module, img, masks, labels, classes)
+    try:
+        chosen, _, _ = choose_modality(module, np.asarray(img.dataobj), modality)
+    except ModalityError as e:
+        raise SegmentError(f"{where}: {e}") from None
+    ks = sorted(corrected)
+    work = _preprocess(img, preprocessing_for(module, chosen), np.stack([corrected[k] for k in ks]))
+    idx = list(range(1, len(module.bank.names)))
+    out = predict_volume(module, work["image"], idx, device=device)
+    on_grid = {k: torch.as_tensor(work["masks"][i]).bool() for i, k in enumerate(ks)}
+    report = corrector.update(work["image"], out["probs"], idx, on_grid)
+    corrector.save(state)
+    return corrector, report
+
+
+def format_report(report) -> list[str]:
+    lines = []
+    for name in report.dice_frozen:
+        best = report.best_alpha.get(name)
+        lines.append(f"  {name}: Dice checkpoint {report.dice_frozen[name]:.3f}, fused {report.dice_fused[name]:.3f} "
+                     f"(weight used {report.alpha_used[name]:.2f}"
+                     + (f", best {best:.2f})" if best is not None else "; no crop: the checkpoint found nothing)"))
+    loss = "" if report.loss is None else f", loss {report.loss:.3f}"
+    lines.append(f"  update {report.seconds:.2f} s, buffer {report.buffer} crops{loss}")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``cfseg-correct``; returns the exit code (0 done, 2 error)."""
+    from cfseg.segmentation import _Parser
+
+    p = _Parser(prog="cfseg-correct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", type=Path, required=True, help="cfseg checkpoint (the frozen model)")
+    p.add_argument("--state", type=Path, required=True, help="online state directory (missing or empty: new)")
+    p.add_argument("--image", type=Path, required=True, help="the case's image (NIfTI)")
+    p.add_argument("--mask", type=Path, nargs="+", required=True,
+                   help="corrected label map, per-class masks (with --classes) or a cfseg-segment output folder")
+    p.add_argument("--labels", type=Path, default=None, help="labels.json of a label-map mask (value -> class)")
+    p.add_argument("--classes", nargs="+", default=None, help="class of each mask file, or the classes to learn")
+    p.add_argument("--modality", default=None, choices=["ct", "mri"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--config", type=Path, default=None, help="JSON of online settings for a new state")
+    a = p.parse_args(argv)
+    from cfseg.module import load_checkpoint
+
+    try:
+        module = load_checkpoint(str(a.ckpt))
+    except Exception as e:  # any failure to load is the checkpoint's problem, reported in one line
+        print(f"cfseg-correct: error: {a.ckpt}: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    try:
+        config = json.loads(a.config.read_text()) if a.config is not None else None
+    except (OSError, ValueError) as e:
+        print(f"cfseg-correct: error: {a.config}: {e}", file=sys.stderr)
+        return 2
+    try:
+        corrector, report = correct(a.image, a.mask, module, a.state, a.labels, a.classes, a.modality, a.device,
+                                    config)
+    except (SegmentError, ValueError, OSError) as e:
+        print(f"cfseg-correct: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print(f"{a.image}: learnt from the correction ({corrector.n_updates} corrected cases in {a.state})")
+    for line in format_report(report):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,693 @@
+"""Learning from corrected masks: an online auxiliary corrector beside a frozen cfseg model (AuxOL-style).
+
+A clinician reviews each automatic segmentation and fixes it. :class:`OnlineCorrector` keeps the cfseg model
+frozen and trains a small auxiliary 3D network online from those corrections, then fuses the two outputs with a
+weight that follows which of them has recently been better. Modelled on AuxOL (Huang et al., IEEE TMI 2025,
+"On-the-fly improving Segment Anything for medical image segmentation using auxiliary online learning"; public
+code qianxihaoyue/AuxOL), brought to 3D volumes and to several classes per case.
+
+Per class ``k`` of a case (all on the network grid, i.e. after the checkpoint's preprocessing):
+
+* **Crop.** The box of the largest connected component of the frozen prediction of ``k`` (its label map),
+  expanded on each side by ``max(min_margin, margin x extent)`` voxels and clipped to the volume. When the frozen
+  model predicts nothing for ``k``, the box is centred on its most probable voxel with the mean size of the boxes
+  that class's corrections had so far (none yet: ``k`` is left to the frozen model). The crop is resized
+  (trilinear) to ``crop_size``.
+* **Auxiliary input.** Image crop, the frozen model's probability (``prior: probability``) or mask
+  (``prior: mask``) of ``k``, and a one-hot class code as constant channels (``class_code``), so one small
+  network serves every class. Output: one logit map ``z_aux``, resized back into the box.
+* **Fusion.** ``p = sigmoid(alpha z_main + (1 - alpha) z_aux)`` inside the box, ``z_main = logit(p_main)`` of the
+  frozen softmax; outside the box the frozen probability is kept. The fused probability of ``k`` replaces the
+  frozen one and background takes what is left (``1 - sum_k p_k``, at least 0), so the label map is the argmax.
+* **Adaptive fusion weight.** After each corrected case the best ``alpha`` on the grid ``0, alpha_step, ..., 1``
+  (soft Dice against the correction, in the crop) is recorded per class (``alpha_per_class``; else one history
+  for all); the next case uses the mean of the last ``alpha_window`` records. Until ``warmup`` records exist
+  the frozen model is used alone (``alpha = 1``), as AuxOL does for its first 5 cases.
+* **Adaptive online batch.** Each corrected crop (input, target) goes into a FIFO buffer of at most
+  ``buffer_size`` crops; each update runs ``steps_per_update`` AdamW steps (``lr``, ``weight_decay``) on the whole
+  buffer (Dice + BCE, MONAI ``DiceCELoss``), so the batch grows with the stream until the buffer is full.
+
+State (:meth:`OnlineCorrector.save` / :meth:`OnlineCorrector.load`): one directory holding ``state.json``
+(configuration, fusion-weight histories, box sizes, the optimiser's hyper-parameters, the fingerprint of the
+base model and its class list, and the SHA-256 of each tensor file) and two safetensors files (auxiliary weights
+with the optimiser's moments; the buffer). No pickled code: the auxiliary network is built through
+:mod:`cfseg.builder`'s allow-list. A save writes new tensor files, then replaces ``state.json`` atomically, then
+deletes the files it no longer names: a crash at any point leaves the previous or the new state, both loadable.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+STATE_FORMAT = "cfseg-online/1"
+STATE_FILE = "state.json"
+_LOGIT_EPS = 1e-6
+
+
+class OnlineStateError(ValueError):
+    """An online state that cannot be used: not a state, damaged, or made for another model or class list."""
+
+
+def default_network() -> dict[str, Any]:
+    """The auxiliary network: a small MONAI UNet (8-16-32 channels, two stride-2 levels, about 40 k parameters);
+    ``in_channels``/``out_channels`` are set by the corrector."""
+    return {"class_path": "monai.networks.nets.UNet",
+            "init_args": {"spatial_dims": 3, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}}
+
+
+@dataclass
+class OnlineConfig:
+    """Every constant of the online corrector (defaults: AuxOL's, where it has one).
+
+    Attributes:
+        network: auxiliary network spec (``class_path`` in ``monai.networks.nets``/``cfseg.nets``; its
+            ``in_channels``/``out_channels`` are filled in).
+        crop_size: the fixed size crops are resized to, voxels.
+        margin: box expansion on each side, as a fraction of the box's extent along that axis.
+        min_margin: at least this many voxels of expansion on each side.
+        prior: ``"probability"`` or ``"mask"``: which frozen output the auxiliary network sees.
+        class_code: give the auxiliary network a one-hot class code (one network for every class).
+        buffer_size: FIFO buffer of corrected crops (AuxOL: 32).
+        steps_per_update: AdamW steps on the whole buffer per corrected case (the issue's AuxOL reading: 1).
+        lr, weight_decay: AdamW (AuxOL: 5e-4, 5e-4).
+        alpha_step: grid step of the fusion weight search (AuxOL: 0.05).
+        alpha_window: the next case uses the mean of this many latest best weights (AuxOL: 5).
+        warmup: the frozen model alone until this many best weights are recorded (AuxOL: 5).
+        alpha_per_class: one weight history per class (default) or one for all classes.
+        seed: initialisation of the auxiliary network.
+    """
+
+    network: dict[str, Any] = field(default_factory=default_network)
+    crop_size: tuple[int, int, int] = (32, 32, 32)
+    margin: float = 0.25
+    min_margin: int = 4
+    prior: str = "probability"
+    class_code: bool = True
+    buffer_size: int = 32
+    steps_per_update: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 5e-4
+    alpha_step: float = 0.05
+    alpha_window: int = 5
+    warmup: int = 5
+    alpha_per_class: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.crop_size = tuple(int(s) for s in self.crop_size)  # type: ignore[assignment]
+        if len(self.crop_size) != 3 or min(self.crop_size) < 8:
+            raise ValueError(f"crop_size must be 3 sizes of at least 8 voxels, got {self.crop_size}")
+        if self.prior not in ("probability", "mask"):
+            raise ValueError(f"prior must be 'probability' or 'mask', got {self.prior!r}")
+        for name in ("buffer_size", "steps_per_update", "alpha_window"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.warmup < 0 or self.min_margin < 0 or self.margin < 0:
+            raise ValueError("warmup, min_margin and margin must be non-negative")
+        if not 0 < self.alpha_step <= 1:
+            raise ValueError(f"alpha_step must be in (0, 1], got {self.alpha_step}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["crop_size"] = list(self.crop_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> OnlineConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown online setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(data))
+
+    def alpha_grid(self) -> torch.Tensor:
+        n = int(round(1 / self.alpha_step))
+        return torch.linspace(0, 1, n + 1, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pure helpers (boxes, crops, fusion weight)
+
+
+Box = tuple[tuple[int, int, int], tuple[int, int, int]]  # (lo, hi), end exclusive
+
+
+def largest_component_box(mask: np.ndarray) -> Box | None:
+    """Box of the largest 26-connected component of a boolean [X, Y, Z] mask; None when empty."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return None
+    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n > 1:
+        sizes = np.bincount(lab.ravel())[1:]
+        mask = lab == (int(sizes.argmax()) + 1)
+    idx = np.nonzero(mask)
+    return (tuple(int(i.min()) for i in idx), tuple(int(i.max()) + 1 for i in idx))  # type: ignore[return-value]
+
+
+def expand_box(box: Box, shape: Sequence[int], margin: float, min_margin: int) -> Box:
+    """``box`` grown on each side by ``max(min_margin, margin x extent)`` voxels, clipped to ``shape``."""
+    lo, hi = [], []
+    for l, h, n in zip(box[0], box[1], shape, strict=True):
+        m = max(int(min_margin), int(round(margin * (h - l))))
+        lo.append(max(0, l - m))
+        hi.append(min(int(n), h + m))
+    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+
+
+def centred_box(centre: Sequence[int], extent: Sequence[float], shape: Sequence[int]) -> Box:
+    """A box of ``extent`` voxels around ``centre``, shifted to lie inside ``shape`` (clipped if larger)."""
+    lo, hi = [], []
+    for c, e, n in zip(centre, extent, shape, strict=True):
+        e = int(min(max(1, round(e)), n))
+        l = min(max(0, int(c) - e // 2), int(n) - e)
+        lo.append(l)
+        hi.append(l + e)
+    return tuple(lo), tuple(hi)  # type: ignore[return-value]
+
+
+def crop_resize(volume: torch.Tensor, box: Box, size: Sequence[int], mode: str = "trilinear") -> torch.Tensor:
+    """[C, *S] -> the box's content resized to [C, *size] (``mode`` trilinear or nearest)."""
+    sl = tuple(slice(l, h) for l, h in zip(*box, strict=True))
+    sub = volume[(slice(None), *sl)].float()[None]
+    kw = {"align_corners": False} if mode == "trilinear" else {}
+    return F.interpolate(sub, size=tuple(size), mode=mode, **kw)[0]
+
+
+def uncrop_resize(crop: torch.Tensor, box: Box) -> torch.Tensor:
+    """[C, *size] -> [C, *box extent] (trilinear): a crop's output back at the box's own resolution."""
+    extent = tuple(h - l for l, h in zip(*box, strict=True))
+    return F.interpolate(crop.float()[None], size=extent, mode="trilinear", align_corners=False)[0]
+
+
+def soft_dice(prob: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Soft Dice over all but the leading dimension: prob, target [A, ...] -> [A] (both empty: 1)."""
+    p, t = prob.flatten(1).double(), target.flatten(1).double()
+    return (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)
+
+
+def best_alpha(z_main: torch.Tensor, z_aux: torch.Tensor, target: torch.Tensor,
+               grid: torch.Tensor) -> tuple[float, float]:
+    """The fusion weight on ``grid`` whose ``sigmoid(a z_main + (1 - a) z_aux)`` has the highest soft Dice with
+    ``target`` (same shapes). Ties go to the larger weight (the frozen model): AuxOL starts from 1 and keeps the
+    first best.
+
+    Returns:
+        ``(alpha, soft Dice at alpha)``.
+    """
+    a = grid.to(torch.float64).view(-1, *([1] * z_main.dim()))
+    fused = torch.sigmoid(a * z_main.double()[None] + (1 - a) * z_aux.double()[None])
+    dice = soft_dice(fused, target.double()[None].expand_as(fused))
+    order = torch.arange(len(grid) - 1, -1, -1)  # from alpha = 1 down: argmax keeps the first maximum
+    j = int(order[int(dice[order].argmax())])
+    return float(grid[j]), float(dice[j])
+
+
+def _logit(p: torch.Tensor) -> torch.Tensor:
+    p = p.double().clamp(_LOGIT_EPS, 1 - _LOGIT_EPS)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def model_fingerprint(module) -> str:
+    """SHA-256 of a cfseg module's class list and weights (every state-dict tensor, by name): what an online
+    state is bound to. Independent of the checkpoint file's path or how it was saved."""
+    h = hashlib.sha256()
+    h.update(json.dumps(list(module.bank.names)).encode())
+
+    def feed(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            h.update(f"{v.dtype}{tuple(v.shape)}".encode())
+            if v.numel():
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(v, Mapping):  # extra states (e.g. the prototype bank's)
+            for key in sorted(v, key=str):
+                h.update(str(key).encode())
+                feed(v[key])
+        elif isinstance(v, (list, tuple)):
+            for item in v:
+                feed(item)
+        else:
+            h.update(repr(v).encode())
+
+    for name, value in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        feed(value)
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseReport:
+    """What one corrected case did (per class name): Dice of the frozen and the fused prediction against the
+    correction (computed before learning from it), the best fusion weight found, the weight that was used, and
+    seconds spent in the update (crop, fusion-weight search, optimiser steps; not the frozen model's pass)."""
+
+    dice_frozen: dict[str, float]
+    dice_fused: dict[str, float]
+    best_alpha: dict[str, float]
+    alpha_used: dict[str, float]
+    seconds: float
+    buffer: int
+    loss: float | None
+
+
+class OnlineCorrector:
+    """An auxiliary network learning online from corrected cases, fused with a frozen cfseg module.
+
+    Args:
+        module: the loaded cfseg module (:func:`cfseg.module.load_checkpoint`); frozen here (eval mode, no grads).
+        config: :class:`OnlineConfig` (or a dict of its fields); defaults when None.
+        trusted_modules: packages trusted for the auxiliary network beyond the allow-list (never from a file).
+
+    Tensors: ``image`` [C, X, Y, Z] preprocessed (network grid); ``probs`` [K'+1, X, Y, Z] the frozen softmax
+    over background + ``class_indices`` (global indices of the module's bank, as :func:`cfseg.inference.
+    predict_volume` returns them).
+    """
+
+    def __init__(self, module, config: OnlineConfig | Mapping[str, Any] | None = None,
+                 trusted_modules: Sequence[str] | None = None):
+        from cfseg.builder import build_network
+
+        self.module = module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.config = config if isinstance(config, OnlineConfig) else OnlineConfig.from_dict(config or {})
+        self.class_names: list[str] = list(module.bank.names)
+        self.fingerprint = model_fingerprint(module)
+        spec = copy.deepcopy(self.config.network)
+        spec.setdefault("init_args", {})
+        spec["init_args"].update(in_channels=self.in_channels(module), out_channels=1)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            self.aux: nn.Module = build_network(spec, trusted_modules)
+        self.optimizer = torch.optim.AdamW(self.aux.parameters(), lr=self.config.lr,
+                                           weight_decay=self.config.weight_decay)
+        from monai.losses import DiceCELoss
+
+        self.loss_fn = DiceCELoss(sigmoid=True)
+        self.buffer: deque[tuple[torch.Tensor, torch.Tensor, int]] = deque(maxlen=self.config.buffer_size)
+        self.alphas: dict[str, list[float]] = {}
+        self.extents: dict[str, list[float]] = {}  # class -> [sum x, sum y, sum z, count] of correction boxes
+        self.n_updates = 0
+
+    # -- shapes and channels ------------------------------------------------------------------------------------
+    def in_channels(self, module) -> int:
+        n_code = len(module.bank.names) - 1 if self.config.class_code else 0
+        return _in_channels(module) + 1 + n_code
+
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in self.aux.parameters())
+
+    # -- fusion weight ------------------------------------------------------------------------------------------
+    def _history_key(self, k: int) -> str:
+        return self.class_names[k] if self.config.alpha_per_class else "*"
+
+    def alpha(self, k: int) -> float:
+        """The fusion weight the next case uses for class ``k``: 1 (frozen alone) during warm-up, else the mean
+        of the last ``alpha_window`` best weights."""
+        hist = self.alphas.get(self._history_key(k), [])
+        if len(hist) < max(1, self.config.warmup):
+            return 1.0
+        return float(np.mean(hist[-self.config.alpha_window:]))
+
+    def describe(self, alpha: Mapping[str, float] | None = None) -> str:
+        """One line: how many corrections the corrector learnt from, and the fusion weight per class."""
+        head = f"online corrector ({self.n_updates} corrected case{'s' * (self.n_updates != 1)}"
+        if not alpha:
+            return head + "; no class fused yet: the checkpoint alone)"
+        parts = ", ".join(f"{n} {a:.2f}" for n, a in alpha.items())
+        return head + f"); weight of the checkpoint per class (1 = it alone): {parts}"
+
+    # -- boxes and crops ----------------------------------------------------------------------------------------
+    def box(self, k: int, prob: torch.Tensor, mask: torch.Tensor) -> Box | None:
+        """The crop box of class ``k`` from its frozen probability and mask [X, Y, Z] (see the module doc)."""
+        shape = tuple(prob.shape)
+        b = largest_component_box(mask.cpu().numpy().astype(bool))
+        if b is None:
+            ext = self.extents.get(self.class_names[k])
+            if not ext or ext[3] == 0:
+                return None
+            centre = np.unravel_index(int(prob.argmax()), shape)
+            b = centred_box(centre, [e / ext[3] for e in ext[:3]], shape)
+        return expand_box(b, shape, self.config.margin, self.config.min_margin)
+
+    def _inputs(self, image: torch.Tensor, prob: torch.Tensor, mask: torch.Tensor, box: Box) -> torch.Tensor:
+        """[C_img + 1, *crop_size]: image crop and the prior channel (class code added at use)."""
+        prior = (mask.float() if self.config.prior == "mask" else prob.float())[None]
+        return crop_resize(torch.cat([image.float(), prior], 0), box, self.config.crop_size)
+
+    def _with_code(self, x: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+        """[B, C, *crop] + one-hot class code channels -> [B, C + K - 1, *crop]."""
+        if not self.config.class_code:
+            return x
+        code = torch.zeros(x.shape[0], len(self.class_names) - 1, *x.shape[2:], dtype=x.dtype)
+        for i, k in enumerate(classes):
+            code[i, int(k) - 1] = 1
+        return torch.cat([x, code], 1)
+
+    @torch.no_grad()
+    def _aux_logits(self, inputs: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+        self.aux.eval()
+        return self.aux(self._with_code(inputs, classes))[:, 0]
+
+    def _crops(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int]):
+        """(j, k, box, inputs) per requested class with a box; j is the channel of k in ``probs``."""
+        labels = probs.argmax(0)
+        out = []
+        for j, k in enumerate(class_indices, start=1):
+            mask = labels == j
+            b = self.box(int(k), probs[j], mask)
+            if b is not None:
+                out.append((j, int(k), b, self._inputs(image, probs[j], mask, b)))
+        return out
+
+    # -- inference ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def fuse(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int],
+             crops=None) -> dict[str, Any]:
+        """Fuse the frozen probabilities with the auxiliary network's, class by class inside each class's box.
+
+        Returns:
+            ``probs`` [K'+1, *S] fused (background: what the classes leave), ``labels`` uint8 [*S] in global
+            class values, ``alpha`` {class name: weight used} and ``boxes`` {class name: box} for the classes
+            the auxiliary network acted on.
+        """
+        idx = [int(k) for k in class_indices]
+        crops = self._crops(image, probs, idx) if crops is None else crops
+        fused = probs.clone().float()
+        used, boxes = {}, {}
+        acting = [c for c in crops if self.alpha(c[1]) < 1.0]
+        if acting:
+            z_aux = self._aux_logits(torch.stack([c[3] for c in acting]), [c[1] for c in acting])
+            for (j, k, b, _), z in zip(acting, z_aux, strict=True):
+                a = self.alpha(k)
+                sl = tuple(slice(l, h) for l, h in zip(*b, strict=True))
+                z_box = uncrop_resize(z[None], b)[0].double()
+                p = torch.sigmoid(a * _logit(probs[j][sl]) + (1 - a) * z_box)
+                fused[j][sl] = p.float()
+                used[self.class_names[k]] = a
+                boxes[self.class_names[k]] = b
+        if acting:
+            fused[0] = (1 - fused[1:].sum(0)).clamp_min(0)
+        for c in crops:
+            used.setdefault(self.class_names[c[1]], 1.0)
+        table = torch.tensor([0, *idx], dtype=torch.uint8)
+        return {"probs": fused, "labels": table[fused.argmax(0)], "alpha": used, "boxes": boxes}
+
+    # -- learning -----------------------------------------------------------------------------------------------
+    def update(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int],
+               corrected: Mapping[int, torch.Tensor]) -> CaseReport:
+        """Learn from one corrected case.
+
+        Args:
+            image, probs, class_indices: the case and the frozen model's output on it (see the class doc).
+            corrected: global class index -> boolean mask [X, Y, Z] on the network grid (the user's correction;
+                an empty mask says the organ is absent). Only these classes are learnt from.
+
+        Returns:
+            :class:`CaseReport` (Dice before learning from this case).
+        """
+        t0 = time.perf_counter()
+        idx = [int(k) for k in class_indices]
+        unknown = sorted(set(int(k) for k in corrected) - set(idx))
+        if unknown:
+            raise ValueError(f"corrected classes {[self.class_names[k] for k in unknown]} were not predicted "
+                             f"(class_indices {idx})")
+        targets = {int(k): torch.as_tensor(m).bool() for k, m in corrected.items()}
+        for k, m in targets.items():
+            if tuple(m.shape) != tuple(probs.shape[1:]):
+                raise ValueError(f"correction of {self.class_names[k]!r} has shape {tuple(m.shape)}, the case "
+                                 f"{tuple(probs.shape[1:])}")
+        crops = [c for c in self._crops(image, probs, idx) if c[1] in targets]
+        out = self.fuse(image, probs, idx, crops=crops)
+        labels_frozen = probs.argmax(0)
+        table = torch.tensor([0, *idx])
+        dice_frozen, dice_fused, best, used = {}, {}, {}, {}
+        for k, m in targets.items():
+            name = self.class_names[k]
+            dice_frozen[name] = _hard_dice(table[labels_frozen] == k, m)
+            dice_fused[name] = _hard_dice(out["labels"].long() == k, m)
+            used[name] = out["alpha"].get(name, 1.0)
+        if crops:
+            z_aux = self._aux_logits(torch.stack([c[3] for c in crops]), [c[1] for c in crops])
+            grid = self.config.alpha_grid()
+            for (j, k, b, x), z in zip(crops, z_aux, strict=True):
+                target = crop_resize(targets[k][None].float(), b, self.config.crop_size)[0] >= 0.5
+                z_main = _logit(crop_resize(probs[j][None], b, self.config.crop_size)[0])
+                a, _ = best_alpha(z_main, z, target.float(), grid)
+                best[self.class_names[k]] = a
+                self.alphas.setdefault(self._history_key(k), []).append(a)
+                self.buffer.append((x.clone(), target[None].to(torch.uint8), k))
+        for k, m in targets.items():  # box sizes of the corrections: where to look when the frozen model misses
+            b = largest_component_box(m.cpu().numpy())
+            if b is not None:
+                ext = self.extents.setdefault(self.class_names[k], [0.0, 0.0, 0.0, 0.0])
+                for a in range(3):
+                    ext[a] += b[1][a] - b[0][a]
+                ext[3] += 1
+        loss = self._train_steps() if self.buffer else None
+        self.n_updates += 1
+        return CaseReport(dice_frozen, dice_fused, best, used, time.perf_counter() - t0, len(self.buffer), loss)
+
+    def _train_steps(self) -> float:
+        """``steps_per_update`` AdamW steps on the whole buffer; returns the last loss."""
+        x = torch.stack([b[0] for b in self.buffer])
+        y = torch.stack([b[1] for b in self.buffer]).float()
+        x = self._with_code(x, [b[2] for b in self.buffer])
+        self.aux.train()
+        loss = torch.zeros(())
+        for _ in range(self.config.steps_per_update):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(self.aux(x), y)
+            loss.backward()
+            self.optimizer.step()
+        self.aux.eval()
+        return float(loss.detach())
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(JSON-able metadata, weight tensors incl. the optimiser's moments, buffer tensors)."""
+        weights = {f"aux.{k}": v.detach().cpu().contiguous() for k, v in self.aux.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for name, v in st.items():
+                weights[f"opt.{i}.{name}"] = torch.as_tensor(v).detach().cpu().contiguous()
+        buffer: dict[str, torch.Tensor] = {}
+        if self.buffer:
+            buffer = {"inputs": torch.stack([b[0] for b in self.buffer]).contiguous(),
+                      "targets": torch.stack([b[1] for b in self.buffer]).contiguous(),
+                      "classes": torch.tensor([b[2] for b in self.buffer], dtype=torch.int64)}
+        meta = {
+            "format": STATE_FORMAT,
+            "base": {"fingerprint": self.fingerprint, "classes": self.class_names},
+            "config": self.config.to_dict(),
+            "n_updates": self.n_updates,
+            "alphas": self.alphas,
+            "extents": self.extents,
+            "optimizer": {"param_groups": [{k: v for k, v in g.items() if k != "params"}
+                                           for g in opt["param_groups"]],
+                          "state_keys": {str(i): sorted(st) for i, st in opt["state"].items()}},
+        }
+        return meta, weights, buffer
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the state into ``directory`` (created if needed) atomically; returns ``directory/state.json``.
+
+        Raises:
+            OnlineStateError: ``directory`` holds files but no online state (refused, nothing written).
+        """
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        check_state_dir(d, must_exist=False)
+        d.mkdir(parents=True, exist_ok=True)
+        meta, weights, buffer = self.state_dict()
+        tag = uuid.uuid4().hex[:12]
+        files = {"weights": f"weights-{tag}.safetensors", "buffer": f"buffer-{tag}.safetensors"}
+        written = []
+        try:
+            for role, tensors in (("weights", weights), ("buffer", buffer)):
+                path = d / files[role]
+                save_file(tensors, str(path))
+                written.append(path)
+                _fsync(path)
+            meta["files"] = files
+            meta["sha256"] = {name: _sha256_file(d / name) for name in files.values()}
+            tmp = d / f".{STATE_FILE}.{tag}.tmp"
+            tmp.write_text(json.dumps(meta, indent=1))
+            written.append(tmp)
+            _fsync(tmp)
+            os.replace(tmp, d / STATE_FILE)
+            _fsync_dir(d)
+        except BaseException:
+            for p in written:
+                p.unlink(missing_ok=True)
+            raise
+        keep = set(files.values()) | {STATE_FILE}
+        for p in d.iterdir():  # files of earlier saves and temporaries of crashed ones
+            if p.name not in keep and (p.name.startswith(("weights-", "buffer-")) or p.name.endswith(".tmp")):
+                p.unlink(missing_ok=True)
+        return d / STATE_FILE
+
+    @classmethod
+    def load(cls, directory: str | Path, module, trusted_modules: Sequence[str] | None = None) -> OnlineCorrector:
+        """Load a state written by :meth:`save` for ``module``.
+
+        Raises:
+            OnlineStateError: not a state, damaged (unparsable JSON, a missing or altered tensor file, tensors that
+                do not fit), or made for another model or class list.
+        """
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        check_state_dir(d, must_exist=True)
+        try:
+            meta = json.loads((d / STATE_FILE).read_text())
+        except (OSError, ValueError) as e:
+            raise OnlineStateError(f"{d}: damaged online state ({STATE_FILE} unreadable: {e})") from None
+        if not isinstance(meta, dict) or meta.get("format") != STATE_FORMAT:
+            raise OnlineStateError(f"{d}: {STATE_FILE} is not a cfseg online state (format "
+                                   f"{meta.get('format') if isinstance(meta, dict) else None!r}, expected "
+                                   f"{STATE_FORMAT!r})")
+        base = meta.get("base") or {}
+        names = list(module.bank.names)
+        if base.get("classes") != names:
+            raise OnlineStateError(f"{d}: this online state was made for a model with classes {base.get('classes')}, "
+                                   f"the checkpoint has {names}; start a new state directory for this checkpoint")
+        fp = model_fingerprint(module)
+        if base.get("fingerprint") != fp:
+            raise OnlineStateError(f"{d}: this online state was made for another checkpoint (weights fingerprint "
+                                   f"{str(base.get('fingerprint'))[:12]}..., this checkpoint {fp[:12]}...); an "
+                                   f"online state is bound to the model it corrects: start a new state directory")
+        try:
+            files = meta["files"]
+            for name in files.values():
+                if Path(name).name != name:
+                    raise OnlineStateError(f"{d}: damaged online state (file name {name!r} is not a plain name)")
+                p = d / name
+                if not p.is_file():
+                    raise OnlineStateError(f"{d}: damaged online state ({name} is missing)")
+                if _sha256_file(p) != meta["sha256"][name]:
+                    raise OnlineStateError(f"{d}: damaged online state ({name} does not match its checksum)")
+            weights = load_file(str(d / files["weights"]))
+            buffer = load_file(str(d / files["buffer"]))
+            obj = cls(module, OnlineConfig.from_dict(meta["config"]), trusted_modules=trusted_modules)
+            obj.aux.load_state_dict({k[4:]: v for k, v in weights.items() if k.startswith("aux.")})
+            opt_state: dict[int, dict[str, torch.Tensor]] = {}
+            for key, v in weights.items():
+                if key.startswith("opt."):
+                    _, i, name = key.split(".", 2)
+                    opt_state.setdefault(int(i), {})[name] = v
+            groups = meta["optimizer"]["param_groups"]
+            n_params = len(list(obj.aux.parameters()))
+            if len(groups) != 1:
+                raise OnlineStateError(f"{d}: damaged online state (expected one optimiser group, got {len(groups)})")
+            obj.optimizer.load_state_dict({"state": opt_state, "param_groups": [{**groups[0],
+                                                                                  "params": list(range(n_params))}]})
+            if buffer:
+                inputs, targets, classes = buffer["inputs"], buffer["targets"], buffer["classes"].tolist()
+                if not len(inputs) == len(targets) == len(classes):
+                    raise OnlineStateError(f"{d}: damaged online state (buffer tensors of different lengths)")
+                for x, y, k in zip(inputs, targets, classes, strict=True):
+                    if not 1 <= int(k) < len(names):
+                        raise OnlineStateError(f"{d}: damaged online state (buffer class {k} out of range)")
+                    obj.buffer.append((x, y, int(k)))
+            obj.alphas = {str(k): [float(a) for a in v] for k, v in meta["alphas"].items()}
+            obj.extents = {str(k): [float(a) for a in v] for k, v in meta["extents"].items()}
+            obj.n_updates = int(meta["n_updates"])
+        except OnlineStateError:
+            raise
+        except Exception as e:  # KeyError, RuntimeError (shapes), safetensors errors, ...
+            raise OnlineStateError(f"{d}: damaged online state ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+                                   ) from None
+        return obj
+
+    @classmethod
+    def open(cls, directory: str | Path, module, config: OnlineConfig | Mapping[str, Any] | None = None,
+             trusted_modules: Sequence[str] | None = None) -> OnlineCorrector:
+        """The state in ``directory`` if there is one (``config`` must then be None), else a new corrector
+        (``directory`` missing or empty); a folder with other files is refused."""
+        d = Path(directory)
+        if (d / STATE_FILE).is_file():
+            if config is not None:
+                raise OnlineStateError(f"{d}: already holds an online state; its settings are fixed (leave out the "
+                                       f"configuration, or start a new state directory)")
+            return cls.load(d, module, trusted_modules)
+        check_state_dir(d, must_exist=False)
+        return cls(module, config, trusted_modules)
+
+
+def _in_channels(module) -> int:
+    """Image channels the cfseg module's network takes."""
+    init = (module.hparams.get("backbone") or {}).get("init_args", {}) if hasattr(module, "hparams") else {}
+    return int(init.get("in_channels", 1))
+
+
+def _hard_dice(pred: torch.Tensor, target: torch.Tensor) -> float:
+    p, t = pred.bool(), target.bool()
+    s = int(p.sum()) + int(t.sum())
+    return 1.0 if s == 0 else 2.0 * int((p & t).sum()) / s
+
+
+def check_state_dir(d: Path, must_exist: bool) -> None:
+    """Refuse what is not an online state directory.
+
+    ``must_exist``: ``d/state.json`` must be there. Otherwise ``d`` may be missing or empty (a new state) or hold
+    a state; a file, or a folder with other files and no ``state.json``, is refused so that a state is never
+    written into an unrelated folder.
+    """
+    if d.exists() and not d.is_dir():
+        raise OnlineStateError(f"{d}: is a file, not an online state directory")
+    if (d / STATE_FILE).is_file():
+        return
+    if must_exist:
+        what = "does not exist" if not d.exists() else ("is empty" if not any(d.iterdir()) else
+                                                           f"has no {STATE_FILE}")
+        raise OnlineStateError(f"{d}: not a cfseg online state ({what}); create one by learning from a corrected "
+                               f"case: cfseg-correct --state {d} ...")
+    if d.exists() and any(p for p in d.iterdir() if not p.name.endswith(".tmp")):
+        raise OnlineStateError(f"{d}: holds files but no online state ({STATE_FILE}); refusing to write a state "
+                               f"there: choose an empty or new directory")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync(path)
+    except OSError:  # some file systems do not fsync directories
+        pass

@@ -153,14 +153,18 @@ def largest_component_box(mask: np.ndarray) -> Box | None:
     """Box of the largest 26-connected component of a boolean [X, Y, Z] mask; None when empty."""
     from scipy import ndimage
 
-    if not mask.any():
+    sl = ndimage.find_objects(mask.astype(np.uint8))
+    if not sl:
         return None
-    lab, n = ndimage.label(mask, structure=np.ones((3, 3, 3), bool))
+    sub = mask[sl[0]]  # label only inside the mask's bounding box
+    lab, n = ndimage.label(sub, structure=np.ones((3, 3, 3), bool))
     if n > 1:
         sizes = np.bincount(lab.ravel())[1:]
-        mask = lab == (int(sizes.argmax()) + 1)
-    idx = np.nonzero(mask)
-    return (tuple(int(i.min()) for i in idx), tuple(int(i.max()) + 1 for i in idx))  # type: ignore[return-value]
+        sub = lab == (int(sizes.argmax()) + 1)
+    idx = np.nonzero(sub)
+    off = [s.start for s in sl[0]]
+    return (tuple(int(i.min()) + o for i, o in zip(idx, off, strict=True)),  # type: ignore[return-value]
+            tuple(int(i.max()) + 1 + o for i, o in zip(idx, off, strict=True)))
 
 
 def expand_box(box: Box, shape: Sequence[int], margin: float, min_margin: int) -> Box:
@@ -219,6 +223,24 @@ def best_alpha(z_main: torch.Tensor, z_aux: torch.Tensor, target: torch.Tensor,
     order = torch.arange(len(grid) - 1, -1, -1)  # from alpha = 1 down: argmax keeps the first maximum
     j = int(order[int(dice[order].argmax())])
     return float(grid[j]), float(dice[j])
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor (MONAI's MetaTensor tracks metadata through every operation: slow, and not needed here)."""
+    t = torch.as_tensor(t)
+    return t.as_subclass(torch.Tensor) if type(t) is not torch.Tensor else t
+
+
+def channel_argmax(probs: torch.Tensor) -> torch.Tensor:
+    """``probs.argmax(0)`` for [C, *S] (int64 [*S], first maximum wins), one channel at a time: torch's argmax
+    over a leading dimension walks memory with a stride and is about 10x slower on CPU."""
+    best = probs[0].clone()
+    arg = torch.zeros(probs.shape[1:], dtype=torch.int64)
+    for c in range(1, probs.shape[0]):
+        better = probs[c] > best
+        arg[better] = c
+        torch.maximum(best, probs[c], out=best)
+    return arg
 
 
 def _logit(p: torch.Tensor) -> torch.Tensor:
@@ -378,49 +400,58 @@ class OnlineCorrector:
         self.aux.eval()
         return self.aux(self._with_code(inputs, classes))[:, 0]
 
-    def _crops(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int]):
-        """(j, k, box, inputs) per requested class with a box; j is the channel of k in ``probs``."""
-        labels = probs.argmax(0)
+    def _crops(self, image: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, class_indices: Sequence[int],
+               only: set[int] | None = None) -> list[tuple[int, int, Box, torch.Tensor]]:
+        """(j, k, box, inputs [C_img + 1, *crop_size]) per requested class with a box (those in ``only``, when
+        given); j is the channel of class k in ``probs``, ``labels`` [*S] the frozen argmax channel."""
         out = []
         for j, k in enumerate(class_indices, start=1):
+            if only is not None and int(k) not in only:
+                continue
             mask = labels == j
             b = self.box(int(k), probs[j], mask)
             if b is not None:
                 out.append((j, int(k), b, self._inputs(image, probs[j], mask, b)))
         return out
 
+    def _fuse(self, probs: torch.Tensor, idx: list[int], crops, z_aux: torch.Tensor | None) -> dict[str, Any]:
+        """Fusion given the crops and their auxiliary logits [n, *crop_size] (None: no crop acts)."""
+        fused = probs.clone().float()
+        used = {self.class_names[c[1]]: 1.0 for c in crops}
+        boxes = {}
+        acting = [(c, z) for c, z in zip(crops, z_aux if z_aux is not None else [None] * len(crops), strict=True)
+                  if self.alpha(c[1]) < 1.0]
+        for (j, k, b, _), z in acting:
+            a = self.alpha(k)
+            sl = tuple(slice(l, h) for l, h in zip(*b, strict=True))
+            z_box = uncrop_resize(z[None], b)[0].double()
+            fused[j][sl] = torch.sigmoid(a * _logit(probs[j][sl]) + (1 - a) * z_box).float()
+            used[self.class_names[k]] = a
+            boxes[self.class_names[k]] = b
+        if acting:
+            fused[0] = (1 - fused[1:].sum(0)).clamp_min(0)
+        table = torch.tensor([0, *idx], dtype=torch.uint8)
+        return {"probs": fused, "labels": table[channel_argmax(fused)], "alpha": used, "boxes": boxes}
+
     # -- inference ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fuse(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int],
-             crops=None) -> dict[str, Any]:
+    def fuse(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int]) -> dict[str, Any]:
         """Fuse the frozen probabilities with the auxiliary network's, class by class inside each class's box.
 
         Returns:
             ``probs`` [K'+1, *S] fused (background: what the classes leave), ``labels`` uint8 [*S] in global
-            class values, ``alpha`` {class name: weight used} and ``boxes`` {class name: box} for the classes
-            the auxiliary network acted on.
+            class values, ``alpha`` {class name: weight used} for the classes with a box and ``boxes`` {class
+            name: box} for those the auxiliary network acted on (weight < 1).
         """
+        image, probs = _plain(image), _plain(probs)
         idx = [int(k) for k in class_indices]
-        crops = self._crops(image, probs, idx) if crops is None else crops
-        fused = probs.clone().float()
-        used, boxes = {}, {}
-        acting = [c for c in crops if self.alpha(c[1]) < 1.0]
-        if acting:
-            z_aux = self._aux_logits(torch.stack([c[3] for c in acting]), [c[1] for c in acting])
-            for (j, k, b, _), z in zip(acting, z_aux, strict=True):
-                a = self.alpha(k)
-                sl = tuple(slice(l, h) for l, h in zip(*b, strict=True))
-                z_box = uncrop_resize(z[None], b)[0].double()
-                p = torch.sigmoid(a * _logit(probs[j][sl]) + (1 - a) * z_box)
-                fused[j][sl] = p.float()
-                used[self.class_names[k]] = a
-                boxes[self.class_names[k]] = b
-        if acting:
-            fused[0] = (1 - fused[1:].sum(0)).clamp_min(0)
-        for c in crops:
-            used.setdefault(self.class_names[c[1]], 1.0)
-        table = torch.tensor([0, *idx], dtype=torch.uint8)
-        return {"probs": fused, "labels": table[fused.argmax(0)], "alpha": used, "boxes": boxes}
+        acting = {k for k in idx if self.alpha(k) < 1.0}
+        crops = self._crops(image, probs, channel_argmax(probs), idx, only=acting)
+        z_aux = self._aux_logits(torch.stack([c[3] for c in crops]), [c[1] for c in crops]) if crops else None
+        out = self._fuse(probs, idx, crops, z_aux)
+        for k in idx:  # classes left to the frozen model during warm-up
+            out["alpha"].setdefault(self.class_names[k], 1.0)
+        return out
 
     # -- learning -----------------------------------------------------------------------------------------------
     def update(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int],
@@ -436,38 +467,40 @@ class OnlineCorrector:
             :class:`CaseReport` (Dice before learning from this case).
         """
         t0 = time.perf_counter()
+        image, probs = _plain(image), _plain(probs)
         idx = [int(k) for k in class_indices]
         unknown = sorted(set(int(k) for k in corrected) - set(idx))
         if unknown:
             raise ValueError(f"corrected classes {[self.class_names[k] for k in unknown]} were not predicted "
                              f"(class_indices {idx})")
-        targets = {int(k): torch.as_tensor(m).bool() for k, m in corrected.items()}
+        targets = {int(k): _plain(m).bool() for k, m in corrected.items()}
         for k, m in targets.items():
             if tuple(m.shape) != tuple(probs.shape[1:]):
                 raise ValueError(f"correction of {self.class_names[k]!r} has shape {tuple(m.shape)}, the case "
                                  f"{tuple(probs.shape[1:])}")
-        crops = [c for c in self._crops(image, probs, idx) if c[1] in targets]
-        out = self.fuse(image, probs, idx, crops=crops)
-        labels_frozen = probs.argmax(0)
-        table = torch.tensor([0, *idx])
+        labels = channel_argmax(probs)
+        crops = self._crops(image, probs, labels, idx, only=set(targets))
+        z_aux = self._aux_logits(torch.stack([c[3] for c in crops]), [c[1] for c in crops]) if crops else None
+        with torch.no_grad():
+            out = self._fuse(probs, idx, crops, z_aux)
         dice_frozen, dice_fused, best, used = {}, {}, {}, {}
         for k, m in targets.items():
             name = self.class_names[k]
-            dice_frozen[name] = _hard_dice(table[labels_frozen] == k, m)
-            dice_fused[name] = _hard_dice(out["labels"].long() == k, m)
-            used[name] = out["alpha"].get(name, 1.0)
-        if crops:
-            z_aux = self._aux_logits(torch.stack([c[3] for c in crops]), [c[1] for c in crops])
-            grid = self.config.alpha_grid()
-            for (j, k, b, x), z in zip(crops, z_aux, strict=True):
-                target = crop_resize(targets[k][None].float(), b, self.config.crop_size)[0] >= 0.5
-                z_main = _logit(crop_resize(probs[j][None], b, self.config.crop_size)[0])
-                a, _ = best_alpha(z_main, z, target.float(), grid)
-                best[self.class_names[k]] = a
-                self.alphas.setdefault(self._history_key(k), []).append(a)
-                self.buffer.append((x.clone(), target[None].to(torch.uint8), k))
+            j = idx.index(k) + 1
+            dice_frozen[name] = _hard_dice(labels == j, m)
+            dice_fused[name] = _hard_dice(out["labels"] == k, m)
+            used[name] = self.alpha(k)
+        grid = self.config.alpha_grid()
+        for (j, k, b, x), z in zip(crops, z_aux if z_aux is not None else [], strict=True):
+            target = crop_resize(targets[k][None].float(), b, self.config.crop_size)[0] >= 0.5
+            z_main = _logit(x[-1] if self.config.prior == "probability" else
+                            crop_resize(probs[j][None], b, self.config.crop_size)[0])
+            a, _ = best_alpha(z_main, z, target.float(), grid)
+            best[self.class_names[k]] = a
+            self.alphas.setdefault(self._history_key(k), []).append(a)
+            self.buffer.append((x, target[None].to(torch.uint8), k))
         for k, m in targets.items():  # box sizes of the corrections: where to look when the frozen model misses
-            b = largest_component_box(m.cpu().numpy())
+            b = largest_component_box(m.numpy())
             if b is not None:
                 ext = self.extents.setdefault(self.class_names[k], [0.0, 0.0, 0.0, 0.0])
                 for a in range(3):

@@ -15,3 +15,13 @@ def segment(image, checkpoint, classes=None, **kwargs):
     from cfseg.segmentation import segment as _segment
 
     return _segment(image, checkpoint, classes, **kwargs)
+
+
+def correct(image, masks, checkpoint, state, **kwargs):
+    """Teach the online corrector in ``state`` from one corrected case; see :func:`cfseg.correction.correct`.
+
+    Returns ``(corrector, report)``; then ``cfseg.segment(..., online=state)`` fuses it with the checkpoint.
+    """
+    from cfseg.correction import correct as _correct
+
+    return _correct(image, masks, checkpoint, state, **kwargs)

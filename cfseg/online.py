@@ -11,8 +11,9 @@ Per class ``k`` of a case (all on the network grid, i.e. after the checkpoint's 
 * **Crop.** The box of the largest connected component of the frozen prediction of ``k`` (its label map),
   expanded on each side by ``max(min_margin, margin x extent)`` voxels and clipped to the volume. When the frozen
   model predicts nothing for ``k``, the box is centred on its most probable voxel with the mean size of the boxes
-  that class's corrections had so far (none yet: ``k`` is left to the frozen model). The crop is resized
-  (trilinear) to ``crop_size``.
+  that class's corrections had so far (none yet: ``k`` is left to the frozen model). A user's box replaces
+  the prediction's (``boxes=`` of :meth:`OnlineCorrector.fuse` / :meth:`~OnlineCorrector.update`). The crop is
+  resized (trilinear) to ``crop_size``.
 * **Auxiliary input.** Image crop, the frozen model's probability (``prior: probability``) or mask
   (``prior: mask``) of ``k``, and a one-hot class code as constant channels (``class_code``), so one small
   network serves every class. Output: one logit map ``z_aux``, resized back into the box.
@@ -369,9 +370,16 @@ class OnlineCorrector:
         return head + f"); weight of the checkpoint per class (1 = it alone): {parts}"
 
     # -- boxes and crops ----------------------------------------------------------------------------------------
-    def box(self, k: int, prob: torch.Tensor, mask: torch.Tensor) -> Box | None:
-        """The crop box of class ``k`` from its frozen probability and mask [X, Y, Z] (see the module doc)."""
+    def box(self, k: int, prob: torch.Tensor, mask: torch.Tensor, user_box: Box | None = None) -> Box | None:
+        """The crop box of class ``k`` from its frozen probability and mask [X, Y, Z] (see the module doc), or
+        from ``user_box`` ((lo, hi) voxel corners on the network grid, end exclusive), expanded by the margin."""
         shape = tuple(prob.shape)
+        if user_box is not None:
+            lo, hi = (tuple(int(v) for v in c) for c in user_box)
+            if len(lo) != 3 or len(hi) != 3 or not all(0 <= l < h <= n for l, h, n in zip(lo, hi, shape, strict=True)):
+                raise ValueError(f"box of {self.class_names[k]!r} must be (lo, hi) with 0 <= lo < hi <= {shape}, "
+                                 f"got {user_box}")
+            return expand_box((lo, hi), shape, self.config.margin, self.config.min_margin)  # type: ignore[arg-type]
         b = largest_component_box(mask.cpu().numpy().astype(bool))
         if b is None:
             ext = self.extents.get(self.class_names[k])
@@ -401,15 +409,17 @@ class OnlineCorrector:
         return self.aux(self._with_code(inputs, classes))[:, 0]
 
     def _crops(self, image: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, class_indices: Sequence[int],
-               only: set[int] | None = None) -> list[tuple[int, int, Box, torch.Tensor]]:
+               only: set[int] | None = None, user_boxes: Mapping[int, Box] | None = None
+               ) -> list[tuple[int, int, Box, torch.Tensor]]:
         """(j, k, box, inputs [C_img + 1, *crop_size]) per requested class with a box (those in ``only``, when
         given); j is the channel of class k in ``probs``, ``labels`` [*S] the frozen argmax channel."""
+        user_boxes = user_boxes or {}
         out = []
         for j, k in enumerate(class_indices, start=1):
             if only is not None and int(k) not in only:
                 continue
             mask = labels == j
-            b = self.box(int(k), probs[j], mask)
+            b = self.box(int(k), probs[j], mask, user_boxes.get(int(k)))
             if b is not None:
                 out.append((j, int(k), b, self._inputs(image, probs[j], mask, b)))
         return out
@@ -435,8 +445,10 @@ class OnlineCorrector:
 
     # -- inference ----------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def fuse(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int]) -> dict[str, Any]:
-        """Fuse the frozen probabilities with the auxiliary network's, class by class inside each class's box.
+    def fuse(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int],
+             boxes: Mapping[int, Box] | None = None) -> dict[str, Any]:
+        """Fuse the frozen probabilities with the auxiliary network's, class by class inside each class's box
+        (``boxes``: a user's box per global class index, instead of the one around the frozen prediction).
 
         Returns:
             ``probs`` [K'+1, *S] fused (background: what the classes leave), ``labels`` uint8 [*S] in global
@@ -446,7 +458,7 @@ class OnlineCorrector:
         image, probs = _plain(image), _plain(probs)
         idx = [int(k) for k in class_indices]
         acting = {k for k in idx if self.alpha(k) < 1.0}
-        crops = self._crops(image, probs, channel_argmax(probs), idx, only=acting)
+        crops = self._crops(image, probs, channel_argmax(probs), idx, only=acting, user_boxes=boxes)
         z_aux = self._aux_logits(torch.stack([c[3] for c in crops]), [c[1] for c in crops]) if crops else None
         out = self._fuse(probs, idx, crops, z_aux)
         for k in idx:  # classes left to the frozen model during warm-up
@@ -455,8 +467,8 @@ class OnlineCorrector:
 
     # -- learning -----------------------------------------------------------------------------------------------
     def update(self, image: torch.Tensor, probs: torch.Tensor, class_indices: Sequence[int],
-               corrected: Mapping[int, torch.Tensor]) -> CaseReport:
-        """Learn from one corrected case.
+               corrected: Mapping[int, torch.Tensor], boxes: Mapping[int, Box] | None = None) -> CaseReport:
+        """Learn from one corrected case (``boxes``: as in :meth:`fuse`).
 
         Args:
             image, probs, class_indices: the case and the frozen model's output on it (see the class doc).
@@ -479,7 +491,7 @@ class OnlineCorrector:
                 raise ValueError(f"correction of {self.class_names[k]!r} has shape {tuple(m.shape)}, the case "
                                  f"{tuple(probs.shape[1:])}")
         labels = channel_argmax(probs)
-        crops = self._crops(image, probs, labels, idx, only=set(targets))
+        crops = self._crops(image, probs, labels, idx, only=set(targets), user_boxes=boxes)
         z_aux = self._aux_logits(torch.stack([c[3] for c in crops]), [c[1] for c in crops]) if crops else None
         with torch.no_grad():
             out = self._fuse(probs, idx, crops, z_aux)

@@ -94,6 +94,20 @@ def test_buffer_is_fifo_and_the_batch_grows(module, boxes):
     assert corr.buffer[-1][0] is not newest
 
 
+def test_user_box_replaces_the_predicted_one(module, boxes):
+    corr = OnlineCorrector(module, {**SMALL, "margin": 0.0, "min_margin": 1})
+    image, probs, _ = _frozen(module, boxes, 0)
+    corr.alphas["liver"] = [0.5]  # past the warm-up (1 record): the corrector acts on the liver
+    user = ((2, 3, 4), (10, 11, 12))
+    out = corr.fuse(image, probs, [1, 2, 3], boxes={1: user})
+    assert out["boxes"]["liver"] == ((1, 2, 3), (11, 12, 13))  # the user's box, expanded by min_margin
+    outside = torch.ones(probs.shape[1:], dtype=torch.bool)
+    outside[1:11, 2:12, 3:13] = False
+    assert torch.equal(out["probs"][1][outside], probs[1][outside].float())  # the frozen model outside the box
+    with pytest.raises(ValueError, match="box of 'liver'"):
+        corr.fuse(image, probs, [1, 2, 3], boxes={1: ((0, 0, 0), (99, 5, 5))})
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown online setting"):
         OnlineConfig.from_dict({"buffer": 3})

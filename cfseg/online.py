@@ -65,10 +65,12 @@ class OnlineStateError(ValueError):
 
 
 def default_network() -> dict[str, Any]:
-    """The auxiliary network: a small MONAI UNet (8-16-32 channels, two stride-2 levels, about 40 k parameters);
-    ``in_channels``/``out_channels`` are set by the corrector."""
+    """The auxiliary network: a small MONAI UNet (8-16-32 channels, two stride-2 levels, no residual units, about
+    30 k parameters); ``in_channels``/``out_channels`` are set by the corrector. Without residual units MONAI's
+    last layer is a plain transposed convolution; with them the 1-channel output would pass an instance norm and
+    a PReLU before the last convolution, which rescales every crop's logits."""
     return {"class_path": "monai.networks.nets.UNet",
-            "init_args": {"spatial_dims": 3, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1}}
+            "init_args": {"spatial_dims": 3, "channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 0}}
 
 
 @dataclass
@@ -90,6 +92,9 @@ class OnlineConfig:
         alpha_window: the next case uses the mean of this many latest best weights (AuxOL: 5).
         warmup: the frozen model alone until this many best weights are recorded (AuxOL: 5).
         alpha_per_class: one weight history per class (default) or one for all classes.
+        residual: the auxiliary network predicts a correction added to the frozen logit (its last convolution
+            starts at zero, so it starts as the frozen model) instead of a segmentation from scratch (AuxOL's
+            choice); needs ``prior: probability``.
         seed: initialisation of the auxiliary network.
     """
 
@@ -107,6 +112,7 @@ class OnlineConfig:
     alpha_window: int = 5
     warmup: int = 5
     alpha_per_class: bool = True
+    residual: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,6 +121,9 @@ class OnlineConfig:
             raise ValueError(f"crop_size must be 3 sizes of at least 8 voxels, got {self.crop_size}")
         if self.prior not in ("probability", "mask"):
             raise ValueError(f"prior must be 'probability' or 'mask', got {self.prior!r}")
+        if self.residual and self.prior != "probability":
+            raise ValueError("residual: true adds the network's output to the frozen logit, which needs "
+                             "prior: probability")
         for name in ("buffer_size", "steps_per_update", "alpha_window"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
@@ -331,6 +340,11 @@ class OnlineCorrector:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.config.seed)
             self.aux: nn.Module = build_network(spec, trusted_modules)
+        if self.config.residual:  # start as the frozen model: the last convolution outputs zero
+            last = [m for m in self.aux.modules() if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d))][-1]
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
         self.optimizer = torch.optim.AdamW(self.aux.parameters(), lr=self.config.lr,
                                            weight_decay=self.config.weight_decay)
         from monai.losses import DiceCELoss
@@ -405,8 +419,16 @@ class OnlineCorrector:
 
     @torch.no_grad()
     def _aux_logits(self, inputs: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+        """The network's own output [B, *crop] (with ``residual``: the correction, before the frozen logit is
+        added; :meth:`_fuse` adds it at full resolution, so a zero correction is exactly the frozen model)."""
         self.aux.eval()
         return self.aux(self._with_code(inputs, classes))[:, 0]
+
+    def _aux_forward(self, inputs: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+        """Auxiliary logits [B, *crop] of crops [B, C_img + 1, *crop] (no class code yet); with ``residual`` the
+        network's output is added to the frozen logit (the prior channel)."""
+        z = self.aux(self._with_code(inputs, classes))[:, 0]
+        return z + _logit(inputs[:, -1]).float() if self.config.residual else z
 
     def _crops(self, image: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, class_indices: Sequence[int],
                only: set[int] | None = None, user_boxes: Mapping[int, Box] | None = None
@@ -435,6 +457,8 @@ class OnlineCorrector:
             a = self.alpha(k)
             sl = tuple(slice(l, h) for l, h in zip(*b, strict=True))
             z_box = uncrop_resize(z[None], b)[0].double()
+            if self.config.residual:
+                z_box = z_box + _logit(probs[j][sl])
             fused[j][sl] = torch.sigmoid(a * _logit(probs[j][sl]) + (1 - a) * z_box).float()
             used[self.class_names[k]] = a
             boxes[self.class_names[k]] = b
@@ -507,6 +531,8 @@ class OnlineCorrector:
             target = crop_resize(targets[k][None].float(), b, self.config.crop_size)[0] >= 0.5
             z_main = _logit(x[-1] if self.config.prior == "probability" else
                             crop_resize(probs[j][None], b, self.config.crop_size)[0])
+            if self.config.residual:
+                z = z + z_main
             a, _ = best_alpha(z_main, z, target.float(), grid)
             best[self.class_names[k]] = a
             self.alphas.setdefault(self._history_key(k), []).append(a)
@@ -526,12 +552,12 @@ class OnlineCorrector:
         """``steps_per_update`` AdamW steps on the whole buffer; returns the last loss."""
         x = torch.stack([b[0] for b in self.buffer])
         y = torch.stack([b[1] for b in self.buffer]).float()
-        x = self._with_code(x, [b[2] for b in self.buffer])
+        classes = [b[2] for b in self.buffer]
         self.aux.train()
         loss = torch.zeros(())
         for _ in range(self.config.steps_per_update):
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(self.aux(x), y)
+            loss = self.loss_fn(self._aux_forward(x, classes)[:, None], y)
             loss.backward()
             self.optimizer.step()
         self.aux.eval()

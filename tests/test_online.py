@@ -108,11 +108,26 @@ def test_user_box_replaces_the_predicted_one(module, boxes):
         corr.fuse(image, probs, [1, 2, 3], boxes={1: ((0, 0, 0), (99, 5, 5))})
 
 
+def test_residual_corrector_starts_as_the_frozen_model(module, boxes):
+    corr = OnlineCorrector(module, {**SMALL, "residual": True})
+    image, probs, truth = _frozen(module, boxes, 0)
+    corr.alphas = {n: [0.0] for n in ("liver", "spleen", "aorta")}  # the corrector alone, wherever it has a box
+    out = corr.fuse(image, probs, [1, 2, 3])
+    assert out["boxes"], "the corrector acted on no class"
+    for k in (1, 2, 3):
+        assert torch.allclose(out["probs"][k], probs[k].float(), atol=1e-4)  # zero correction: frozen output
+    corr.update(image, probs, [1, 2, 3], truth)
+    moved = corr.fuse(image, probs, [1, 2, 3])["probs"]
+    assert not torch.allclose(moved[1:], probs[1:].float(), atol=1e-4)  # one step later it corrects
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="unknown online setting"):
         OnlineConfig.from_dict({"buffer": 3})
     with pytest.raises(ValueError, match="prior"):
         OnlineConfig(prior="logits")
+    with pytest.raises(ValueError, match="needs prior: probability"):
+        OnlineConfig(residual=True, prior="mask")
     with pytest.raises(ValueError, match="buffer_size"):
         OnlineConfig(buffer_size=0)
 

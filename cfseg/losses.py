@@ -13,6 +13,8 @@ Partial labels (one dataset annotates the liver, another the kidneys):
 * :func:`partial_label_loss` -- weighted sum of the two, sharing one validation and one softmax; the
   training loss, computed by a fused function with a hand-written backward (:class:`_PartialLabelLoss`: one
   full-size buffer, no one-hot target) that matches the composed :func:`_partial_label_loss_reference`.
+* :func:`masked_sigmoid_loss` -- for heads with one sigmoid per class (DoDNet, the CLIP-driven Universal Model):
+  BCE + soft Dice over the classes annotated in each sample only.
 
 The distillation terms of continual stages live in :mod:`cfseg.continual.distill`.
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "masked_sigmoid_loss",
     "merged_background_log_probs",
     "partial_dice_loss",
     "partial_label_ce",
@@ -536,4 +539,66 @@ def _partial_label_loss_reference(
         loss = loss + ce_weight * _ce_from_log_probs(logp, t, valid, ann)
     if dice_weight:
         loss = loss + dice_weight * _dice_from_probs(logp.exp(), t, valid, ann, smooth, batch_dice)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one sigmoid per class (DoDNet, CLIP-driven Universal Model)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def masked_sigmoid_loss(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    ignore_index: int | None = None,
+    smooth: float = 1e-5,
+    batch_dice: bool = False,
+) -> Tensor:
+    """BCE + soft Dice of independent per-class sigmoids, on the classes annotated in each sample only.
+
+    Channel ``k >= 1`` is the logit of "voxel belongs to class k"; channel 0 (background) is not used. For every
+    pair (sample b, class k >= 1) with ``annotated[b, k]`` the BCE of ``sigmoid(logits[b, k])`` against
+    ``target[b] == k`` is averaged over the sample's non-ignored voxels, and the BCE term is the mean over those
+    pairs; the Dice term is :func:`partial_dice_loss`'s with per-class sigmoids in place of the softmax. A class
+    not annotated in a sample contributes nothing for that sample (its logits there do not change the loss): the
+    masked loss of DoDNet and the Universal Model. With no annotated foreground pair the loss is 0.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel k the global class k (channel 0 ignored).
+        target: [B, *S] integer labels in 0..K, or ``ignore_index``.
+        annotated: [B, K+1] bool, annotated classes per sample.
+        bce_weight: weight of the BCE (>= 0).
+        dice_weight: weight of the Dice (>= 0).
+        ignore_index: label value whose voxels are excluded from both terms.
+        smooth: Dice smoothing term, see :func:`partial_dice_loss`.
+        batch_dice: see :func:`partial_dice_loss`.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: as :func:`partial_label_ce`, a negative weight or ``smooth <= 0``.
+    """
+    if bce_weight < 0 or dice_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got bce_weight={bce_weight}, dice_weight={dice_weight}.")
+    _check_smooth(smooth)
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    onehot = F.one_hot(t, x.shape[1]).movedim(-1, 1)[:, 1:].to(x.dtype)  # [B, K, *S]
+    fg = x[:, 1:]
+    dims = tuple(range(2, x.ndim))
+    bce = F.binary_cross_entropy_with_logits(fg, onehot, reduction="none")
+    if valid is None:
+        per_pair = bce.mean(dims)  # [B, K]
+    else:
+        v = valid.unsqueeze(1).to(x.dtype)
+        per_pair = (bce * v).sum(dims) / v.sum(dims).clamp_min(1)
+    pairs = ann[:, 1:]
+    zeros = torch.zeros((), dtype=x.dtype, device=x.device)
+    loss = bce_weight * torch.where(pairs, per_pair, zeros).sum() / pairs.sum().clamp_min(1).to(x.dtype)
+    if dice_weight:
+        probs = torch.cat([torch.zeros_like(x[:, :1]), torch.sigmoid(fg)], dim=1)  # channel 0 never enters
+        loss = loss + dice_weight * _dice_from_probs(probs, t, valid, ann, smooth, batch_dice)
     return loss

@@ -39,6 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cfseg.cosine import cosine_logits
@@ -47,14 +48,17 @@ from cfseg.losses import masked_sigmoid_loss, partial_label_loss
 __all__ = [
     "DEFAULT_BOTTLENECK_LAYER",
     "HEAD_SHORTHANDS",
+    "DoDNetHead",
     "Head",
     "ProjectionHead",
     "PrototypeHead",
     "SigmoidOutputHead",
     "SoftmaxHead",
     "SoftmaxOutputHead",
+    "UniversalHead",
     "bottleneck_channels",
     "deepest_layer",
+    "dynamic_convs",
     "head_spec",
 ]
 
@@ -429,3 +433,181 @@ class SoftmaxHead(SoftmaxOutputHead):
         if class_indices is None:
             return out
         return out[:, [0, *_foreground(class_indices, self.num_classes, "the softmax classifier")]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dynamic heads (DoDNet, CLIP-driven Universal Model)
+# ----------------------------------------------------------------------------------------------------
+def dynamic_convs(features: Tensor, params: Tensor, widths: Sequence[int]) -> Tensor:
+    """Per-sample, per-class stacks of ``1x1x1`` convolutions with generated weights, ReLU between them.
+
+    Args:
+        features: ``[B, C_0, *S]`` voxel features (``C_0 = widths[0]``).
+        params: ``[B, K, P]`` generated parameters of each (sample, class): for every layer ``i`` the weight
+            ``[widths[i+1], widths[i]]`` then the bias ``[widths[i+1]]``, layer after layer.
+        widths: channel widths ``[C_0, C_1, ..., 1]``.
+
+    Returns:
+        ``[B, K, *S]``: the last layer's single output channel per class.
+
+    Raises:
+        ValueError: ``params`` does not hold exactly the parameters ``widths`` describe.
+    """
+    b, c0 = features.shape[:2]
+    k, n_params = params.shape[1], params.shape[2]
+    need = sum(o * i + o for i, o in zip(widths[:-1], widths[1:], strict=True))
+    if c0 != widths[0] or n_params != need or widths[-1] != 1:
+        raise ValueError(f"dynamic head: features {tuple(features.shape)} and params {tuple(params.shape)} do not "
+                         f"fit widths {list(widths)} ({need} parameters per class, one output)")
+    z = features.reshape(b, c0, -1)  # [B, C0, N]
+    x = None
+    offset = 0
+    for layer, (i, o) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        w = params[:, :, offset: offset + o * i].reshape(b, k, o, i)
+        bias = params[:, :, offset + o * i: offset + o * i + o]  # [B, K, O]
+        offset += o * i + o
+        if layer == 0:  # one product for all classes of a sample: [B, K*O, C0] @ [B, C0, N]
+            x = torch.bmm(w.reshape(b, k * o, i), z).reshape(b * k, o, -1) + bias.reshape(b * k, o, 1)
+        else:
+            x = torch.baddbmm(bias.reshape(b * k, o, 1), w.reshape(b * k, o, i), x)
+        if layer < len(widths) - 2:
+            x = F.relu(x)
+    return x.reshape(b, k, *features.shape[2:])
+
+
+def _dynamic_widths(feature_channels: int, head_channels: int, layers: int) -> list[int]:
+    if feature_channels < 1 or head_channels < 1 or layers < 1:
+        raise ValueError(f"need feature_channels, head_channels and layers >= 1, got {feature_channels}, "
+                         f"{head_channels}, {layers}")
+    return [feature_channels, *([head_channels] * (layers - 1)), 1]
+
+
+def _pooled(context: dict[str, Any], batch: int, channels: int, head: str) -> Tensor:
+    pooled = context.get("pooled")
+    if pooled is None:
+        raise ValueError(f"{head} needs the pooled bottleneck feature (context pooled=[B, C_b]); run it inside a "
+                         "cfseg.nets.Segmenter, which captures it from the backbone")
+    if pooled.dim() != 2 or pooled.shape[0] != batch or pooled.shape[1] != channels:
+        raise ValueError(f"{head}: pooled bottleneck feature must be [B={batch}, {channels}], got "
+                         f"{tuple(pooled.shape)}; does bottleneck_channels match the backbone's bottleneck?")
+    return pooled
+
+
+class DoDNetHead(SigmoidOutputHead):
+    """DoDNet's dynamic head (Zhang et al., CVPR 2021): a class code conditions a generated per-class head.
+
+    For each sample and requested class, the one-hot code of the class (``K`` entries) concatenated with the
+    globally pooled bottleneck feature (``context["pooled"]`` ``[B, C_b]``) feeds a controller (a linear layer,
+    i.e. a ``1x1x1`` convolution on the pooled vector) that outputs the weights and biases of ``layers``
+    ``1x1x1`` convolutions (``F -> head_channels -> ... -> 1``, ReLU between them), run on the decoder features:
+    one logit per class per voxel, sigmoid per class (:class:`SigmoidOutputHead`). Trained with BCE + Dice on
+    the classes annotated in each case.
+
+    The one-hot code fixes the class count: a class added later has no code, so this head cannot take new
+    classes without growing its controller's input (not ``open_vocabulary``; :class:`UniversalHead` can).
+
+    Args:
+        feature_channels: ``F``, channels of the backbone output (the dynamic head's input).
+        num_classes: ``K+1`` (background included); the code has ``K`` entries.
+        bottleneck_channels: ``C_b``, channels of the pooled bottleneck feature (filled from the backbone by
+            :class:`cfseg.module.CFSegModule`).
+        head_channels: width of the generated convolutions (8 in DoDNet).
+        layers: generated ``1x1x1`` convolutions (3 in DoDNet).
+        bottleneck_layer: backbone module whose output is pooled (deepest full match of the expression).
+        threshold: see :class:`SigmoidOutputHead`.
+    """
+
+    def __init__(self, feature_channels: int, num_classes: int, bottleneck_channels: int, head_channels: int = 8,
+                 layers: int = 3, bottleneck_layer: str = DEFAULT_BOTTLENECK_LAYER, threshold: float = 0.5) -> None:
+        super().__init__(threshold)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background and one class), got {num_classes!r}")
+        if bottleneck_channels < 1:
+            raise ValueError(f"bottleneck_channels must be >= 1, got {bottleneck_channels!r}")
+        self.widths = _dynamic_widths(feature_channels, head_channels, layers)
+        self.num_classes = num_classes
+        self.bottleneck_channels = bottleneck_channels
+        self.bottleneck_layer = bottleneck_layer
+        n_params = sum(o * i + o for i, o in zip(self.widths[:-1], self.widths[1:], strict=True))
+        self.controller = nn.Linear(bottleneck_channels + num_classes - 1, n_params)
+
+    def generate(self, pooled: Tensor, class_indices: Sequence[int]) -> Tensor:
+        """Generated parameters ``[B, K', P]`` of the dynamic heads of ``class_indices`` (global, ``>= 1``)."""
+        ks = torch.as_tensor([int(k) - 1 for k in class_indices], dtype=torch.long, device=pooled.device)
+        code = F.one_hot(ks, self.num_classes - 1).to(pooled.dtype)  # [K', K]
+        b, k = pooled.shape[0], len(ks)
+        inp = torch.cat([pooled[:, None].expand(b, k, -1), code[None].expand(b, k, -1)], dim=2)
+        return self.controller(inp)
+
+    def logits(self, features: Tensor, class_indices: Sequence[int] | None = None, **context: Any) -> Tensor:
+        """Logits ``[B, K'+1, *S]``: the constant background channel, then one dynamic head per class."""
+        ks = _foreground(class_indices, self.num_classes,
+                         "DoDNet's one-hot code (it cannot take new classes without growing it)")
+        pooled = _pooled(context, features.shape[0], self.bottleneck_channels, "DoDNetHead").to(features.dtype)
+        fg = dynamic_convs(features, self.generate(pooled, ks), self.widths)
+        return self._with_background(fg)
+
+
+class UniversalHead(SigmoidOutputHead):
+    """The CLIP-driven Universal Model's head (Liu et al., ICCV 2023): a class's text embedding conditions its head.
+
+    For each sample and requested class, the class's text embedding (``context["text_embeddings"]``: the bank's
+    raw averaged prompt embeddings, before Gram-Schmidt) and the globally pooled bottleneck feature
+    (``context["pooled"]``) are each mapped to ``controller_channels`` (linear + ReLU); their concatenation feeds
+    the controller, a linear layer emitting the weights and biases of ``layers`` ``1x1x1`` convolutions
+    (``F -> head_channels -> ... -> 1``, ReLU between them) run on the decoder features. Sigmoid per class;
+    BCE + Dice on the annotated classes; label: background where no class exceeds ``threshold``, else the most
+    probable class (:class:`SigmoidOutputHead`).
+
+    A class is a text embedding, so a class added later is one more embedding row: no new layer
+    (``open_vocabulary``, like :class:`PrototypeHead`).
+
+    Args:
+        feature_channels: ``F``, channels of the backbone output.
+        text_dim: ``E``, width of the text embeddings.
+        bottleneck_channels: ``C_b``, channels of the pooled bottleneck feature.
+        controller_channels: width each of the text and image features is mapped to before the controller
+            (256 in the Universal Model).
+        head_channels: width of the generated convolutions (8).
+        layers: generated ``1x1x1`` convolutions (3).
+        bottleneck_layer: backbone module whose output is pooled.
+        threshold: see :class:`SigmoidOutputHead`.
+    """
+
+    open_vocabulary: ClassVar[bool] = True
+
+    def __init__(self, feature_channels: int, text_dim: int, bottleneck_channels: int, controller_channels: int = 256,
+                 head_channels: int = 8, layers: int = 3, bottleneck_layer: str = DEFAULT_BOTTLENECK_LAYER,
+                 threshold: float = 0.5) -> None:
+        super().__init__(threshold)
+        if min(text_dim, bottleneck_channels, controller_channels) < 1:
+            raise ValueError(f"need text_dim, bottleneck_channels and controller_channels >= 1, got {text_dim}, "
+                             f"{bottleneck_channels}, {controller_channels}")
+        self.widths = _dynamic_widths(feature_channels, head_channels, layers)
+        self.text_dim = text_dim
+        self.bottleneck_channels = bottleneck_channels
+        self.bottleneck_layer = bottleneck_layer
+        n_params = sum(o * i + o for i, o in zip(self.widths[:-1], self.widths[1:], strict=True))
+        self.text_to_vision = nn.Sequential(nn.Linear(text_dim, controller_channels), nn.ReLU())
+        self.image_to_controller = nn.Sequential(nn.Linear(bottleneck_channels, controller_channels), nn.ReLU())
+        self.controller = nn.Linear(2 * controller_channels, n_params)
+
+    def generate(self, pooled: Tensor, text: Tensor) -> Tensor:
+        """Generated parameters ``[B, K', P]`` from pooled features ``[B, C_b]`` and class embeddings ``[K', E]``."""
+        t = self.text_to_vision(text.to(pooled.dtype))  # [K', C]
+        v = self.image_to_controller(pooled)  # [B, C]
+        b, k = v.shape[0], t.shape[0]
+        return self.controller(torch.cat([v[:, None].expand(b, k, -1), t[None].expand(b, k, -1)], dim=2))
+
+    def logits(self, features: Tensor, class_indices: Sequence[int] | None = None, *,
+               text_embeddings: Tensor | None = None, **context: Any) -> Tensor:
+        """Logits ``[B, K'+1, *S]`` for the classes ``class_indices`` (rows of ``text_embeddings`` ``[K+1, E]``)."""
+        if text_embeddings is None:
+            raise ValueError("the Universal head needs the bank's text embeddings (context text_embeddings=[K+1, E])")
+        if text_embeddings.dim() != 2 or text_embeddings.shape[1] != self.text_dim:
+            raise ValueError(f"text embeddings must be [K+1, {self.text_dim}], got {tuple(text_embeddings.shape)}; "
+                             "was the bank built with another text encoder?")
+        ks = _foreground(class_indices, text_embeddings.shape[0], "the bank")
+        pooled = _pooled(context, features.shape[0], self.bottleneck_channels, "UniversalHead").to(features.dtype)
+        params = self.generate(pooled, text_embeddings[ks].to(features.device))
+        return self._with_background(dynamic_convs(features, params, self.widths))

@@ -39,6 +39,7 @@ from cfseg.continual.distill import (
 from cfseg.continual.ewc import diagonal_fisher, ewc_penalty, merge_fisher
 from cfseg.continual.router import RidgeRouter, pooled_features
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, deepest_layer, head_spec
+from cfseg.losses import ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import Segmenter, segmenter
 from cfseg.prototypes import PrototypeBank, build_encoder
@@ -94,6 +95,15 @@ class CFSegModule(L.LightningModule):
         ce_weight: weight of the partial-label cross-entropy.
         dice_weight: weight of the partial soft Dice.
         batch_dice: Dice pooled over the batch per class (see :func:`cfseg.losses.partial_dice_loss`).
+            With a softmax-output head the CE + Dice is the marginal loss of Shi et al. (MedIA 2021): background
+            and the classes a case does not annotate are merged (:func:`cfseg.losses.partial_label_loss`).
+        exclusion_weight: weight of the exclusion loss of Shi et al. (MedIA 2021,
+            :func:`cfseg.losses.exclusion_loss`): the predicted probability of a class where the labels rule it
+            out (another organ's voxels; background voxels of a case that annotates it). Softmax-output heads
+            only; 0 (default): off.
+        entropy_weight: weight of the entropy minimisation on the voxels labelled "background or an unannotated
+            class" (:func:`cfseg.losses.ambiguous_entropy`; Versatile's self-disambiguation, Chen et al., CVPR
+            2024). Softmax-output heads only; 0 (default): off.
         roi_size: sliding-window size for validation/inference (defaults to the training patch).
         sw_batch_size: windows per forward pass.
         sw_overlap: window overlap.
@@ -183,6 +193,8 @@ class CFSegModule(L.LightningModule):
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
         batch_dice: bool = True,
+        exclusion_weight: float = 0.0,
+        entropy_weight: float = 0.0,
         roi_size: tuple[int, int, int] = (64, 64, 64),
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
@@ -227,6 +239,13 @@ class CFSegModule(L.LightningModule):
                              f"has one sigmoid per class: use strategy 'finetune' (or 'ewc')")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, w in (("exclusion_weight", exclusion_weight), ("entropy_weight", entropy_weight)):
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
+            if w > 0 and head_cls.output != "softmax":
+                raise ValueError(f"{name} regularises one softmax distribution over the classes; the "
+                                 f"{head_cls.__name__} has one sigmoid per class: set {name}: 0 or use a softmax "
+                                 "head (softmax, prototype)")
         if strategy in ("experts", "ewc") and not previous_checkpoint:
             raise ValueError(f"strategy {strategy!r} starts from a trained stage: give model.previous_checkpoint "
                              "(stage 0 trains the whole network with any other strategy)")
@@ -688,13 +707,30 @@ class CFSegModule(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, batch: dict[str, Any], target: torch.Tensor | None = None,
              annotated: torch.Tensor | None = None, ignore_index: int | None = None) -> torch.Tensor:
-        """The head's partial-label loss (:meth:`cfseg.heads.Head.loss`) of ``logits`` [B, K+1, *S]; ``target``
-        [B, *S] / ``annotated`` [B, K+1] replace the batch's (pseudo-labels)."""
+        """The sum of :meth:`loss_terms`."""
+        terms = self.loss_terms(logits, batch, target, annotated, ignore_index)
+        return sum(terms.values(), torch.zeros((), dtype=terms["partial"].dtype, device=terms["partial"].device))
+
+    def loss_terms(self, logits: torch.Tensor, batch: dict[str, Any], target: torch.Tensor | None = None,
+                   annotated: torch.Tensor | None = None, ignore_index: int | None = None) -> dict[str, torch.Tensor]:
+        """Weighted supervised loss terms of ``logits`` [B, K+1, *S]; ``target`` [B, *S] / ``annotated`` [B, K+1]
+        replace the batch's (pseudo-labels).
+
+        Keys: ``partial`` (the head's partial-label loss, :meth:`cfseg.heads.Head.loss`), and with a positive
+        weight ``exclusion`` (:func:`cfseg.losses.exclusion_loss`) and ``entropy``
+        (:func:`cfseg.losses.ambiguous_entropy`).
+        """
         target = batch["label"][:, 0].long() if target is None else target
         annotated = batch["annotated"].bool() if annotated is None else annotated
         h = self.hparams
-        return self.head.loss(logits, target, annotated, ce_weight=h.ce_weight, dice_weight=h.dice_weight,
-                              ignore_index=ignore_index, batch_dice=h.get("batch_dice", True))
+        terms = {"partial": self.head.loss(logits, target, annotated, ce_weight=h.ce_weight,
+                                           dice_weight=h.dice_weight, ignore_index=ignore_index,
+                                           batch_dice=h.get("batch_dice", True))}
+        if h.get("exclusion_weight", 0.0) > 0:
+            terms["exclusion"] = h.exclusion_weight * exclusion_loss(logits, target, annotated, ignore_index)
+        if h.get("entropy_weight", 0.0) > 0:
+            terms["entropy"] = h.entropy_weight * ambiguous_entropy(logits, target, annotated, ignore_index)
+        return terms
 
     @property
     def teacher(self) -> CFSegModule | None:
@@ -797,7 +833,11 @@ class CFSegModule(L.LightningModule):
                          batch_size=bs)
         feats, ctx, acts = self._student_features(x)
         logits = self._logits(feats, ctx)
-        loss = self.loss(logits, batch, target, annotated, ignore)
+        supervised = self.loss_terms(logits, batch, target, annotated, ignore)
+        loss = sum(supervised.values(), logits.new_zeros(()).float())
+        for name in ("exclusion", "entropy"):
+            if name in supervised:
+                self.log(f"train/{name}", supervised[name], on_step=True, on_epoch=True, batch_size=bs)
         if teacher_out is not None:
             terms = self.distillation_terms(x, logits, feats, teacher_out, acts)
             if unlabeled is not None:

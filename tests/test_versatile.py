@@ -1,0 +1,169 @@
+"""Versatile-style training of a softmax head (issue 14 item 4): exclusion loss, entropy on ambiguous voxels,
+hierarchical (dataset -> class) sampling. The marginal loss itself is tested in test_losses.py."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cfseg.losses import ambiguous_entropy, ambiguous_voxels, exclusion_loss, partial_label_loss
+from cfseg.prototypes import PrototypeBank, TextEncoder
+
+BIG = 1e4  # logits this far apart give exactly one-hot float32 softmax
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample 0 annotates classes 1 and 2 (3 not), sample 1 annotates class 3 only."""
+    target = torch.zeros(2, 6, 4, 3, dtype=torch.long)
+    target[0, :2] = 1
+    target[0, 4:] = 2
+    target[1, 1:3] = 3
+    annotated = torch.tensor([[True, True, True, False], [True, False, False, True]])
+    return target, annotated
+
+
+def _one_hot_logits(labels: torch.Tensor, n: int = 4) -> torch.Tensor:
+    return F.one_hot(labels, n).movedim(-1, 1).double() * BIG
+
+
+def _np_exclusion(logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor, smooth: float = 1e-5) -> float:
+    """Loop reference: per (sample, class >= 1) the Dice overlap of p_k with the voxels known not to be k."""
+    x = logits.double().numpy()
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    t, ann = target.numpy(), annotated.numpy()
+    vals = []
+    for b in range(x.shape[0]):
+        for k in range(1, x.shape[1]):
+            e = np.zeros(t[b].shape, bool)
+            for idx in np.ndindex(t[b].shape):
+                lab = t[b][idx]
+                e[idx] = lab != k and (lab > 0 or ann[b, k])
+            if e.any():
+                vals.append(2 * (p[b, k] * e).sum() / (p[b, k].sum() + e.sum() + smooth))
+    return float(np.mean(vals)) if vals else 0.0
+
+
+def test_exclusion_matches_a_loop_reference():
+    target, annotated = _batch()
+    logits = torch.randn(2, 4, 6, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = exclusion_loss(logits, target, annotated)
+    assert float(got) == pytest.approx(_np_exclusion(logits, target, annotated), rel=1e-10)
+    assert float(got) > 0
+
+
+def test_exclusion_is_zero_for_a_perfect_prediction_and_lets_unannotated_classes_take_label_0():
+    target, annotated = _batch()
+    assert float(exclusion_loss(_one_hot_logits(target), target, annotated)) == 0.0
+    # sample 0 does not annotate class 3: predicting it on voxels labelled 0 is allowed (they may be class 3),
+    # and so is class 1 or 2 on sample 1's label-0 voxels
+    pred = target.clone()
+    pred[0][target[0] == 0] = 3
+    pred[1][target[1] == 0] = 1
+    assert float(exclusion_loss(_one_hot_logits(pred), target, annotated)) == 0.0
+
+
+@pytest.mark.parametrize("where, cls", [
+    ("organ", 2),  # an annotated class on another annotated organ's voxels
+    ("background", 2),  # an annotated class on the (known) background of its case
+    ("organ", 3),  # an unannotated class on a drawn organ (organs do not overlap: Shi et al.)
+])
+def test_exclusion_is_positive_where_labels_rule_the_class_out(where, cls):
+    target, annotated = _batch()
+    pred = target.clone()
+    if where == "organ":
+        pred[0, 0] = cls  # voxels labelled 1
+    else:
+        pred[0, 2] = cls  # voxels labelled 0
+    loss = exclusion_loss(_one_hot_logits(pred), target, annotated)
+    assert float(loss) > 0
+    assert float(loss) == pytest.approx(_np_exclusion(_one_hot_logits(pred), target, annotated), rel=1e-9)
+
+
+def test_exclusion_ignores_ignored_voxels_and_has_gradients():
+    target, annotated = _batch()
+    pred = target.clone()
+    pred[0, 2] = 2
+    masked = target.clone()
+    masked[0, 2] = -1
+    assert float(exclusion_loss(_one_hot_logits(pred), masked, annotated, ignore_index=-1)) == 0.0
+    x = torch.randn(2, 4, 6, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda z: exclusion_loss(z, target, annotated), (x,))
+
+
+def test_entropy_is_zero_for_one_hot_predictions_on_ambiguous_voxels_only():
+    target, annotated = _batch()
+    amb = ambiguous_voxels(target, annotated)
+    assert bool((amb == (target == 0)).all())  # both samples leave classes unannotated
+    # one-hot on the ambiguous voxels (any class: background or an unannotated organ), uniform elsewhere
+    logits = torch.zeros(2, 4, 6, 4, 3, dtype=torch.float64)
+    logits[0, 3][target[0] == 0] = BIG
+    logits[1, 0][target[1] == 0] = BIG
+    assert float(ambiguous_entropy(logits, target, annotated)) == 0.0
+    # uniform on the ambiguous voxels: log(K+1)
+    assert float(ambiguous_entropy(torch.zeros(2, 4, 6, 4, 3), target, annotated)) == pytest.approx(np.log(4))
+
+
+def test_entropy_leaves_fully_annotated_samples_and_labelled_voxels_out():
+    target, annotated = _batch()
+    annotated[0] = True  # sample 0 annotates every class: its zeros are plain background
+    logits = torch.zeros(2, 4, 6, 4, 3, dtype=torch.float64)
+    logits[1, 0][target[1] == 0] = BIG
+    assert float(ambiguous_entropy(logits, target, annotated)) == 0.0
+    x = torch.randn(2, 4, 6, 4, 3, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda z: ambiguous_entropy(z, target, annotated), (x,))
+
+
+class _Fake(TextEncoder):
+    encoder_id = "fake:versatile"
+
+    @property
+    def dim(self) -> int:
+        return 16
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        rows = [torch.randn(16, generator=torch.Generator().manual_seed(
+            int.from_bytes(hashlib.sha256(t.encode()).digest()[:8], "little"))) for t in texts]
+        return F.normalize(torch.stack(rows), dim=-1)
+
+
+TINY = {"class_path": "monai.networks.nets.UNet",
+        "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 4, "channels": [4, 8], "strides": [2],
+                      "num_res_units": 0}}
+
+
+def _module(**kw):
+    from cfseg.module import CFSegModule
+
+    bank = PrototypeBank.build(["liver", "spleen", "aorta"], _Fake())
+    return CFSegModule(class_names=bank.classes, backbone=TINY, feature_channels=4, bank_state=bank.state(), **kw)
+
+
+@pytest.mark.parametrize("head", ["softmax", "prototype"])
+def test_module_options_off_change_nothing_and_on_add_the_weighted_terms(head):
+    target, annotated = _batch()
+    batch = {"label": target[:, None], "annotated": annotated}
+    logits = torch.randn(2, 4, 6, 4, 3, generator=torch.Generator().manual_seed(1))
+    off = _module(head=head)
+    terms = off.loss_terms(logits, batch)
+    assert list(terms) == ["partial"]
+    plain = partial_label_loss(logits, target, annotated, batch_dice=True)
+    assert torch.equal(off.loss(logits, batch), plain)
+    on = _module(head=head, exclusion_weight=0.5, entropy_weight=0.25)
+    terms = on.loss_terms(logits, batch)
+    assert set(terms) == {"partial", "exclusion", "entropy"}
+    torch.testing.assert_close(terms["exclusion"], 0.5 * exclusion_loss(logits, target, annotated))
+    torch.testing.assert_close(terms["entropy"], 0.25 * ambiguous_entropy(logits, target, annotated))
+    torch.testing.assert_close(on.loss(logits, batch), plain + terms["exclusion"] + terms["entropy"])
+
+
+def test_module_refuses_the_terms_on_a_sigmoid_head_and_negative_weights():
+    with pytest.raises(ValueError, match="exclusion_weight regularises one softmax"):
+        _module(head={"class_path": "cfseg.heads.UniversalHead", "init_args": {"controller_channels": 4}},
+                exclusion_weight=1.0)
+    with pytest.raises(ValueError, match="entropy_weight must be a finite number >= 0"):
+        _module(head="softmax", entropy_weight=-1.0)

@@ -167,3 +167,74 @@ def test_module_refuses_the_terms_on_a_sigmoid_head_and_negative_weights():
                 exclusion_weight=1.0)
     with pytest.raises(ValueError, match="entropy_weight must be a finite number >= 0"):
         _module(head="softmax", entropy_weight=-1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hierarchical (dataset -> class) sampling
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_box_sets(tmp_path_factory):
+    """Dataset A: 8 cases annotating liver and spleen; dataset B: 3 cases annotating aorta only."""
+    from conftest import make_boxes
+
+    root = tmp_path_factory.mktemp("versatile")
+    a = make_boxes(root / "Dataset051_a", n_cases=8, seed=1)
+    b = make_boxes(root / "Dataset052_b", n_cases=3, seed=2)
+    return [{"path": str(a), "val_fraction": 0.0, "test_fraction": 0.0, "classes": ["liver", "spleen"]},
+            {"path": str(b), "val_fraction": 0.0, "test_fraction": 0.0, "classes": ["aorta"]}]
+
+
+def _dm(datasets, **kw):
+    from cfseg.data.datamodule import SegDataModule
+
+    return SegDataModule(datasets, spacing=(4.0, 4.0, 4.0), patch_size=(8, 8, 8), samples_per_volume=2,
+                         cache="none", **kw)
+
+
+def test_hierarchical_sampling_draws_datasets_uniformly_then_their_classes(two_box_sets):
+    dm = _dm(two_box_sets, sampling="hierarchical")
+    ds = dm.split_dataset("train")
+    names = dm.class_names  # liver, spleen, aorta
+    n = 8000
+    draws = list(ds.sampler(n, torch.Generator().manual_seed(0)))
+    assert len(draws) == n
+    d = np.array([t[0] for t in draws])
+    # 8 cases vs 3 cases, but each dataset half of the draws (binomial sd 0.0056: 5 sd tolerance)
+    assert abs((d == 0).mean() - 0.5) < 0.028
+    for part, classes in ((0, ["liver", "spleen"]), (1, ["aorta"])):
+        ks = [t[2] for t in draws if t[0] == part]
+        assert {names[k - 1] for k in ks} == set(classes)  # only the classes that dataset annotates
+        for c in classes:
+            share = np.mean([names[k - 1] == c for k in ks])
+            assert abs(share - 1 / len(classes)) < 0.04
+    cases_b = [t[1] for t in draws if t[0] == 1]
+    assert set(cases_b) == {0, 1, 2}
+    # the same seed repeats the draws; every draw is a case annotating the drawn class
+    assert draws[:50] == list(ds.sampler(50, torch.Generator().manual_seed(0)))
+    for part, i, k in draws[:200]:
+        assert bool(ds.parts[part].data[i]["annotated"][k])
+
+
+def test_hierarchical_patches_are_centred_on_the_drawn_class(two_box_sets):
+    dm = _dm(two_box_sets, sampling="hierarchical", augment=False)
+    ds = dm.split_dataset("train")
+    for key in [(0, 0, 1), (0, 3, 2), (1, 1, 3)]:
+        patches = ds[key]
+        assert len(patches) == 2 and "crop_class" not in patches[0] and "label_cls_indices" not in patches[0]
+        for p in patches:
+            assert tuple(p["label"].shape) == (1, 8, 8, 8)
+            assert bool((p["label"] == key[2]).any())
+    loader = dm.train_dataloader()
+    assert len(loader) == 11 // 2 + 1  # as many draws per pass as training cases (8 + 3), batch 2
+    batch = next(iter(loader))
+    assert tuple(batch["image"].shape) == (4, 1, 8, 8, 8)  # 2 draws x samples_per_volume 2
+
+
+def test_sampling_default_and_bad_value(two_box_sets):
+    from torch.utils.data import ConcatDataset
+
+    assert isinstance(_dm(two_box_sets).split_dataset("train"), ConcatDataset)  # unchanged default ("cases")
+    with pytest.raises(ValueError, match="sampling must be one of"):
+        _dm(two_box_sets, sampling="datasets")

@@ -238,3 +238,28 @@ def test_sampling_default_and_bad_value(two_box_sets):
     assert isinstance(_dm(two_box_sets).split_dataset("train"), ConcatDataset)  # unchanged default ("cases")
     with pytest.raises(ValueError, match="sampling must be one of"):
         _dm(two_box_sets, sampling="datasets")
+
+
+def test_fit_with_the_versatile_options_from_the_cli(two_box_sets, tmp_path):
+    import csv
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    from cfseg.cli import main as cli
+
+    example = yaml.safe_load((Path(__file__).parents[1] / "configs/openkbp/heads/versatile.yaml").read_text())
+    assert example["model"] == {"head": "softmax", "exclusion_weight": 1.0, "entropy_weight": 0.1}
+    assert example["data"] == {"sampling": "hierarchical"}
+    config = Path(__file__).parent / "configs" / "tiny.yaml"
+    run = cli(["fit", "--config", str(config), f"--data.datasets={json.dumps(two_box_sets)}",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--data.spacing=[4.0, 4.0, 4.0]",
+               "--data.patch_size=[8, 8, 8]", "--model.head=softmax", "--model.exclusion_weight=1.0",
+               "--model.entropy_weight=0.1", "--data.sampling=hierarchical"])
+    assert run.trainer.global_step == 2
+    rows = list(csv.DictReader(open(Path(run.trainer.logger.log_dir) / "metrics.csv")))
+    for name in ("train/exclusion_step", "train/entropy_step"):
+        values = [float(r[name]) for r in rows if r.get(name)]
+        assert values and all(np.isfinite(values))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -42,8 +43,10 @@ from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottlen
 from cfseg.losses import ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import Segmenter, segmenter
-from cfseg.prototypes import PrototypeBank, build_encoder
+from cfseg.prototypes import PROTOTYPE_METHODS, PrototypeBank, build_encoder
 from cfseg.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cfseg-checkpoint-v1"
 
@@ -84,6 +87,17 @@ class CFSegModule(L.LightningModule):
         encoder: text encoder spec for the prototypes (see :func:`cfseg.prototypes.build_encoder`):
             ``"minilm"`` (offline default), ``"open_clip:ViT-B-32:/path/weights.bin"``, ``"bank:/path.json"``.
         prompt_modality: prompt template set (``"ct"``, ``"mri"``, ``"generic"``).
+        prototypes: how class prototypes are made (:meth:`cfseg.prototypes.PrototypeBank.build`): ``"text"``
+            (default: Gram-Schmidt on the class text embeddings), ``"random"`` (seeded random orthonormal vectors:
+            what the text contributes, by ablation) or ``"text_no_gs"`` (the normalised text embeddings, not
+            orthogonal). The prototypes are stored in the checkpoint, so it reloads bit-identically. Only
+            ``"text"`` banks take new classes in a class-incremental stage; an incremental stage keeps its previous
+            checkpoint's bank and must name the same method.
+        prototype_order: Gram-Schmidt order of ``prototypes: text``: a list of class names (every class once;
+            background first unless listed) or ``"reversed"``; default: the class order. The class order (label
+            indices) is unchanged. Unused in an incremental stage (new classes always come after the earlier ones,
+            whose prototypes stay bit-identical).
+        prototype_seed: seed of ``prototypes: random``.
         temperature: cosine-logit temperature tau.
         learnable_temperature: learn tau.
         hidden_channels: optional per-voxel hidden layer before the projection.
@@ -183,6 +197,9 @@ class CFSegModule(L.LightningModule):
         head: str | dict[str, Any] = "prototype",
         encoder: str = "minilm",
         prompt_modality: str = "ct",
+        prototypes: str = "text",
+        prototype_order: list[str] | str | None = None,
+        prototype_seed: int = 0,
         temperature: float = 0.07,
         learnable_temperature: bool = False,
         hidden_channels: int | None = None,
@@ -268,13 +285,23 @@ class CFSegModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state"])
         self.hparams["backbone"] = backbone = backbone or DEFAULT_BACKBONE
         teacher = load_checkpoint(previous_checkpoint, trusted_modules=trusted_modules) if previous_checkpoint else None
+        if prototypes not in PROTOTYPE_METHODS:
+            raise ValueError(f"prototypes must be one of {PROTOTYPE_METHODS}, got {prototypes!r}")
         if teacher is not None:
+            if teacher.bank.method != prototypes:
+                raise ValueError(f"the previous checkpoint's prototypes are {teacher.bank.method!r}, this stage asks "
+                                 f"for {prototypes!r}: an incremental stage keeps the previous bank (set "
+                                 f"model.prototypes: {teacher.bank.method})")
+            if prototype_order is not None:
+                log.warning("model.prototype_order is not used in an incremental stage: the previous checkpoint's "
+                            "prototypes stay bit-identical and new classes are orthogonalised after them")
             self.bank = self._extend_teacher_bank(teacher, class_names, new_classes, encoder, backbone, head_cls)
         elif bank_state is not None:
             self.bank = PrototypeBank.from_state(bank_state)
         else:
             self.bank = PrototypeBank.build(Vocabulary(class_names).classes, build_encoder(encoder),
-                                            modality=prompt_modality)
+                                            modality=prompt_modality, method=prototypes, order=prototype_order,
+                                            seed=prototype_seed)
         if class_names and self.bank.classes != Vocabulary(class_names).classes:
             raise ValueError(  # indices must follow names: the data indexes labels in class_names' order
                 f"class order mismatch: the model's classes are {self.bank.classes} but the data indexes labels "

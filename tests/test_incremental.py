@@ -210,8 +210,8 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
     batch = _stage_batch()
     seen = {}
-    real = m.loss
-    m.loss = lambda logits, b, target=None, annotated=None, ignore_index=None: (
+    real = m.loss_terms
+    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None: (
         seen.update(target=target, annotated=annotated, ignore=ignore_index) or real(logits, b, target, annotated,
                                                                                      ignore_index))
     m.training_step(batch, 0).backward()

@@ -46,11 +46,11 @@ KINDS = ("cfseg", "softmax")
 def _build(kind: str, num_classes: int, cfg: dict[str, Any]):
     import torch
 
-    import cfseg.nets as nets
+    import cfseg.cosine as cosine
     from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter, default_backbone
 
     if cfg["head_impl"] == "autograd":  # the same factorised maths through plain autograd, for comparison
-        nets._cosine_head = nets._cosine_head_autograd
+        cosine._cosine_head = cosine._cosine_head_autograd
 
     torch.manual_seed(cfg["seed"])  # the same backbone weights for both kinds
     if cfg["head_only"]:  # the head alone on random features (input gradient still computed)

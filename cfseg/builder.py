@@ -4,8 +4,9 @@ A network spec is ``{"class_path": "pkg.module.Class", "init_args": {...}}`` (wh
 checkpoint's ``hyper_parameters`` hold). :func:`build_network` imports and calls the named class only when
 
 1. its module lies in an allowed package: MONAI's networks (``monai.networks.nets``), cfseg's own network
-   modules (``cfseg.nets``), or a package the *user* trusts explicitly (the ``trusted_modules`` argument or the
-   ``CFSEG_TRUSTED_MODULES`` environment variable, comma-separated), never one named by the file itself;
+   modules (``cfseg.nets``, and ``cfseg.heads`` for segmentation heads), or a package the *user* trusts
+   explicitly (the ``trusted_modules`` argument or the ``CFSEG_TRUSTED_MODULES`` environment variable,
+   comma-separated), never one named by the file itself;
 2. the attribute is a class and a subclass of :class:`torch.nn.Module`.
 
 The package check runs on the string, before anything is imported, so a checkpoint naming ``os.makedirs``,
@@ -23,7 +24,7 @@ from typing import Any
 
 from torch import nn
 
-ALLOWED_PACKAGES: tuple[str, ...] = ("monai.networks.nets", "cfseg.nets")
+ALLOWED_PACKAGES: tuple[str, ...] = ("monai.networks.nets", "cfseg.nets", "cfseg.heads")
 TRUSTED_ENV = "CFSEG_TRUSTED_MODULES"
 
 
@@ -65,12 +66,8 @@ def check_spec(spec: Any, trusted_modules: Iterable[str] | None = None) -> tuple
     return module_name, cls_name
 
 
-def build_network(spec: dict[str, Any], trusted_modules: Iterable[str] | None = None) -> nn.Module:
-    """Build the ``nn.Module`` a spec names, after :func:`check_spec` and a subclass check.
-
-    Args:
-        spec: ``{"class_path": ..., "init_args": {...}}``.
-        trusted_modules: packages the caller trusts beyond :data:`ALLOWED_PACKAGES` (never read from a file).
+def resolve_class(spec: dict[str, Any], trusted_modules: Iterable[str] | None = None) -> type[nn.Module]:
+    """The ``nn.Module`` subclass a spec names, after :func:`check_spec` (nothing is called).
 
     Raises:
         UntrustedSpecError: outside the allow-list, not a class, or not an ``nn.Module`` subclass.
@@ -83,4 +80,26 @@ def build_network(spec: dict[str, Any], trusted_modules: Iterable[str] | None = 
         raise ValueError(f"cannot import {spec['class_path']!r}: {e}") from e
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
         raise UntrustedSpecError(f"refusing to build {spec['class_path']!r}: not a torch.nn.Module subclass")
-    return cls(**spec.get("init_args", {}))
+    return cls
+
+
+def build_network(spec: dict[str, Any], trusted_modules: Iterable[str] | None = None,
+                  defaults: dict[str, Any] | None = None) -> nn.Module:
+    """Build the ``nn.Module`` a spec names, after :func:`check_spec` and a subclass check.
+
+    Args:
+        spec: ``{"class_path": ..., "init_args": {...}}``.
+        trusted_modules: packages the caller trusts beyond :data:`ALLOWED_PACKAGES` (never read from a file).
+        defaults: values for constructor parameters the spec does not set, passed only where the class's
+            ``__init__`` names them (e.g. the feature width and class count a head needs).
+
+    Raises:
+        UntrustedSpecError: outside the allow-list, not a class, or not an ``nn.Module`` subclass.
+        ValueError: the module or class does not exist.
+    """
+    cls = resolve_class(spec, trusted_modules)
+    args = dict(spec.get("init_args", {}))
+    if defaults:
+        params = inspect.signature(cls.__init__).parameters
+        args = {**{k: v for k, v in defaults.items() if k in params and k not in args}, **args}
+    return cls(**args)

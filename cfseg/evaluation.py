@@ -89,7 +89,8 @@ def evaluate_groups(
                 key = (str(Path(ds.config.path).resolve()), item["case_id"])
                 labels = predictions.get(key)
                 if keep_first and first is None:  # one pass gives the plot's similarity maps and the labels
-                    first = (vol, predict_volume(module, vol["image"], device=device, similarity=True))
+                    first = (vol, predict_volume(module, vol["image"], device=device,
+                                                 similarity=module.head.has_similarity))
                     labels = first[1]["labels"]
                 elif labels is None:
                     labels = predict_volume(module, vol["image"], device=device)["labels"]  # uint8 [*S]

@@ -1,6 +1,6 @@
 """Whole-volume prediction with a trained module: preprocessing from the checkpoint, modality detection,
-sliding windows, argmax over background plus any requested subset of classes in one forward pass, similarity
-maps."""
+sliding windows, labels over background plus any requested subset of classes in one forward pass (the head's rule:
+argmax of a softmax head, threshold then argmax of a sigmoid head), similarity maps."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 
 from cfseg.data.transforms import Preprocessing, build_transforms
 from cfseg.module import CFSegModule
-from cfseg.nets import PrototypeSegmenter
 
 
 def preprocessing_for(module: CFSegModule, modality: str | None) -> Preprocessing:
@@ -142,24 +141,27 @@ def predict_volume(
         class_indices: global indices of the classes to segment (background always included); None = all.
         device: where the network runs (the sliding windows run there too); windows are stitched on the CPU,
             which bounds accelerator memory.
-        similarity: also return cosine similarity maps (prototype head only).
+        similarity: also return cosine similarity maps (heads with ``has_similarity``: the prototype head).
 
     Returns:
-        ``labels``: uint8 [*S] in *global* class indices; ``probs``: float [K'+1, *S] softmax over the
-        requested classes; ``similarity``: float [K'+1, *S] when asked.
+        ``labels``: uint8 [*S] in *global* class indices (:meth:`cfseg.heads.Head.labels`); ``probs``: float
+        [K'+1, *S] over the requested classes (:meth:`cfseg.heads.Head.probabilities`: the softmax, or per-class
+        sigmoids with background ``1 - max``); ``similarity``: float [K'+1, *S] when asked.
     """
     module = module.to(device).eval()
     idx = list(range(1, len(module.bank.names))) if class_indices is None else [int(i) for i in class_indices]
     logits = module.sliding_window_logits(image[None].to(device), idx, sw_device=device, device="cpu")[0]
-    probs = logits.softmax(0)
-    local = probs.argmax(0)
+    head = module.head
+    probs = head.probabilities(logits[None])[0]
+    local = head.labels(logits[None])[0]
     table = torch.tensor([0, *idx], dtype=torch.uint8)
     out = {"labels": table[local], "probs": probs}
     if similarity:
-        if not isinstance(module.net, PrototypeSegmenter):
-            raise ValueError("similarity maps need the prototype head, this checkpoint has a softmax head")
+        if not head.has_similarity:
+            raise ValueError(f"similarity maps need a cosine (prototype) head, this checkpoint has a "
+                             f"{type(head).__name__}")
         if module.n_experts > 1:  # merged log-odds of several experts are not cosines
             raise ValueError("similarity maps of a checkpoint with LoRA experts are not defined (each class comes "
                              "from its own expert); segment without similarity maps")
-        out["similarity"] = logits * module.net.temperature.detach().cpu()  # cos = logit * tau
+        out["similarity"] = head.similarity(logits).detach()  # cos = logit * tau
     return out

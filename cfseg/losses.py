@@ -13,6 +13,18 @@ Partial labels (one dataset annotates the liver, another the kidneys):
 * :func:`partial_label_loss` -- weighted sum of the two, sharing one validation and one softmax; the
   training loss, computed by a fused function with a hand-written backward (:class:`_PartialLabelLoss`: one
   full-size buffer, no one-hot target) that matches the composed :func:`_partial_label_loss_reference`.
+* :func:`masked_sigmoid_loss` -- for heads with one sigmoid per class (DoDNet, the CLIP-driven Universal Model):
+  BCE + soft Dice over the classes annotated in each sample only.
+
+Optional regularisers of a softmax head trained on partial labels (``model.exclusion_weight``,
+``model.entropy_weight``; with the marginal loss above and hierarchical sampling, ``data.sampling:
+hierarchical``, they make up the Versatile-style recipe of ``configs/openkbp/heads/versatile.yaml``):
+
+* :func:`exclusion_loss` -- the exclusion (Dice) loss of Shi et al. (MedIA 2021): organs do not overlap, so the
+  predicted probability of class ``k`` should vanish wherever the labels say "not k".
+* :func:`ambiguous_entropy` -- entropy minimisation on the voxels whose label is "background or a class not
+  annotated here" (the self-disambiguation of Versatile: Chen et al., CVPR 2024, "Versatile medical image
+  segmentation learned from multi-source datasets via model self-disambiguation").
 
 The distillation terms of continual stages live in :mod:`cfseg.continual.distill`.
 
@@ -29,6 +41,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ambiguous_entropy",
+    "exclusion_loss",
+    "masked_sigmoid_loss",
     "merged_background_log_probs",
     "partial_dice_loss",
     "partial_label_ce",
@@ -537,3 +552,191 @@ def _partial_label_loss_reference(
     if dice_weight:
         loss = loss + dice_weight * _dice_from_probs(logp.exp(), t, valid, ann, smooth, batch_dice)
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one sigmoid per class (DoDNet, CLIP-driven Universal Model)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def masked_sigmoid_loss(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    bce_weight: float = 1.0,
+    dice_weight: float = 1.0,
+    ignore_index: int | None = None,
+    smooth: float = 1e-5,
+    batch_dice: bool = False,
+) -> Tensor:
+    """BCE + soft Dice of independent per-class sigmoids, on the classes annotated in each sample only.
+
+    Channel ``k >= 1`` is the logit of "voxel belongs to class k"; channel 0 (background) is not used. For every
+    pair (sample b, class k >= 1) with ``annotated[b, k]`` the BCE of ``sigmoid(logits[b, k])`` against
+    ``target[b] == k`` is averaged over the sample's non-ignored voxels, and the BCE term is the mean over those
+    pairs; the Dice term is :func:`partial_dice_loss`'s with per-class sigmoids in place of the softmax. A class
+    not annotated in a sample contributes nothing for that sample (its logits there do not change the loss): the
+    masked loss of DoDNet and the Universal Model. With no annotated foreground pair the loss is 0.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel k the global class k (channel 0 ignored).
+        target: [B, *S] integer labels in 0..K, or ``ignore_index``.
+        annotated: [B, K+1] bool, annotated classes per sample.
+        bce_weight: weight of the BCE (>= 0).
+        dice_weight: weight of the Dice (>= 0).
+        ignore_index: label value whose voxels are excluded from both terms.
+        smooth: Dice smoothing term, see :func:`partial_dice_loss`.
+        batch_dice: see :func:`partial_dice_loss`.
+
+    Returns:
+        Scalar tensor.
+
+    Raises:
+        ValueError: as :func:`partial_label_ce`, a negative weight or ``smooth <= 0``.
+    """
+    if bce_weight < 0 or dice_weight < 0:
+        raise ValueError(f"loss weights must be >= 0, got bce_weight={bce_weight}, dice_weight={dice_weight}.")
+    _check_smooth(smooth)
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    onehot = F.one_hot(t, x.shape[1]).movedim(-1, 1)[:, 1:].to(x.dtype)  # [B, K, *S]
+    fg = x[:, 1:]
+    dims = tuple(range(2, x.ndim))
+    bce = F.binary_cross_entropy_with_logits(fg, onehot, reduction="none")
+    if valid is None:
+        per_pair = bce.mean(dims)  # [B, K]
+    else:
+        v = valid.unsqueeze(1).to(x.dtype)
+        per_pair = (bce * v).sum(dims) / v.sum(dims).clamp_min(1)
+    pairs = ann[:, 1:]
+    zeros = torch.zeros((), dtype=x.dtype, device=x.device)
+    loss = bce_weight * torch.where(pairs, per_pair, zeros).sum() / pairs.sum().clamp_min(1).to(x.dtype)
+    if dice_weight:
+        probs = torch.cat([torch.zeros_like(x[:, :1]), torch.sigmoid(fg)], dim=1)  # channel 0 never enters
+        loss = loss + dice_weight * _dice_from_probs(probs, t, valid, ann, smooth, batch_dice)
+    return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# regularisers for partial labels (exclusion, entropy on ambiguous voxels)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def exclusion_masks(target: Tensor, annotated: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Where each class is known to be absent: ``e`` [B, K+1, *S] bool (channel 0 all False).
+
+    ``e[b, k]`` is True at the voxels of sample ``b`` whose label rules class ``k >= 1`` out:
+
+    * voxels labelled with an annotated foreground class ``c != k`` (organs do not overlap), for every ``k``
+      (annotated or not: a voxel drawn as the liver is not the spleen, whether or not the spleen was drawn);
+    * voxels labelled 0 when ``k`` is annotated in the sample (then 0 means "not k"); when ``k`` is not
+      annotated a 0 may be ``k``, so those voxels never exclude it.
+
+    Args:
+        target: [B, *S] int64 labels in 0..K (already checked against ``annotated``).
+        annotated: [B, K+1] bool.
+        valid: [B, *S] bool, or None (every voxel counts).
+    """
+    n = annotated.shape[1]
+    view = (*annotated.shape, *([1] * (target.ndim - 1)))
+    k = torch.arange(n, device=target.device).reshape(1, n, *([1] * (target.ndim - 1)))
+    t = target.unsqueeze(1)
+    ann_k = annotated.reshape(view)
+    e = (t != k) & ((t > 0) | ann_k)  # another label; a 0 only excludes an annotated class
+    e[:, 0] = False
+    if valid is not None:
+        e &= valid.unsqueeze(1)
+    return e
+
+
+def exclusion_loss(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    ignore_index: int | None = None,
+    smooth: float = 1e-5,
+) -> Tensor:
+    """Exclusion Dice loss (Shi et al., MedIA 2021): overlap of each class's probability with where it cannot be.
+
+    Modelled on the exclusion loss of Shi, Xiao, Chen & Zhou, "Marginal loss and exclusion loss for partially
+    supervised multi-organ segmentation" (MedIA 70, 2021): organs are mutually exclusive, so for every pair
+    (sample b, class k >= 1) the exclusion label ``e_k`` (:func:`exclusion_masks`: the voxels labelled with another
+    annotated organ, and, when ``k`` itself is annotated, the voxels labelled background) should not overlap the
+    predicted ``p_k`` (softmax over all K+1 channels). The loss is the mean over the pairs with a non-empty
+    ``e_k`` of the soft Dice overlap ``2 sum(p_k e_k) / (sum p_k + sum e_k + smooth)``.
+
+    It is 0 exactly when no probability sits where the labels exclude it (a perfect prediction; an unannotated
+    class may take any share of the voxels labelled 0, which may be it), and positive otherwise. ``smooth`` is
+    added to the denominator only, so a perfect prediction gives exactly 0.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel 0 background.
+        target: [B, *S] integer labels in 0..K, or ``ignore_index``.
+        annotated: [B, K+1] bool, annotated classes per sample.
+        ignore_index: label value whose voxels are excluded.
+        smooth: > 0, added to the denominator.
+
+    Returns:
+        Scalar tensor in [0, 1) (0, attached to the graph, when no pair has an exclusion label).
+
+    Raises:
+        ValueError: as :func:`partial_label_ce`, or ``smooth <= 0``.
+    """
+    _check_smooth(smooth)
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    p = torch.softmax(x, dim=1)
+    e = exclusion_masks(t, ann, valid)
+    dims = tuple(range(2, x.ndim))
+    ef = e.to(p.dtype)
+    inter = (p * ef).sum(dims)  # [B, K+1]
+    psum = (p if valid is None else p * valid.unsqueeze(1).to(p.dtype)).sum(dims)
+    esum = ef.sum(dims)
+    pairs = esum > 0
+    overlap = 2.0 * inter / (psum + esum + smooth)
+    zeros = torch.zeros((), dtype=p.dtype, device=p.device)
+    return torch.where(pairs, overlap, zeros).sum() / pairs.sum().clamp_min(1).to(p.dtype)
+
+
+def ambiguous_voxels(target: Tensor, annotated: Tensor, valid: Tensor | None = None) -> Tensor:
+    """[B, *S] bool: voxels labelled 0 in samples that leave some foreground class unannotated.
+
+    There the label means "background or one of the classes nobody drew here": the voxels Versatile's
+    self-disambiguation acts on. In a sample that annotates every class a 0 is plain background.
+    """
+    partial = ~annotated[:, 1:].all(1)  # [B]
+    amb = (target == 0) & partial.reshape(-1, *([1] * (target.ndim - 1)))
+    return amb if valid is None else amb & valid
+
+
+def ambiguous_entropy(
+    logits: Tensor,
+    target: Tensor,
+    annotated: Tensor,
+    ignore_index: int | None = None,
+) -> Tensor:
+    """Mean softmax entropy (nats) over the ambiguous voxels (:func:`ambiguous_voxels`).
+
+    Modelled on the self-disambiguation of Versatile (Chen et al., CVPR 2024, "Versatile medical image
+    segmentation learned from multi-source datasets via model self-disambiguation"): the marginal loss only asks
+    that background and the unannotated classes together take a label-0 voxel; minimising the entropy of the
+    prediction there ``-sum_k p_k log p_k`` (all K+1 channels) makes the model commit to one of them (background
+    or an organ it learnt from another dataset) instead of spreading the mass. Voxels labelled with an annotated
+    class, and label-0 voxels of samples that annotate every class, do not enter.
+
+    Args:
+        logits: [B, K+1, *S] raw scores, channel 0 background.
+        target: [B, *S] integer labels in 0..K, or ``ignore_index``.
+        annotated: [B, K+1] bool, annotated classes per sample.
+        ignore_index: label value whose voxels are excluded.
+
+    Returns:
+        Scalar tensor >= 0: 0 when every ambiguous voxel is predicted one-hot (or there is none; graph kept).
+
+    Raises:
+        ValueError: as :func:`partial_label_ce`.
+    """
+    x, t, valid, ann = _prepare_partial(logits, target, annotated, ignore_index)
+    logp = F.log_softmax(x, dim=1)
+    # p log p with 0 log 0 = 0 (exp(-inf) * -inf would be nan)
+    plogp = torch.where(logp > -math.inf, logp.exp() * logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+    entropy = -plogp.sum(1)  # [B, *S]
+    return _masked_mean(entropy, ambiguous_voxels(t, ann, valid))

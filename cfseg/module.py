@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from cfseg.builder import UntrustedSpecError, build_network, check_spec
+from cfseg.builder import UntrustedSpecError, build_network, check_spec, resolve_class
 from cfseg.continual import distill, experts
 from cfseg.continual.distill import (
     DEFAULT_POD_LAYERS,
@@ -38,11 +39,14 @@ from cfseg.continual.distill import (
 )
 from cfseg.continual.ewc import diagonal_fisher, ewc_penalty, merge_fisher
 from cfseg.continual.router import RidgeRouter, pooled_features
-from cfseg.losses import partial_label_loss
+from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, deepest_layer, head_spec
+from cfseg.losses import ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
-from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter
-from cfseg.prototypes import PrototypeBank, build_encoder
+from cfseg.nets import Segmenter, segmenter
+from cfseg.prototypes import PROTOTYPE_METHODS, PrototypeBank, build_encoder
 from cfseg.vocab import Vocabulary
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "cfseg-checkpoint-v1"
 
@@ -53,28 +57,47 @@ DEFAULT_BACKBONE: dict[str, Any] = {
         "strides": [2, 2, 2], "num_res_units": 1,
     },
 }
-HEADS = ("prototype", "softmax")
+HEADS = tuple(HEAD_SHORTHANDS)  # the head shorthands; any cfseg.heads class (or a trusted one) by class_path
 STRATEGIES = ("distill", "finetune", "joint", "experts", "ewc")
 EXPERT_INITS = ("previous", "zero")
 #: MONAI UNet's bottleneck convolution *before* its instance normalisation (the deepest match): after the norm, the
 #: per-channel mean and spread of a block's output are normalised away and cannot tell one scanner from another
-DEFAULT_ROUTER_LAYER = r"model(\.1\.submodule)*\.conv"
+DEFAULT_ROUTER_LAYER = DEFAULT_BOTTLENECK_LAYER  # r"model(\.1\.submodule)*\.conv", also the dynamic heads' bottleneck
 PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
 ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 
 
 class CFSegModule(L.LightningModule):
-    """Classifier-free (or softmax-baseline) 3D segmentation with partial labels.
+    """Classifier-free (or another injected head's) 3D segmentation with partial labels.
+
+    The head (:mod:`cfseg.heads`) decides what the logits mean: the loss, the label rule and the probabilities are
+    asked of it (:meth:`cfseg.heads.Head.loss`, ``labels``, ``probabilities``), never chosen by its type.
 
     Args:
         class_names: foreground classes in global order (linked from ``data.class_names`` by the CLI).
         backbone: network spec ``{"class_path", "init_args"}``; its output channels are the features F.
         feature_channels: F; must equal the backbone's output channels.
-        head: ``"prototype"`` (cosine logits against text prototypes, cfseg's method) or ``"softmax"`` (a
-            1x1x1 conv with K+1 outputs, the conventional baseline on the same backbone).
+        head: the head on the backbone's features (:mod:`cfseg.heads`): a spec ``{"class_path", "init_args"}``
+            (e.g. ``cfseg.heads.DoDNetHead``, ``cfseg.heads.UniversalHead``; allow-listed as the backbone) or a
+            shorthand: ``"prototype"`` (cosine logits against text prototypes, cfseg's method) or ``"softmax"`` (a
+            1x1x1 conv with K+1 outputs, the conventional baseline on the same backbone). Constructor arguments the
+            spec leaves out are filled where the head takes them: ``feature_channels``, ``num_classes`` (K+1),
+            ``embed_dim`` (prototype width), ``text_dim`` (text-embedding width), ``bottleneck_channels`` (from the
+            backbone layer the head names), ``temperature``, ``learnable_temperature``, ``hidden_channels``.
         encoder: text encoder spec for the prototypes (see :func:`cfseg.prototypes.build_encoder`):
             ``"minilm"`` (offline default), ``"open_clip:ViT-B-32:/path/weights.bin"``, ``"bank:/path.json"``.
         prompt_modality: prompt template set (``"ct"``, ``"mri"``, ``"generic"``).
+        prototypes: how class prototypes are made (:meth:`cfseg.prototypes.PrototypeBank.build`): ``"text"``
+            (default: Gram-Schmidt on the class text embeddings), ``"random"`` (seeded random orthonormal vectors:
+            what the text contributes, by ablation) or ``"text_no_gs"`` (the normalised text embeddings, not
+            orthogonal). The prototypes are stored in the checkpoint, so it reloads bit-identically. Only
+            ``"text"`` banks take new classes in a class-incremental stage; an incremental stage keeps its previous
+            checkpoint's bank and must name the same method.
+        prototype_order: Gram-Schmidt order of ``prototypes: text``: a list of class names (every class once;
+            background first unless listed) or ``"reversed"``; default: the class order. The class order (label
+            indices) is unchanged. Unused in an incremental stage (new classes always come after the earlier ones,
+            whose prototypes stay bit-identical).
+        prototype_seed: seed of ``prototypes: random``.
         temperature: cosine-logit temperature tau.
         learnable_temperature: learn tau.
         hidden_channels: optional per-voxel hidden layer before the projection.
@@ -86,6 +109,15 @@ class CFSegModule(L.LightningModule):
         ce_weight: weight of the partial-label cross-entropy.
         dice_weight: weight of the partial soft Dice.
         batch_dice: Dice pooled over the batch per class (see :func:`cfseg.losses.partial_dice_loss`).
+            With a softmax-output head the CE + Dice is the marginal loss of Shi et al. (MedIA 2021): background
+            and the classes a case does not annotate are merged (:func:`cfseg.losses.partial_label_loss`).
+        exclusion_weight: weight of the exclusion loss of Shi et al. (MedIA 2021,
+            :func:`cfseg.losses.exclusion_loss`): the predicted probability of a class where the labels rule it
+            out (another organ's voxels; background voxels of a case that annotates it). Softmax-output heads
+            only; 0 (default): off.
+        entropy_weight: weight of the entropy minimisation on the voxels labelled "background or an unannotated
+            class" (:func:`cfseg.losses.ambiguous_entropy`; Versatile's self-disambiguation, Chen et al., CVPR
+            2024). Softmax-output heads only; 0 (default): off.
         roi_size: sliding-window size for validation/inference (defaults to the training patch).
         sw_batch_size: windows per forward pass.
         sw_overlap: window overlap.
@@ -152,9 +184,9 @@ class CFSegModule(L.LightningModule):
         bank_state: a saved bank (:meth:`PrototypeBank.state`) to restore instead of encoding names; used when
             loading checkpoints, never written to hyper-parameters.
         experts_state: the saved experts metadata (:meth:`experts_state`) of a checkpoint; used when loading.
-        trusted_modules: packages besides MONAI's networks and ``cfseg.nets`` that ``backbone`` may name (your own
-            network code; see :mod:`cfseg.builder`). Never read back from a checkpoint: pass it again (or set
-            ``CFSEG_TRUSTED_MODULES``) when loading one.
+        trusted_modules: packages besides MONAI's networks, ``cfseg.nets`` and ``cfseg.heads`` that ``backbone`` and
+            ``head`` may name (your own network code; see :mod:`cfseg.builder`). Never read back from a checkpoint:
+            pass it again (or set ``CFSEG_TRUSTED_MODULES``) when loading one.
     """
 
     def __init__(
@@ -162,9 +194,12 @@ class CFSegModule(L.LightningModule):
         class_names: list[str] | None = None,
         backbone: dict[str, Any] | None = None,
         feature_channels: int = 32,
-        head: str = "prototype",
+        head: str | dict[str, Any] = "prototype",
         encoder: str = "minilm",
         prompt_modality: str = "ct",
+        prototypes: str = "text",
+        prototype_order: list[str] | str | None = None,
+        prototype_seed: int = 0,
         temperature: float = 0.07,
         learnable_temperature: bool = False,
         hidden_channels: int | None = None,
@@ -175,6 +210,8 @@ class CFSegModule(L.LightningModule):
         ce_weight: float = 1.0,
         dice_weight: float = 1.0,
         batch_dice: bool = True,
+        exclusion_weight: float = 0.0,
+        entropy_weight: float = 0.0,
         roi_size: tuple[int, int, int] = (64, 64, 64),
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
@@ -211,10 +248,21 @@ class CFSegModule(L.LightningModule):
         trusted_modules: list[str] | None = None,
     ):
         super().__init__()
-        if head not in HEADS:
-            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        head_cls = resolve_class(head_spec(head), trusted_modules)  # the allow-list first: nothing else is built
+        if not issubclass(head_cls, Head):
+            raise UntrustedSpecError(f"refusing {head_spec(head)['class_path']!r} as a head: not a cfseg.heads.Head")
+        if head_cls.output != "softmax" and strategy in ("distill", "experts") and previous_checkpoint:
+            raise ValueError(f"strategy {strategy!r} merges or distils softmax distributions; the {head_cls.__name__} "
+                             f"has one sigmoid per class: use strategy 'finetune' (or 'ewc')")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        for name, w in (("exclusion_weight", exclusion_weight), ("entropy_weight", entropy_weight)):
+            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
+            if w > 0 and head_cls.output != "softmax":
+                raise ValueError(f"{name} regularises one softmax distribution over the classes; the "
+                                 f"{head_cls.__name__} has one sigmoid per class: set {name}: 0 or use a softmax "
+                                 "head (softmax, prototype)")
         if strategy in ("experts", "ewc") and not previous_checkpoint:
             raise ValueError(f"strategy {strategy!r} starts from a trained stage: give model.previous_checkpoint "
                              "(stage 0 trains the whole network with any other strategy)")
@@ -237,13 +285,23 @@ class CFSegModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state"])
         self.hparams["backbone"] = backbone = backbone or DEFAULT_BACKBONE
         teacher = load_checkpoint(previous_checkpoint, trusted_modules=trusted_modules) if previous_checkpoint else None
+        if prototypes not in PROTOTYPE_METHODS:
+            raise ValueError(f"prototypes must be one of {PROTOTYPE_METHODS}, got {prototypes!r}")
         if teacher is not None:
-            self.bank = self._extend_teacher_bank(teacher, class_names, new_classes, encoder, backbone, head)
+            if teacher.bank.method != prototypes:
+                raise ValueError(f"the previous checkpoint's prototypes are {teacher.bank.method!r}, this stage asks "
+                                 f"for {prototypes!r}: an incremental stage keeps the previous bank (set "
+                                 f"model.prototypes: {teacher.bank.method})")
+            if prototype_order is not None:
+                log.warning("model.prototype_order is not used in an incremental stage: the previous checkpoint's "
+                            "prototypes stay bit-identical and new classes are orthogonalised after them")
+            self.bank = self._extend_teacher_bank(teacher, class_names, new_classes, encoder, backbone, head_cls)
         elif bank_state is not None:
             self.bank = PrototypeBank.from_state(bank_state)
         else:
             self.bank = PrototypeBank.build(Vocabulary(class_names).classes, build_encoder(encoder),
-                                            modality=prompt_modality)
+                                            modality=prompt_modality, method=prototypes, order=prototype_order,
+                                            seed=prototype_seed)
         if class_names and self.bank.classes != Vocabulary(class_names).classes:
             raise ValueError(  # indices must follow names: the data indexes labels in class_names' order
                 f"class order mismatch: the model's classes are {self.bank.classes} but the data indexes labels "
@@ -251,12 +309,8 @@ class CFSegModule(L.LightningModule):
             )
         self.hparams["class_names"] = self.bank.classes
         net_backbone = build_network(backbone, trusted_modules)
-        if head == "prototype":
-            self.net: nn.Module = PrototypeSegmenter(
-                net_backbone, feature_channels, self.bank.dim, temperature, learnable_temperature, hidden_channels
-            )
-        else:
-            self.net = SoftmaxSegmenter(net_backbone, feature_channels, len(self.bank.names), hidden_channels)
+        self.net: Segmenter = segmenter(net_backbone, self._build_head(head, net_backbone, trusted_modules),
+                                        feature_channels)
         self._optimizer_fn = optimizer
         # Local POD layers, checked now so that a bad pattern fails before any training
         self._pod_names = (resolve_layers(net_backbone, pod_layers or DEFAULT_POD_LAYERS) if pod_weight > 0 else [])
@@ -295,9 +349,37 @@ class CFSegModule(L.LightningModule):
                 self._ewc_anchor.append((anchors, dict(teacher.ewc_fisher)))
         self.val_dice = PerClassDice(len(self.bank.names))
 
+    def _build_head(self, head: str | dict[str, Any], backbone: nn.Module, trusted_modules: list[str] | None) -> Head:
+        """The head ``head`` names, its missing constructor arguments filled from this module and the backbone."""
+        import inspect
+
+        spec = head_spec(head)
+        h = self.hparams
+        defaults: dict[str, Any] = {
+            "feature_channels": h.feature_channels, "num_classes": len(self.bank.names), "embed_dim": self.bank.dim,
+            "text_dim": int(self.bank.embeddings.shape[1]), "temperature": h.temperature,
+            "learnable_temperature": h.learnable_temperature, "hidden_channels": h.hidden_channels,
+        }
+        params = inspect.signature(resolve_class(spec, trusted_modules).__init__).parameters
+        if "bottleneck_channels" in params and "bottleneck_channels" not in spec["init_args"]:
+            layer = spec["init_args"].get("bottleneck_layer", params["bottleneck_layer"].default
+                                          if "bottleneck_layer" in params else DEFAULT_BOTTLENECK_LAYER)
+            defaults["bottleneck_channels"] = bottleneck_channels(backbone, layer)
+        return build_network(spec, trusted_modules, defaults)
+
+    @property
+    def head(self) -> Head:
+        """The segmenter's head (:mod:`cfseg.heads`): what the output means, its loss and its label rule."""
+        return self.net.head
+
+    def head_context(self) -> dict[str, torch.Tensor]:
+        """What the bank gives every head (each reads what it needs): ``prototypes`` [K+1, D] and
+        ``text_embeddings`` [K+1, E] (the raw class embeddings before Gram-Schmidt)."""
+        return {"prototypes": self.bank.prototypes, "text_embeddings": self.bank.embeddings}
+
     @staticmethod
     def _extend_teacher_bank(teacher: CFSegModule, class_names: list[str] | None, new_classes: list[str] | None,
-                             encoder: str, backbone: dict[str, Any], head: str) -> PrototypeBank:
+                             encoder: str, backbone: dict[str, Any], head_cls: type[Head]) -> PrototypeBank:
         """The teacher's bank with this stage's new classes appended (old rows bit-identical)."""
         if json.loads(json.dumps(teacher.hparams.backbone)) != json.loads(json.dumps(backbone)):
             raise ValueError(
@@ -323,8 +405,12 @@ class CFSegModule(L.LightningModule):
             added = from_data if class_names else declared
         else:
             added = from_data
-        if added and head == "softmax":
-            raise ValueError("a softmax head cannot add classes; use head: prototype for class-incremental stages")
+        if type(teacher.head) is not head_cls:
+            raise ValueError(f"the previous checkpoint has a {type(teacher.head).__name__}, this stage a "
+                             f"{head_cls.__name__}; an incremental stage must keep the teacher's head")
+        if added and not head_cls.open_vocabulary:
+            raise ValueError(f"a {head_cls.__name__} cannot add classes (its layers fix the class count); use head: "
+                             "prototype (or cfseg.heads.UniversalHead) for class-incremental stages")
         bank = PrototypeBank.from_state(teacher.bank.state())
         if added:
             bank.extend(added, build_encoder(encoder))
@@ -335,7 +421,8 @@ class CFSegModule(L.LightningModule):
         h = self.hparams
         return {"layers": list(h.expert_layers or experts.DEFAULT_EXPERT_LAYERS), "rank": int(h.expert_rank),
                 "alpha": float(h.expert_alpha),
-                "projection": bool(h.expert_projection) and isinstance(self.net, PrototypeSegmenter)}
+                "projection": bool(h.expert_projection) and isinstance(getattr(self.head, "weight", None),
+                                                                      nn.Parameter)}
 
     def _attach(self, layout: dict[str, Any], n_total: int) -> None:
         """LoRA layers of ``layout`` on ``self.net`` with experts 1..n_total-1 (zero-initialised)."""
@@ -461,14 +548,7 @@ class CFSegModule(L.LightningModule):
         return pooled_features(store[0].float()).as_subclass(torch.Tensor)  # plain data, never a MetaTensor
 
     def _router_layer_name(self) -> str:
-        import re
-
-        pattern = self.hparams.router_layer
-        names = [n for n, _ in self.net.backbone.named_modules() if n and re.fullmatch(pattern, n)]
-        if not names:
-            raise ValueError(f"router_layer {pattern!r} matches no module of the backbone; set model.router_layer to "
-                             "a regular expression of a module name (e.g. its bottleneck)")
-        return max(names, key=lambda n: (n.count("."), len(n)))
+        return deepest_layer(self.net.backbone, self.hparams.router_layer, "model.router_layer")
 
     def route(self, image: torch.Tensor) -> dict[str, Any]:
         """Top-1 expert and its domain for one preprocessed volume ``image`` [1, C, *S] (see :meth:`route_scores`)."""
@@ -545,7 +625,7 @@ class CFSegModule(L.LightningModule):
             x = batch["image"].to(self.device).as_subclass(torch.Tensor)
             batch = {k: (v.to(self.device).as_subclass(torch.Tensor) if isinstance(v, torch.Tensor) else v)
                      for k, v in batch.items()}
-            return self.loss(self._logits(net.features(x)), batch).float()
+            return self.loss(self._logits(*net.encode(x)), batch).float()
 
         with torch.enable_grad():
             new = diagonal_fisher(self.net, _training_batches(loader), loss_fn, h.ewc_fisher_batches)
@@ -623,13 +703,7 @@ class CFSegModule(L.LightningModule):
 
     def _forward_active(self, x: torch.Tensor, class_indices: Sequence[int] | None = None) -> torch.Tensor:
         """Logits of the active expert (the plain network without experts). x [B, C, *S] -> [B, K'+1, *S]."""
-        P = self.prototypes
-        if class_indices is not None:
-            idx = [0, *[int(i) for i in class_indices if int(i) != 0]]
-            if isinstance(self.net, SoftmaxSegmenter):
-                return self.net(x)[:, idx]
-            P = P[idx]
-        return self.net(x, P)
+        return self.net.segment(x, class_indices, **self.head_context())
 
     def sliding_window_logits(self, image: torch.Tensor, class_indices: Sequence[int] | None = None,
                               sw_device: torch.device | str | None = None,
@@ -660,13 +734,30 @@ class CFSegModule(L.LightningModule):
     # ---- training ------------------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, batch: dict[str, Any], target: torch.Tensor | None = None,
              annotated: torch.Tensor | None = None, ignore_index: int | None = None) -> torch.Tensor:
-        """Partial-label loss of ``logits`` [B, K+1, *S]; ``target`` [B, *S] / ``annotated`` [B, K+1] replace the
-        batch's (pseudo-labels)."""
+        """The sum of :meth:`loss_terms`."""
+        terms = self.loss_terms(logits, batch, target, annotated, ignore_index)
+        return sum(terms.values(), torch.zeros((), dtype=terms["partial"].dtype, device=terms["partial"].device))
+
+    def loss_terms(self, logits: torch.Tensor, batch: dict[str, Any], target: torch.Tensor | None = None,
+                   annotated: torch.Tensor | None = None, ignore_index: int | None = None) -> dict[str, torch.Tensor]:
+        """Weighted supervised loss terms of ``logits`` [B, K+1, *S]; ``target`` [B, *S] / ``annotated`` [B, K+1]
+        replace the batch's (pseudo-labels).
+
+        Keys: ``partial`` (the head's partial-label loss, :meth:`cfseg.heads.Head.loss`), and with a positive
+        weight ``exclusion`` (:func:`cfseg.losses.exclusion_loss`) and ``entropy``
+        (:func:`cfseg.losses.ambiguous_entropy`).
+        """
         target = batch["label"][:, 0].long() if target is None else target
         annotated = batch["annotated"].bool() if annotated is None else annotated
         h = self.hparams
-        return partial_label_loss(logits, target, annotated, h.ce_weight, h.dice_weight, ignore_index=ignore_index,
-                                  batch_dice=h.get("batch_dice", True))
+        terms = {"partial": self.head.loss(logits, target, annotated, ce_weight=h.ce_weight,
+                                           dice_weight=h.dice_weight, ignore_index=ignore_index,
+                                           batch_dice=h.get("batch_dice", True))}
+        if h.get("exclusion_weight", 0.0) > 0:
+            terms["exclusion"] = h.exclusion_weight * exclusion_loss(logits, target, annotated, ignore_index)
+        if h.get("entropy_weight", 0.0) > 0:
+            terms["entropy"] = h.entropy_weight * ambiguous_entropy(logits, target, annotated, ignore_index)
+        return terms
 
     @property
     def teacher(self) -> CFSegModule | None:
@@ -681,7 +772,8 @@ class CFSegModule(L.LightningModule):
         """The frozen teacher on images ``x`` [B, C, *S], without gradients, under the caller's autocast.
 
         Returns:
-            ``feats`` [B, F, *S], ``logits`` [B, n_old+1, *S] and ``acts`` (the Local POD layers' outputs, or None).
+            ``feats`` [B, F, *S], ``logits`` [B, n_old+1, *S], ``acts`` (the Local POD layers' outputs, or None) and
+            ``context`` (what the teacher's head read from its backbone).
         """
         teacher = self.teacher
         if teacher is None:
@@ -691,11 +783,11 @@ class CFSegModule(L.LightningModule):
         with torch.no_grad():
             if self._pod_active:
                 with capture_activations(teacher.net.backbone, self._pod_names) as acts:
-                    feats = teacher.net.features(x)
+                    feats, ctx = teacher.net.encode(x)
             else:
-                acts, feats = None, teacher.net.features(x)
-            logits = teacher.net.logits_from_features(feats, teacher.prototypes)
-        return {"feats": feats, "logits": logits, "acts": acts}
+                acts, (feats, ctx) = None, teacher.net.encode(x)
+            logits = teacher.net.logits(feats, None, **teacher.head_context(), **ctx)
+        return {"feats": feats, "logits": logits, "acts": acts, "context": ctx}
 
     def distillation_terms(self, x: torch.Tensor, student_logits: torch.Tensor,
                            student_feats: torch.Tensor | None = None, teacher_out: dict[str, Any] | None = None,
@@ -710,22 +802,24 @@ class CFSegModule(L.LightningModule):
         h = self.hparams
         t = teacher_out if teacher_out is not None else self.teacher_outputs(x)
         terms = {"kd": h.kd_weight * mib_distillation(student_logits, t["logits"], self.n_old, h.kd_temperature)}
-        if h.sim_weight > 0 and isinstance(self.net, PrototypeSegmenter):
-            s_sim = student_logits[:, : self.n_old + 1] * self.net.temperature
-            terms["sim"] = h.sim_weight * similarity_distillation(s_sim, t["logits"] * self.teacher.net.temperature)
+        if h.sim_weight > 0 and self.head.has_similarity:
+            s_sim = self.head.similarity(student_logits[:, : self.n_old + 1])
+            terms["sim"] = h.sim_weight * similarity_distillation(s_sim, self.teacher.head.similarity(t["logits"]))
         if h.feat_weight > 0 and student_feats is not None:
             terms["feat"] = h.feat_weight * feature_distillation(student_feats, t["feats"], normalize=True)
         if h.pod_weight > 0 and student_acts is not None and t["acts"] is not None:
             terms["pod"] = h.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(h.pod_scales))
         return terms
 
-    def _student_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
-        """Student features [B, F, *S] and, when Local POD is on, its POD layers' outputs."""
+    def _student_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
+                                                          list[torch.Tensor] | None]:
+        """Student features [B, F, *S], its head's context from the backbone and, when Local POD is on, its POD
+        layers' outputs."""
         if not self._pod_active:
-            return self.net.features(x), None
+            return *self.net.encode(x), None
         with capture_activations(self.net.backbone, self._pod_names) as acts:
-            feats = self.net.features(x)
-        return feats, acts
+            feats, ctx = self.net.encode(x)
+        return feats, ctx, acts
 
     def pseudo_labels(self, target: torch.Tensor, annotated: torch.Tensor,
                       teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int | None]:
@@ -764,14 +858,18 @@ class CFSegModule(L.LightningModule):
             if ignore is not None:
                 self.log("train/pseudo_ignored", (target == ignore).float().mean(), on_step=True, on_epoch=True,
                          batch_size=bs)
-        feats, acts = self._student_features(x)
-        logits = self._logits(feats)
-        loss = self.loss(logits, batch, target, annotated, ignore)
+        feats, ctx, acts = self._student_features(x)
+        logits = self._logits(feats, ctx)
+        supervised = self.loss_terms(logits, batch, target, annotated, ignore)
+        loss = sum(supervised.values(), logits.new_zeros(()).float())
+        for name in ("exclusion", "entropy"):
+            if name in supervised:
+                self.log(f"train/{name}", supervised[name], on_step=True, on_epoch=True, batch_size=bs)
         if teacher_out is not None:
             terms = self.distillation_terms(x, logits, feats, teacher_out, acts)
             if unlabeled is not None:
-                u_feats, u_acts = self._student_features(unlabeled["image"])
-                for k, v in self.distillation_terms(unlabeled["image"], self._logits(u_feats), u_feats,
+                u_feats, u_ctx, u_acts = self._student_features(unlabeled["image"])
+                for k, v in self.distillation_terms(unlabeled["image"], self._logits(u_feats, u_ctx), u_feats,
                                                     student_acts=u_acts).items():
                     terms[k] = terms.get(k, 0) + v
             kd = sum(terms.values(), logits.new_zeros(()).float())
@@ -790,14 +888,13 @@ class CFSegModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         return loss
 
-    def _logits(self, feats: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.net, PrototypeSegmenter):
-            return self.net.logits_from_features(feats, self.prototypes)
-        return self.net.logits_from_features(feats)
+    def _logits(self, feats: torch.Tensor, context: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, K+1, *S] over every class from features [B, F, *S] and the backbone's ``context``."""
+        return self.net.logits(feats, None, **self.head_context(), **context)
 
     def _evaluate_volume(self, batch: dict[str, Any]) -> None:
         logits = self.sliding_window_logits(batch["image"])
-        pred = logits.argmax(1)
+        pred = self.head.labels(logits)
         target = batch["label"][:, 0].long()
         for b in range(pred.shape[0]):
             ks = [k for k in torch.nonzero(batch["annotated"][b]).flatten().tolist() if k > 0]
@@ -839,8 +936,8 @@ class CFSegModule(L.LightningModule):
         from cfseg.geometry import labels_to_input_grid
 
         image = batch["image"]
-        probs = self.sliding_window_logits(image, device="cpu").softmax(1)
-        labels = probs.argmax(1).to(torch.uint8)
+        logits = self.sliding_window_logits(image, device="cpu")
+        probs, labels = self.head.probabilities(logits), self.head.labels(logits).to(torch.uint8)
         meta = image.meta
         values = list(range(probs.shape[1]))
         out = []
@@ -915,7 +1012,7 @@ class CFSegModule(L.LightningModule):
             "prompts": self.bank.prompts,
             "prototype_bank": self.bank.state(),
             "preprocessing": self.preprocessing,
-            "head": self.hparams.head,
+            "head": self.hparams.head,  # a shorthand or the spec, as given
             "stage_history": list(self.stage_history),
             "experts": self.experts_state(),
             "ewc_fisher": self.ewc_fisher,
@@ -940,7 +1037,8 @@ class CFSegModule(L.LightningModule):
                 "an incremental stage (model.previous_checkpoint=...), to evaluate let the data follow the "
                 "checkpoint's class order (data.classes)"
             )
-        if meta.get("head", self.hparams.head) != self.hparams.head:
+        theirs_head = head_spec(meta.get("head", self.hparams.head))["class_path"]
+        if theirs_head != head_spec(self.hparams.head)["class_path"]:
             raise ValueError(f"the checkpoint has a {meta.get('head')!r} head, this run a {self.hparams.head!r} head")
         self.preprocessing = merge_preprocessing(meta.get("preprocessing") or {}, self.preprocessing, "this run")
         self.stage_history = list(meta.get("stage_history", []))
@@ -1036,6 +1134,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu",
     hp = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in allowed}
     hp["backbone"] = hp.get("backbone") or DEFAULT_BACKBONE
     check_spec(hp["backbone"], trusted_modules)  # refuse before anything else is built or imported
+    if isinstance(hp.get("head"), dict):
+        check_spec(hp["head"], trusted_modules)
     try:
         if hp.get("strategy") in ("experts", "ewc"):  # the stage is over: its experts come from the saved metadata
             hp["strategy"] = "finetune"

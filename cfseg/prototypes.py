@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -44,11 +45,14 @@ from cfseg.vocab import BACKGROUND, canonical_name, close_matches, natural_text,
 __all__ = [
     "BACKGROUND_PROMPTS",
     "BANK_FORMAT",
+    "GS_COSINE_WARNING",
+    "PROTOTYPE_METHODS",
     "EncoderWeightsError",
     "OpenClipTextEncoder",
     "PROMPT_TEMPLATES",
     "PrecomputedTextEncoder",
     "PrototypeBank",
+    "PrototypeDriftWarning",
     "SentenceTransformerTextEncoder",
     "TextEncoder",
     "build_encoder",
@@ -56,10 +60,27 @@ __all__ = [
     "clear_memory_cache",
     "default_cache_dir",
     "gram_schmidt",
+    "gram_schmidt_drift",
+    "gram_schmidt_order",
     "normalize_modality",
     "prompts_for",
+    "random_orthonormal",
     "save_bank_file",
 ]
+
+log = logging.getLogger(__name__)
+
+#: How a bank turns class text embeddings into prototypes (``model.prototypes``): ``"text"`` Gram-Schmidt on the
+#: text embeddings (cfseg's method, the default), ``"random"`` seeded random orthonormal vectors (no text),
+#: ``"text_no_gs"`` the normalised text embeddings themselves (not orthogonal).
+PROTOTYPE_METHODS = ("text", "random", "text_no_gs")
+#: A class whose Gram-Schmidt prototype keeps a cosine below this with its own text embedding is warned about
+#: (:class:`PrototypeDriftWarning`).
+GS_COSINE_WARNING = 0.5
+
+
+class PrototypeDriftWarning(UserWarning):
+    """Gram-Schmidt left a class's prototype far from its own text embedding (cosine < :data:`GS_COSINE_WARNING`)."""
 
 # ----------------------------------------------------------------------------------------------------
 # Prompts
@@ -1068,6 +1089,106 @@ def _dependent_message(
     )
 
 
+def gram_schmidt_order(names: Sequence[str], order: Sequence[str] | str | None) -> list[int]:
+    """Row indices of ``names`` (background first) in the order Gram-Schmidt should visit them.
+
+    Args:
+        names: the bank's canonical names, ``names[0] == "background"``.
+        order: None (the names' own order), ``"reversed"`` (background, then the classes last to first) or a list
+            of class names (any spelling): every foreground class once; background may be listed (then it takes
+            that place), else it comes first.
+
+    Raises:
+        ValueError: an unknown, repeated or missing class, or another string than ``"reversed"``.
+    """
+    if order is None:
+        return list(range(len(names)))
+    if isinstance(order, str):
+        if order != "reversed":
+            raise ValueError(f"prototype_order must be a list of class names or 'reversed', got {order!r}")
+        return [0, *range(len(names) - 1, 0, -1)]
+    index = {n: i for i, n in enumerate(names)}
+    keys = []
+    for raw in order:
+        try:
+            k = canonical_name(raw)
+        except ValueError:
+            raise unknown_class_error(str(raw), names, "prototype_order") from None
+        if k not in index:
+            raise unknown_class_error(str(raw), names, "prototype_order")
+        if k in keys:
+            raise ValueError(f"prototype_order lists {raw!r} twice (canonical name {k!r})")
+        keys.append(k)
+    missing = [n for n in names[1:] if n not in keys]
+    if missing:
+        raise ValueError(f"prototype_order must list every class once; it lacks {missing} (classes: {names[1:]})")
+    if BACKGROUND not in keys:
+        keys.insert(0, BACKGROUND)
+    return [index[k] for k in keys]
+
+
+def gram_schmidt_drift(
+    embeddings: torch.Tensor, prototypes: torch.Tensor, names: Sequence[str], order: Sequence[int] | None = None,
+    start: int = 0,
+) -> list[dict[str, Any]]:
+    """How far Gram-Schmidt moved each prototype from its own text embedding.
+
+    Args:
+        embeddings: [N, D] text embeddings (any norm), rows in class order.
+        prototypes: [N, D] orthonormal prototypes made from them by Gram-Schmidt in ``order``.
+        names: N class names.
+        order: the Gram-Schmidt visiting order (row indices; default ``0..N-1``).
+        start: report only the classes visited from this position of ``order`` on (classes just appended).
+
+    Returns:
+        One dict per reported class, in visiting order: ``name``, ``cosine`` (prototype . normalised embedding),
+        ``taken_by`` (the earlier class whose prototype holds the largest part of the embedding, or None for the
+        first) and ``taken`` (the embedding's cosine with that prototype).
+    """
+    order = list(range(len(names))) if order is None else list(order)
+    e = F.normalize(embeddings.detach().to(torch.float64), dim=1)
+    q = prototypes.detach().to(torch.float64)
+    out = []
+    for pos in range(start, len(order)):
+        i = order[pos]
+        earlier = order[:pos]
+        row: dict[str, Any] = {"name": names[i], "cosine": float(q[i] @ e[i]), "taken_by": None, "taken": 0.0}
+        if earlier:
+            proj = q[earlier] @ e[i]
+            j = int(proj.abs().argmax())
+            row["taken_by"], row["taken"] = names[earlier[j]], float(proj[j])
+        out.append(row)
+    return out
+
+
+def _warn_drift(rows: list[dict[str, Any]], threshold: float = GS_COSINE_WARNING) -> None:
+    """:class:`PrototypeDriftWarning` and a log warning for each class whose prototype kept a cosine < threshold."""
+    for r in rows:
+        if r["cosine"] >= threshold:
+            continue
+        msg = (f"Gram-Schmidt leaves the prototype of class {r['name']!r} at cosine {r['cosine']:.2f} with its own "
+               f"text embedding (< {threshold}): most of that embedding lies along the prototype of the earlier "
+               f"class {r['taken_by']!r} (cosine {r['taken']:.2f}), which was removed from it. The prototype of "
+               f"{r['name']!r} is then mostly what its name does not share with earlier classes; another "
+               "model.prototype_order changes which class keeps its text semantics")
+        warnings.warn(msg, PrototypeDriftWarning, stacklevel=3)
+        log.warning(msg)
+
+
+def random_orthonormal(n: int, dim: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``n`` random orthonormal rows in ``dim`` dimensions (QR of a seeded Gaussian matrix, signs fixed).
+
+    Raises:
+        ValueError: ``n > dim``.
+    """
+    if n > dim:
+        raise ValueError(f"cannot have {n} orthonormal prototypes in {dim} dimensions; use a wider text encoder")
+    a = torch.randn(dim, n, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    signs = torch.sign(torch.diagonal(r))
+    return (q * torch.where(signs == 0, 1.0, signs)).T.contiguous().to(dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The bank
 # ----------------------------------------------------------------------------------------------------
@@ -1088,6 +1209,9 @@ class PrototypeBank(torch.nn.Module):
         prompts: class -> its prompts.
         stages: per class, the stage it was added in (0 for :meth:`build`, +1 per :meth:`extend`).
         templates: custom templates, or None for ``PROMPT_TEMPLATES[modality]``.
+        method: how the prototypes were made (:data:`PROTOTYPE_METHODS`; :meth:`build`).
+        order: the class names in the order Gram-Schmidt visited them (``method="text"``), or None.
+        seed: the seed of ``method="random"``, or None.
     """
 
     prototypes: torch.Tensor
@@ -1103,8 +1227,13 @@ class PrototypeBank(torch.nn.Module):
         prompts: dict[str, list[str]] | None = None,
         stages: Sequence[int] | None = None,
         templates: Sequence[str] | None = None,
+        method: str = "text",
+        order: Sequence[str] | None = None,
+        seed: int | None = None,
     ):
         super().__init__()
+        if method not in PROTOTYPE_METHODS:
+            raise ValueError(f"prototypes must be one of {PROTOTYPE_METHODS}, got {method!r}")
         names = [canonical_name(n) for n in names]
         if not names or names[0] != BACKGROUND:
             raise ValueError(f"names must start with {BACKGROUND!r}, got {names[:3]}")
@@ -1124,6 +1253,9 @@ class PrototypeBank(torch.nn.Module):
         if len(self.stages) != len(names):
             raise ValueError(f"stages has {len(self.stages)} entries for {len(names)} names")
         self.templates: list[str] | None = list(_check_templates(templates)) if templates is not None else None
+        self.method = method
+        self.order: list[str] | None = None if order is None else [canonical_name(n) for n in order]
+        self.seed = None if seed is None else int(seed)
         self.register_buffer("prototypes", prototypes.detach().clone())
         self.register_buffer("embeddings", embeddings.detach().clone())
         self._index = {n: i for i, n in enumerate(self.names)}
@@ -1138,8 +1270,19 @@ class PrototypeBank(torch.nn.Module):
         modality: str = "generic",
         templates: Sequence[str] | None = None,
         cache_dir: str | os.PathLike | None = None,
+        *,
+        method: str = "text",
+        order: Sequence[str] | str | None = None,
+        seed: int = 0,
     ) -> PrototypeBank:
-        """Embed background + ``names`` and orthonormalise them in that order (stage 0).
+        """Embed background + ``names`` and make their prototypes (stage 0).
+
+        ``method="text"`` (default): Gram-Schmidt on the text embeddings in ``order`` (default: background, then
+        ``names`` in order), rows stored in class order; a class whose prototype keeps a cosine below
+        :data:`GS_COSINE_WARNING` with its own embedding is warned about (:class:`PrototypeDriftWarning`).
+        ``"random"``: seeded random orthonormal prototypes (:func:`random_orthonormal`; the text embeddings are
+        still kept, for heads that read them). ``"text_no_gs"``: the normalised text embeddings, not
+        orthogonalised. Only ``"text"`` banks can :meth:`extend`.
 
         Args:
             names: foreground class names (background is prepended; listing it is allowed).
@@ -1147,10 +1290,19 @@ class PrototypeBank(torch.nn.Module):
             modality: prompt set.
             templates: templates instead of ``PROMPT_TEMPLATES[modality]`` (stored for :meth:`extend`).
             cache_dir: embedding cache folder.
+            method: one of :data:`PROTOTYPE_METHODS`.
+            order: Gram-Schmidt order (``method="text"`` only), see :func:`gram_schmidt_order`.
+            seed: seed of ``method="random"``.
 
         Raises:
-            ValueError: a repeated class (after canonicalisation) or a (near-)dependent embedding.
+            ValueError: a repeated class (after canonicalisation), a (near-)dependent embedding (every method: two
+                classes would be indistinguishable by name), an unknown method, or a bad ``order``.
         """
+        if method not in PROTOTYPE_METHODS:
+            raise ValueError(f"prototypes must be one of {PROTOTYPE_METHODS}, got {method!r}")
+        if order is not None and method != "text":
+            raise ValueError(f"prototype_order sets the Gram-Schmidt order; prototypes {method!r} use none (drop "
+                             "prototype_order or use prototypes: text)")
         keys = [BACKGROUND]
         for raw in names:
             k = canonical_name(raw)
@@ -1161,7 +1313,16 @@ class PrototypeBank(torch.nn.Module):
             keys.append(k)
         mod = normalize_modality(modality)
         emb, prompts = _class_embeddings_and_prompts(encoder, keys, mod, templates, cache_dir)
-        protos = gram_schmidt(emb, names=keys)
+        perm = gram_schmidt_order(keys, order)
+        q = gram_schmidt(emb[perm], names=[keys[i] for i in perm])  # also refuses (near-)duplicates
+        if method == "text":
+            protos = torch.empty_like(q)
+            protos[perm] = q
+            _warn_drift(gram_schmidt_drift(emb, protos, keys, perm))
+        elif method == "random":
+            protos = random_orthonormal(len(keys), emb.shape[1], seed, q.dtype)
+        else:
+            protos = F.normalize(emb.to(q.dtype), dim=1)
         return cls(
             keys,
             protos,
@@ -1171,6 +1332,9 @@ class PrototypeBank(torch.nn.Module):
             dict(zip(keys, prompts, strict=True)),
             [0] * len(keys),
             templates,
+            method=method,
+            order=[keys[i] for i in perm] if method == "text" else None,
+            seed=int(seed) if method == "random" else None,
         )
 
     def extend(
@@ -1191,10 +1355,21 @@ class PrototypeBank(torch.nn.Module):
         Returns:
             The global indices of the new classes.
 
+        New classes are orthogonalised after every earlier one (whatever order stage 0 used), the only order
+        that keeps the earlier rows; a new class far from its own text embedding is warned about as in
+        :meth:`build`.
+
         Raises:
-            ValueError: a class already in the bank or repeated, another encoder id, or a (near-)dependent
-                embedding (nothing is changed then).
+            ValueError: a class already in the bank or repeated, another encoder id, a (near-)dependent
+                embedding, or a bank whose prototypes are not Gram-Schmidt on text (``method`` ``"random"`` or
+                ``"text_no_gs"``: no rule says what a new class's prototype would be) (nothing is changed then).
         """
+        if self.method != "text":
+            raise ValueError(
+                f"cannot add classes {list(new_names)} to a bank of {self.method!r} prototypes: appending a class is "
+                "defined only for Gram-Schmidt on text embeddings (prototypes: text, any prototype_order); "
+                f"{self.method!r} prototypes are an ablation for single-stage (joint) training"
+            )
         if encoder.encoder_id != self.encoder_id:
             raise ValueError(
                 f"encoder {encoder.encoder_id!r} differs from the "
@@ -1225,16 +1400,26 @@ class PrototypeBank(torch.nn.Module):
             names=self.names + keys,
             reference=self.embeddings.detach().cpu(),
         )
+        start = len(self.names)
+        _warn_drift(gram_schmidt_drift(torch.cat([self.embeddings.detach().cpu(), emb]), protos, self.names + keys,
+                                       self._visit_order() + list(range(start, len(protos))), start=start))
         device = self.prototypes.device
         stage = max(self.stages) + 1
-        start = len(self.names)
         self.prototypes = protos.to(device)
         self.embeddings = torch.cat([self.embeddings, emb.to(device)])
         self.names = self.names + keys
         self.prompts.update(zip(keys, prompts, strict=True))
         self.stages = self.stages + [stage] * len(keys)
+        if self.order is not None:
+            self.order = self.order + keys
         self._index = {n: i for i, n in enumerate(self.names)}
         return list(range(start, len(self.names)))
+
+    def _visit_order(self) -> list[int]:
+        """Row indices in the order Gram-Schmidt visited them (the stored ``order``, else class order)."""
+        if self.order is None or sorted(self.order) != sorted(self.names):
+            return list(range(len(self.names)))
+        return [self._index[n] for n in self.order]
 
     # -- look-up ---------------------------------------------------------------------------------------
 
@@ -1280,7 +1465,7 @@ class PrototypeBank(torch.nn.Module):
     def __repr__(self) -> str:
         return (
             f"PrototypeBank({len(self.names)} x {self.dim}, "
-            f"encoder={self.encoder_id!r}, modality={self.modality!r}, "
+            f"encoder={self.encoder_id!r}, modality={self.modality!r}, method={self.method!r}, "
             f"stages={self.num_stages}, classes={self.classes})"
         )
 
@@ -1294,6 +1479,9 @@ class PrototypeBank(torch.nn.Module):
             "prompts": {k: list(v) for k, v in self.prompts.items()},
             "stages": list(self.stages),
             "templates": None if self.templates is None else list(self.templates),
+            "method": self.method,
+            "order": None if self.order is None else list(self.order),
+            "seed": self.seed,
         }
 
     def state(self) -> dict[str, Any]:
@@ -1319,6 +1507,9 @@ class PrototypeBank(torch.nn.Module):
             state.get("prompts"),
             state.get("stages"),
             state.get("templates"),
+            method=state.get("method", "text"),  # banks saved before the variants existed: Gram-Schmidt on text
+            order=state.get("order"),
+            seed=state.get("seed"),
         )
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -1332,6 +1523,12 @@ class PrototypeBank(torch.nn.Module):
         self.stages = list(state.get("stages") or [0] * len(self.names))
         tpl = state.get("templates")
         self.templates = None if tpl is None else list(tpl)
+        self.method = state.get("method", "text")
+        if self.method not in PROTOTYPE_METHODS:
+            raise ValueError(f"prototype bank state has an unknown method {self.method!r} (known: {PROTOTYPE_METHODS})")
+        order = state.get("order")
+        self.order = None if order is None else [canonical_name(n) for n in order]
+        self.seed = None if state.get("seed") is None else int(state["seed"])
         self._index = {n: i for i, n in enumerate(self.names)}
 
     def _load_from_state_dict(

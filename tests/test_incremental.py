@@ -210,8 +210,8 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
     batch = _stage_batch()
     seen = {}
-    real = m.loss
-    m.loss = lambda logits, b, target=None, annotated=None, ignore_index=None: (
+    real = m.loss_terms
+    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None: (
         seen.update(target=target, annotated=annotated, ignore=ignore_index) or real(logits, b, target, annotated,
                                                                                      ignore_index))
     m.training_step(batch, 0).backward()
@@ -262,3 +262,30 @@ def test_cli_stage_with_pseudo_labels_and_pod(stage0_ckpt, tiny_phantoms, tmp_pa
     assert len(steps) == 2
     assert all(0 <= float(r["train/pseudo_voxels_step"]) <= 1 for r in steps)
     assert all(float(r["train/distill_step"]) > 0 for r in steps)
+
+
+@pytest.mark.parametrize("variant", [["--model.prototypes=random", "--model.prototype_seed=5"],
+                                     ["--model.prototype_order=reversed"]])
+def test_prototype_variants_reload_bit_identically_and_only_text_takes_new_classes(variant, tiny_phantoms,
+                                                                                   tmp_path):
+    run = fit(tmp_path, [ds(tiny_phantoms[0], STAGE0)], *variant)
+    ckpt = Path(run.trainer.checkpoint_callback.best_model_path)
+    model = load_checkpoint(str(ckpt))
+    raw = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert torch.equal(model.bank.prototypes, run.model.bank.prototypes.cpu())
+    assert torch.equal(model.bank.prototypes, raw["cfseg"]["prototype_bank"]["prototypes"])
+    assert (model.bank.method, model.bank.order, model.bank.seed) == \
+        (run.model.bank.method, run.model.bank.order, run.model.bank.seed)
+    stage = {"class_names": STAGE0 + STAGE1, "previous_checkpoint": str(ckpt), "backbone": model.hparams.backbone,
+             "feature_channels": model.hparams.feature_channels}
+    if "random" in variant[0]:
+        assert model.bank.method == "random" and model.bank.seed == 5
+        with pytest.raises(ValueError, match="cannot add classes .* bank of 'random' prototypes"):
+            CFSegModule(**stage, prototypes="random")
+        with pytest.raises(ValueError, match="previous checkpoint's prototypes are 'random'"):
+            CFSegModule(**stage)
+    else:
+        assert model.bank.order == ["background", *reversed(STAGE0)]
+        student = CFSegModule(**stage)
+        assert torch.equal(student.bank.prototypes[: len(STAGE0) + 1], model.bank.prototypes)
+        assert student.bank.order == ["background", *reversed(STAGE0), *STAGE1]

@@ -475,3 +475,159 @@ def test_bank_state_round_trip(tmp_path):
     assert small.names == bank.names and torch.equal(small.prototypes, bank.prototypes)
     restored.extend(["pancreas"], enc)
     assert torch.equal(restored.prototypes[:4], bank.prototypes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prototype variants (model.prototypes, model.prototype_order) and the Gram-Schmidt drift warning
+# ----------------------------------------------------------------------------------------------------------
+
+
+class PairEncoder(TextEncoder):
+    """Texts naming a left/right organ share most of their direction (0.95 along one axis); others are apart."""
+
+    encoder_id = "fake:pairs"
+
+    @property
+    def dim(self) -> int:
+        return 8
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        rows = []
+        for t in texts:
+            v = torch.zeros(8)
+            if "left" in t:
+                v[4], v[2] = 0.95, 0.31
+            elif "right" in t:
+                v[4], v[3] = 0.95, 0.31
+            elif "liver" in t:
+                v[1] = 1.0
+            elif "spleen" in t:
+                v[5] = 1.0
+            else:  # background prompts
+                v[0] = 1.0
+            rows.append(v)
+        return F.normalize(torch.stack(rows), dim=-1)
+
+
+PAIR = ["liver", "kidney_left", "kidney_right"]
+
+
+def test_gram_schmidt_drift_warns_naming_the_class_its_cosine_and_who_took_it(caplog):
+    with pytest.warns(P.PrototypeDriftWarning) as record, caplog.at_level("WARNING", logger="cfseg.prototypes"):
+        bank = PrototypeBank.build(PAIR, PairEncoder())
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1
+    cos = float(bank.prototypes[3] @ bank.embeddings[3])
+    assert cos < P.GS_COSINE_WARNING
+    assert "'kidney_right'" in messages[0] and f"cosine {cos:.2f}" in messages[0]
+    assert "earlier class 'kidney_left'" in messages[0]
+    assert messages[0] in caplog.text  # the logger too
+    rows = P.gram_schmidt_drift(bank.embeddings, bank.prototypes, bank.names)
+    assert [r["taken_by"] for r in rows] == [None, "background", "background", "kidney_left"]
+    # another order moves the loss to the other kidney
+    with pytest.warns(P.PrototypeDriftWarning, match="'kidney_left'.*earlier class 'kidney_right'"):
+        PrototypeBank.build(PAIR, PairEncoder(), order="reversed")
+
+
+def test_no_drift_warning_for_well_separated_classes():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", P.PrototypeDriftWarning)
+        PrototypeBank.build(["liver", "spleen"], PairEncoder())
+        PrototypeBank.build(PAIR, PairEncoder(), method="random")  # no text semantics to lose: no warning
+
+
+def test_extend_warns_about_a_new_class_taken_by_an_old_one():
+    bank = PrototypeBank.build(["liver", "kidney_left"], PairEncoder())
+    with pytest.warns(P.PrototypeDriftWarning, match="'kidney_right'.*earlier class 'kidney_left'"):
+        bank.extend(["kidney_right"], PairEncoder())
+
+
+def test_prototype_order_changes_the_gram_schmidt_order_not_the_class_order():
+    enc = FakeEncoder()
+    names = ["liver", "spleen", "aorta"]
+    default = PrototypeBank.build(names, enc)
+    rev = PrototypeBank.build(names, enc, order="reversed")
+    listed = PrototypeBank.build(names, enc, order=["Aorta", "spleen", "liver"])  # any spelling
+    assert rev.names == default.names == listed.names
+    assert rev.order == ["background", "aorta", "spleen", "liver"]
+    assert torch.equal(rev.prototypes, listed.prototypes)
+    expected = gram_schmidt(default.embeddings[[0, 3, 2, 1]])
+    torch.testing.assert_close(rev.prototypes[[0, 3, 2, 1]], expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(rev.prototypes[1], default.prototypes[1])
+    torch.testing.assert_close(rev.prototypes @ rev.prototypes.T, torch.eye(4), rtol=0, atol=1e-5)
+    # the first class Gram-Schmidt visits after background keeps its own direction (up to background)
+    bg_first = PrototypeBank.build(names, enc, order=["background", "aorta", "liver", "spleen"])
+    torch.testing.assert_close(bg_first.prototypes[3], rev.prototypes[3])
+    bg_last = PrototypeBank.build(names, enc, order=["liver", "spleen", "aorta", "background"])
+    assert bg_last.order[-1] == "background"
+    torch.testing.assert_close(bg_last.prototypes[1], F.normalize(default.embeddings[1], dim=0), rtol=0, atol=1e-6)
+    for bad, match in [(["liver", "spleen"], "lacks \\['aorta'\\]"), (["liver", "liver", "spleen", "aorta"], "twice"),
+                       (["liver", "spleen", "aorta", "kidney"], "kidney"), ("backwards", "'reversed'")]:
+        with pytest.raises(ValueError, match=match):
+            PrototypeBank.build(names, enc, order=bad)
+
+
+def test_random_and_text_no_gs_prototypes():
+    enc = FakeEncoder()
+    names = ["liver", "spleen", "aorta"]
+    r0 = PrototypeBank.build(names, enc, method="random", seed=0)
+    assert torch.equal(r0.prototypes, PrototypeBank.build(names, enc, method="random", seed=0).prototypes)
+    r1 = PrototypeBank.build(names, enc, method="random", seed=1)
+    assert not torch.allclose(r0.prototypes, r1.prototypes)
+    torch.testing.assert_close(r0.prototypes @ r0.prototypes.T, torch.eye(4), rtol=0, atol=1e-5)
+    assert r0.method == "random" and r0.seed == 0 and r0.order is None
+    text = PrototypeBank.build(names, enc)
+    assert torch.equal(r0.embeddings, text.embeddings)  # the text embeddings are kept (UniversalHead reads them)
+    plain = PrototypeBank.build(names, enc, method="text_no_gs")
+    torch.testing.assert_close(plain.prototypes, F.normalize(text.embeddings, dim=1), rtol=0, atol=0)
+    assert plain.prototypes.dtype == text.prototypes.dtype
+    with pytest.raises(ValueError, match="prototype_order sets the Gram-Schmidt order"):
+        PrototypeBank.build(names, enc, method="random", order="reversed")
+    with pytest.raises(ValueError, match="prototypes must be one of"):
+        PrototypeBank.build(names, enc, method="clip")
+    for method in ("text_no_gs", "random"):  # two classes of one embedding are refused by every method
+        with pytest.raises(ValueError, match="copy of class 'kidney_left'"):
+            PrototypeBank.build(["kidney_left", "adrenal_gland_left"], PairEncoder(), method=method)
+
+
+@pytest.mark.parametrize("method, order", [("random", None), ("text_no_gs", None), ("text", "reversed")])
+def test_variants_round_trip_bit_identically_and_only_text_extends(method, order):
+    enc = FakeEncoder()
+    bank = PrototypeBank.build(["liver", "spleen"], enc, method=method, order=order, seed=3)
+    again = PrototypeBank.from_state(bank.state())
+    assert torch.equal(again.prototypes, bank.prototypes)
+    assert (again.method, again.order, again.seed) == (bank.method, bank.order, bank.seed)
+    fresh = PrototypeBank.build(["kidney"], enc)  # another bank loads the state dict (as a checkpoint does)
+    fresh.load_state_dict(bank.state_dict())
+    assert torch.equal(fresh.prototypes, bank.prototypes) and fresh.method == method and fresh.order == bank.order
+    before = bank.prototypes.clone()
+    if method == "text":
+        bank.extend(["aorta"], enc)
+        assert torch.equal(bank.prototypes[:3], before)
+        assert bank.order == ["background", "spleen", "liver", "aorta"]
+    else:
+        with pytest.raises(ValueError, match=f"cannot add classes \\['aorta'\\] to a bank of '{method}'"):
+            bank.extend(["aorta"], enc)
+        assert torch.equal(bank.prototypes, before) and bank.names == ["background", "liver", "spleen"]
+
+
+def test_banks_saved_before_the_variants_load_as_text():
+    state = PrototypeBank.build(["liver", "spleen"], FakeEncoder()).state()
+    for key in ("method", "order", "seed"):
+        state.pop(key)
+    bank = PrototypeBank.from_state(state)
+    assert bank.method == "text" and bank.order is None
+    bank.extend(["aorta"], FakeEncoder())
+
+
+def test_minilm_openkbp_bank_warns_about_the_second_parotid(minilm):
+    from cfseg.vocab import Vocabulary
+
+    names = Vocabulary(["brainstem", "spinal_cord", "parotid_gland_right", "parotid_gland_left", "esophagus",
+                        "larynx", "mandible"]).classes
+    with pytest.warns(P.PrototypeDriftWarning) as record:
+        PrototypeBank.build(names, minilm, modality="ct")
+    assert len(record) == 1
+    assert "'parotid_gland_left'" in str(record[0].message) and "'parotid_gland_right'" in str(record[0].message)

@@ -24,7 +24,7 @@ import logging
 import math
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -37,7 +37,15 @@ from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_colla
 from torch.utils.data import ConcatDataset, DataLoader
 
 from cfseg.data.formats import CaseRecord, DatasetError, DatasetInfo, read_dataset
-from cfseg.data.transforms import CT_WINDOW, Preprocessing, build_transforms, make_label_lut
+from cfseg.data.transforms import (
+    CT_WINDOW,
+    CheckedCompose,
+    Preprocessing,
+    build_transforms,
+    deterministic_transforms,
+    hierarchical_transforms,
+    make_label_lut,
+)
 from cfseg.vocab import Vocabulary, canonical_name, unknown_class_error
 
 log = logging.getLogger(__name__)
@@ -133,6 +141,88 @@ def seed_worker(worker_id: int) -> None:
     pl_worker_init_function(worker_id)
     if info is not None:
         seed_transforms(info.dataset, derive_seed(info.seed, _rank()))
+
+
+SAMPLINGS = ("cases", "hierarchical")
+
+
+class HierarchicalSampler(torch.utils.data.Sampler):
+    """Draws ``(dataset, case, class)`` triples: a dataset uniformly, a class it annotates, a case annotating it.
+
+    Modelled on the sampling of Versatile (Chen et al., CVPR 2024, "Versatile medical image segmentation learned
+    from multi-source datasets via model self-disambiguation"): each draw picks one of the datasets with equal
+    probability (a small dataset is seen as often as a large one), then one of the foreground classes that
+    dataset annotates with equal probability, then one of its cases that annotates that class, uniformly; the
+    patch is then centred on that class (:class:`cfseg.data.transforms.ChosenClassCropd`). With a single dataset
+    this is class-balanced cropping over its annotated classes, each case weighted by how many classes it adds.
+
+    Args:
+        groups: per dataset, ``{global class index: [indices of the dataset's training items annotating it]}``
+            (datasets without any annotated class are left out by the caller).
+        num_samples: draws per epoch (pass).
+        generator: the random stream (the training loader's, seeded from the global seed).
+    """
+
+    def __init__(self, groups: Sequence[dict[int, list[int]]], num_samples: int,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.groups = [{int(k): list(v) for k, v in g.items() if v} for g in groups]
+        if not self.groups or any(not g for g in self.groups):
+            raise ValueError("hierarchical sampling needs at least one dataset and, in every dataset, one class "
+                             f"annotated in a training case; got {[sorted(g) for g in self.groups]}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = int(num_samples)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        g = self.generator
+        classes = [sorted(grp) for grp in self.groups]
+        for _ in range(self.num_samples):
+            d = int(torch.randint(len(self.groups), (), generator=g))
+            k = classes[d][int(torch.randint(len(classes[d]), (), generator=g))]
+            cases = self.groups[d][k]
+            yield d, cases[int(torch.randint(len(cases), (), generator=g))], k
+
+
+class HierarchicalDataset(torch.utils.data.Dataset):
+    """Training items keyed by ``(dataset, case, class)`` (:class:`HierarchicalSampler`'s draws).
+
+    ``parts[d][i]`` is case ``i`` of dataset ``d`` after its deterministic (cached) transforms, padding and
+    per-class voxel indices; the chosen class is attached as ``crop_class`` and ``transform`` (the class-centred
+    crop and augmentation) runs on a copy, so the cache is never modified.
+
+    Args:
+        parts: one dataset of cached items per labelled training dataset.
+        groups: per part, ``{class: [item indices annotating it]}`` (see :class:`HierarchicalSampler`).
+        transform: the random transforms (:func:`cfseg.data.transforms.hierarchical_transforms`' second list).
+        names: the datasets' names (messages).
+    """
+
+    def __init__(self, parts: Sequence[Any], groups: Sequence[dict[int, list[int]]], transform: Any,
+                 names: Sequence[str]) -> None:
+        self.parts, self.groups, self.transform, self.names = list(parts), list(groups), transform, list(names)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> Any:
+        import copy
+
+        if not (isinstance(key, tuple) and len(key) == 3):
+            raise TypeError(f"HierarchicalDataset is indexed by (dataset, case, class) triples from "
+                            f"HierarchicalSampler, got {key!r}")
+        d, i, k = (int(v) for v in key)
+        item = copy.deepcopy(self.parts[d][i])  # as CacheDataset's copy_cache: transforms never touch the cache
+        item["crop_class"] = k
+        return self.transform(item)
+
+    def sampler(self, num_samples: int, generator: torch.Generator | None = None) -> HierarchicalSampler:
+        """The sampler of this dataset's draws."""
+        return HierarchicalSampler(self.groups, num_samples, generator)
 
 
 @dataclass
@@ -312,6 +402,13 @@ class SegDataModule(L.LightningDataModule):
             background 1), so an organ contoured in a third of the cases is chosen three times as often where
             it is annotated and every class is a crop centre about equally often over an epoch (see
             :meth:`crop_ratios`). Default: equal ratios within each case.
+        sampling: how labelled training patches are drawn. ``"cases"`` (default): every training case once per
+            pass, shuffled, patches by ``crop`` / ``class_ratios``. ``"hierarchical"``: Versatile's dataset ->
+            class sampling (Chen et al., CVPR 2024; :class:`HierarchicalSampler`): a dataset uniformly, a foreground
+            class it annotates uniformly, a case of it annotating that class, ``samples_per_volume`` patches
+            centred on that class; ``crop`` and ``class_ratios`` are then unused for labelled data. A pass has as
+            many draws as ``"cases"`` has items (training cases x ``train_repeats``). With one dataset (OpenKBP)
+            it reduces to class-balanced crops over the annotated classes (no crops centred on background).
         augment: random intensity augmentation.
         ct_window: HU window for CT datasets.
         orientation: axis codes (default RAS).
@@ -336,6 +433,7 @@ class SegDataModule(L.LightningDataModule):
         samples_per_volume: int = 2,
         crop: str = "class_balanced",
         class_ratios: list[float] | str | None = None,
+        sampling: str = "cases",
         augment: bool = True,
         ct_window: tuple[float, float] = CT_WINDOW,
         orientation: str = "RAS",
@@ -351,6 +449,8 @@ class SegDataModule(L.LightningDataModule):
             raise ValueError("data.datasets is empty: list at least one dataset folder")
         if isinstance(class_ratios, str) and class_ratios != "inverse_frequency":
             raise ValueError(f"class_ratios must be a list of K+1 numbers or 'inverse_frequency', got {class_ratios!r}")
+        if sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if cache not in ("memory", "disk", "none"):
             raise ValueError(f"cache must be 'memory', 'disk' or 'none', got {cache!r}")
         self.save_hyperparameters(ignore=["datasets"])
@@ -505,6 +605,9 @@ class SegDataModule(L.LightningDataModule):
         if key in self._sets:
             return self._sets[key]
         h = self.hparams
+        if split == "train" and labeled and h.get("sampling", "cases") == "hierarchical":
+            self._sets[key] = self._hierarchical_dataset()
+            return self._sets[key]
         parts = []
         for ds in self.datasets:
             if ds.config.labeled != labeled:
@@ -524,6 +627,31 @@ class SegDataModule(L.LightningDataModule):
         self._sets[key] = ConcatDataset(parts) if parts else None
         return self._sets[key]
 
+    def _hierarchical_dataset(self) -> HierarchicalDataset | None:
+        """The labelled training datasets for hierarchical sampling (None when there are no training cases)."""
+        h = self.hparams
+        cached, rand = hierarchical_transforms(h.patch_size, self.num_classes, h.samples_per_volume, h.augment)
+        parts, groups, names = [], [], []
+        for ds in self.datasets:
+            if not ds.config.labeled:
+                continue
+            items = self.items(ds, "train")
+            group: dict[int, list[int]] = {}
+            for i, item in enumerate(items):
+                for k in item["annotated"].nonzero().flatten().tolist():
+                    if k > 0:
+                        group.setdefault(int(k), []).append(i)
+            if not group:
+                if items:
+                    log.warning("%s: no training case annotates a class of the class list; hierarchical sampling "
+                                "leaves it out", ds.name)
+                continue
+            tf = CheckedCompose(deterministic_transforms(self.preprocessing(ds.info.modality)) + cached)
+            parts.append(self._dataset(items, tf, f"{ds.name}-train-hierarchical"))
+            groups.append(group)
+            names.append(ds.name)
+        return HierarchicalDataset(parts, groups, CheckedCompose(rand), names) if parts else None
+
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
@@ -542,6 +670,10 @@ class SegDataModule(L.LightningDataModule):
             seed = derive_seed(torch.initial_seed(), int(labeled), _rank())
             seed_transforms(ds, seed)
             kwargs = {"generator": torch.Generator().manual_seed(seed), "worker_init_fn": seed_worker}
+            if isinstance(ds, HierarchicalDataset):  # draws from the sampler: as many per pass as "cases" gives
+                n = sum(len(self.items(d, "train")) for d in self.datasets if d.config.labeled)
+                kwargs["sampler"] = ds.sampler(n * self.hparams.train_repeats, kwargs.pop("generator"))
+                shuffle = False
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
                           collate_fn=list_data_collate, persistent_workers=self.hparams.num_workers > 0, **kwargs)
 

@@ -308,12 +308,68 @@ def random_transforms(
     out: list[mt.Transform] = [pad, cropper]
     if crop == "class_balanced" and labeled:
         out = [pad, indices, cropper, mt.DeleteItemsd(indices.indices_key)]
-    if augment:
-        out += [
-            mt.RandScaleIntensityd("image", factors=0.1, prob=0.5),
-            mt.RandShiftIntensityd("image", offsets=0.05, prob=0.5),
-        ]
-    return out
+    return out + (augmentation() if augment else [])
+
+
+def augmentation() -> list[mt.Transform]:
+    """Light random intensity scale/shift of ``image`` (no flips: left/right matter)."""
+    return [mt.RandScaleIntensityd("image", factors=0.1, prob=0.5), mt.RandShiftIntensityd("image", offsets=0.05,
+                                                                                             prob=0.5)]
+
+
+class ChosenClassCropd(mt.RandCropByLabelClassesd):
+    """Random patches centred on voxels of the class the sampler chose for this item (hierarchical sampling).
+
+    The item carries ``class_key`` (a global class index, chosen by
+    :class:`cfseg.data.datamodule.HierarchicalSampler`) and the per-class voxel indices of :class:`ClassIndicesd`;
+    every one of the ``num_samples`` patches is centred on a random voxel of that class. A case that annotates the
+    class but has no voxel of it (an organ outside the scan) falls back to a class drawn uniformly among the
+    classes present, as ``crop: class_balanced`` with equal ratios.
+
+    Output: a list of ``num_samples`` item dicts (``class_key`` and the indices removed).
+    """
+
+    def __init__(self, keys: KeysCollection, label_key: str, spatial_size: Sequence[int], num_classes: int,
+                 num_samples: int = 1, indices_key: str = "label_cls_indices", class_key: str = "crop_class"):
+        super().__init__(keys, label_key=label_key, spatial_size=spatial_size, num_classes=num_classes,
+                         num_samples=num_samples, warn=False, indices_key=indices_key)
+        self.class_key = class_key
+        self.num_classes = num_classes
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> list[dict[Hashable, Any]]:
+        d = dict(data)
+        if self.class_key not in d:
+            raise ValueError(f"{type(self).__name__} needs the chosen class under {self.class_key!r}; it runs inside "
+                             "cfseg's hierarchical sampling (data.sampling: hierarchical)")
+        k = int(d.pop(self.class_key))
+        indices = d[self.indices_key]
+        if not 0 <= k < len(indices):
+            raise ValueError(f"chosen crop class {k} is outside 0..{len(indices) - 1}")
+        if len(indices[k]):
+            self.cropper.ratios = [1.0 if j == k else 0.0 for j in range(len(indices))]
+        else:  # annotated but absent here: any class present, equally likely
+            self.cropper.ratios = None
+        return super().__call__(d, lazy)
+
+
+def hierarchical_transforms(
+    patch_size: Sequence[int], num_classes: int, samples_per_volume: int = 2, augment: bool = True,
+) -> tuple[list[mt.Transform], list[mt.Transform]]:
+    """Training transforms of hierarchical sampling, split where the chosen class enters.
+
+    Returns:
+        ``(cached, random)``: ``cached`` follows :func:`deterministic_transforms` inside each dataset (padding to the
+        patch and the per-class voxel indices, deterministic, so cached with the volume); ``random`` runs after the
+        sampler's choice is attached (:class:`ChosenClassCropd`, then the intensity augmentation of
+        :func:`augmentation`).
+    """
+    keys = ["image", "label"]
+    indices = ClassIndicesd("label", num_classes)
+    cached: list[mt.Transform] = [mt.SpatialPadd(keys, spatial_size=patch_size, mode="constant"), indices]
+    rand: list[mt.Transform] = [
+        ChosenClassCropd(keys, "label", patch_size, num_classes, samples_per_volume, indices.indices_key),
+    ]  # the crop consumes the indices
+    return cached, rand + (augmentation() if augment else [])
 
 
 class CheckedCompose(mt.Compose):

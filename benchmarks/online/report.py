@@ -65,8 +65,12 @@ def plot(streams: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     n = len(streams)
-    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.2), squeeze=False, sharey=True)
-    for ax, (name, s) in zip(axes[0], streams.items(), strict=True):
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.0 * rows), squeeze=False, sharey=True)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (name, s) in zip(axes.flat, streams.items(), strict=False):  # spare panels are off
         x = np.arange(1, len(s["cases"]) + 1)
         ax.plot(x, running(s["cases"], "frozen"), label="frozen", color="0.4")
         ax.plot(x, running(s["cases"], "fused"), label="fused (online)", color="C0")
@@ -75,7 +79,8 @@ def plot(streams: dict[str, dict], path: Path) -> None:
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("case in stream")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("running mean Dice")
+    for row in axes:
+        row[0].set_ylabel("running mean Dice")
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

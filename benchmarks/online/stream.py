@@ -49,7 +49,8 @@ def stream_cases(module, dataset: str, split_file: str, splits: list[str]):
             vol = transform(item)
             ks = torch.nonzero(vol["annotated"]).flatten().tolist()
             image = vol["image"].as_subclass(torch.Tensor)  # plain tensors: MONAI's metadata tracking is not needed
-            yield item["case_id"], image, vol["label"][0].long().as_subclass(torch.Tensor), [k for k in ks if k != 0]
+            label = vol["label"][0].long().as_subclass(torch.Tensor)
+            yield item["case_id"], image, label, [k for k in ks if k != 0]
 
 
 def frozen_probs(module, fingerprint: str, case_id: str, tag: str, image: torch.Tensor, idx: list[int],
@@ -57,7 +58,8 @@ def frozen_probs(module, fingerprint: str, case_id: str, tag: str, image: torch.
     path = cache / f"{fingerprint[:16]}_{tag}_{case_id}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)
-    probs = predict_volume(module, image, idx)["probs"].as_subclass(torch.Tensor).half()  # [K+1, *S]; half: the cache stays small
+    # [K+1, *S]; half precision keeps the cache small
+    probs = predict_volume(module, image, idx)["probs"].as_subclass(torch.Tensor).half()
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(probs, tmp)

@@ -6,7 +6,8 @@ largest batch an update trains on, and the fusion acts on every class), then eac
 fused segmentations is timed. The frozen model's own pass is not included (it is the segmentation the user
 reviewed).
 
-    OMP_NUM_THREADS=2 python benchmarks/online/timing.py --ckpt <checkpoint> --threads 2 --out benchmarks/online/timing.json
+    OMP_NUM_THREADS=2 python benchmarks/online/timing.py --ckpt <checkpoint> --threads 2 \
+        --out benchmarks/online/timing.json
 """
 
 from __future__ import annotations
@@ -59,11 +60,11 @@ def main(argv=None) -> None:
             break
         probs = frozen_probs(module, fp, case_id, "openkbp_oar_test", image, idx, Path(a.cache)).float()
         cases.append(to_128(image, probs, label) + (ks,))
-    for image, probs, label, ks in cases[: a.warm]:
+    for image, probs, label, _ in cases[: a.warm]:
         corr.update(image, probs, idx, {k: label == k for k in idx})
     corr.alphas = {n: [0.5] * cfg.alpha_window for n in module.bank.names[1:]}  # every class fused: the worst case
     upd, fus = [], []
-    for image, probs, label, ks in cases[a.warm:]:
+    for image, probs, label, _ in cases[a.warm:]:
         t0 = time.perf_counter()
         corr.fuse(image, probs, idx)
         fus.append(time.perf_counter() - t0)

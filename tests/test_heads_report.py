@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-
-from tests.conftest import make_boxes
+from conftest import make_boxes
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BACKBONE = yaml.safe_load((ROOT / "tests" / "configs" / "tiny.yaml").read_text())["model"]["backbone"]

@@ -636,11 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_expert(module, a.expert)
     except ValueError as e:
         return _fail(_where(a.ckpt, e))
-    if a.online is not None:
-        try:
-            open_online(a.online, module)  # a bad state fails before any work
-        except SegmentError as e:
-            return _fail(str(e))
+    try:
+        online = open_online(a.online, module)  # loaded once for every case; a bad state fails before any work
+    except SegmentError as e:
+        return _fail(str(e))
     if a.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is available here")
     folder = a.input.is_dir() and not _isnifti_image(a.input)
@@ -670,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for leftover in out.iterdir():  # temp/old dirs of a run that was killed (we hold the lock)
                 if leftover.name.startswith((TMP_PREFIX, OLD_PREFIX)):
                     _remove(leftover)
-            done, failures = _run(a, module, files, cases, out, folder)
+            done, failures = _run(a, module, online, files, cases, out, folder)
     except BlockingIOError:
         return _fail(f"{out}: another cfseg-segment run is writing into this folder ({LOCK_NAME}); wait for it "
                      f"or choose another -o")
@@ -691,7 +690,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2 if failures else 0
 
 
-def _run(a, module, files: list[Path], cases: dict[Path, str], out: Path, folder: bool) -> tuple[int, list[str]]:
+def _run(a, module, online, files: list[Path], cases: dict[Path, str], out: Path,
+         folder: bool) -> tuple[int, list[str]]:
     """Segment every file, writing each case as soon as it is done. Returns (cases written, failure messages)."""
     from tqdm import tqdm
 
@@ -702,7 +702,6 @@ def _run(a, module, files: list[Path], cases: dict[Path, str], out: Path, folder
             tqdm.write(message, file=sys.stdout)
 
     labels = labels_json(module, a.classes) if a.multilabel else None
-    online = open_online(a.online, module) if a.online is not None else None  # loaded once for every case
     done, failures = 0, []
     for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
         try:

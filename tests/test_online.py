@@ -72,7 +72,7 @@ def test_alpha_search_picks_the_better_output():
     assert best_alpha(bad, good, target, grid)[0] == 0.0  # the auxiliary network is
     a, dice = best_alpha(good, torch.zeros_like(good), target, grid)
     assert a == 1.0 and dice > 0.99
-    half = best_alpha(good + bad * 0, good * 0.5, target, grid)  # both right: ties go to the frozen model
+    half = best_alpha(good, good * 0.5, target, grid)  # both right: ties go to the frozen model
     assert half[0] == 1.0
 
 
@@ -136,7 +136,8 @@ def test_state_round_trip_and_refusals(module, boxes, tmp_path):
     corr = OnlineCorrector(module, SMALL)
     image, probs, truth = _frozen(module, boxes, 0)
     corr.update(image, probs, [1, 2, 3], truth)
-    corr.update(*_frozen(module, boxes, 1)[:2], [1, 2, 3], _frozen(module, boxes, 1)[2])
+    image1, probs1, truth1 = _frozen(module, boxes, 1)
+    corr.update(image1, probs1, [1, 2, 3], truth1)
     d = tmp_path / "state"
     corr.save(d)
     back = OnlineCorrector.load(d, module)
@@ -181,7 +182,8 @@ def test_state_for_another_class_list_is_refused(module, tiny_phantoms, tmp_path
 
 def test_damaged_state_fails_cleanly(module, boxes, tmp_path):
     corr = OnlineCorrector(module, SMALL)
-    corr.update(*_frozen(module, boxes, 0)[:2], [1, 2, 3], _frozen(module, boxes, 0)[2])
+    image, probs, truth = _frozen(module, boxes, 0)
+    corr.update(image, probs, [1, 2, 3], truth)
     d = tmp_path / "state"
     corr.save(d)
     meta = json.loads((d / "state.json").read_text())
@@ -211,7 +213,8 @@ def test_save_is_atomic(module, boxes, tmp_path, monkeypatch):
     d = tmp_path / "state"
     corr.save(d)
     before = sorted(p.name for p in d.iterdir())
-    corr.update(*_frozen(module, boxes, 0)[:2], [1, 2, 3], _frozen(module, boxes, 0)[2])
+    image, probs, truth = _frozen(module, boxes, 0)
+    corr.update(image, probs, [1, 2, 3], truth)
 
     def crash(*a, **k):
         raise OSError("disk full")

@@ -566,7 +566,7 @@ def masked_sigmoid_loss(
     bce_weight: float = 1.0,
     dice_weight: float = 1.0,
     ignore_index: int | None = None,
-    smooth: float = 1e-5,
+    smooth: float = 1.0,
     batch_dice: bool = False,
 ) -> Tensor:
     """BCE + soft Dice of independent per-class sigmoids, on the classes annotated in each sample only.
@@ -585,7 +585,11 @@ def masked_sigmoid_loss(
         bce_weight: weight of the BCE (>= 0).
         dice_weight: weight of the Dice (>= 0).
         ignore_index: label value whose voxels are excluded from both terms.
-        smooth: Dice smoothing term, see :func:`partial_dice_loss`.
+        smooth: Dice smoothing term, see :func:`partial_dice_loss`. 1 as DoDNet's and the Universal Model's
+            ``BinaryDiceLoss(smooth=1)``: for a class annotated in a case but absent from its patch the Dice is
+            ``smooth / (sum p + smooth)``, whose gradient ``smooth / (sum p + smooth)^2`` is 1 / smooth at
+            ``sum p = 0``; with 1e-5 it drove every sigmoid of a shared dynamic head to ``sum p ~ 1e-5`` (logits
+            near -40 on OpenKBP), where no gradient reaches the classes that are present.
         batch_dice: see :func:`partial_dice_loss`.
 
     Returns:

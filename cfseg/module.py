@@ -62,7 +62,7 @@ STRATEGIES = ("distill", "finetune", "joint", "experts", "ewc")
 EXPERT_INITS = ("previous", "zero")
 #: MONAI UNet's bottleneck convolution *before* its instance normalisation (the deepest match): after the norm, the
 #: per-channel mean and spread of a block's output are normalised away and cannot tell one scanner from another
-DEFAULT_ROUTER_LAYER = DEFAULT_BOTTLENECK_LAYER  # r"model(\.1\.submodule)*\.conv", also the dynamic heads' bottleneck
+DEFAULT_ROUTER_LAYER = DEFAULT_BOTTLENECK_LAYER  # r"model(\.1\.submodule)*\.conv" (dynamic heads: DEFAULT_POOLED_LAYER)
 PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
 ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 

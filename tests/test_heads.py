@@ -45,8 +45,8 @@ def test_output_shape_for_a_class_subset_is_the_same_channels_of_all_classes(nam
     head = _heads()[name]
     feats = torch.randn(2, F, 5, 4, 3)
     ctx = _context()
-    every = head.logits(feats, None, **ctx)
-    sub = head.logits(feats, [3, 1], **ctx)
+    every = head.logits(head.features(feats), None, **ctx)
+    sub = head.logits(head.features(feats), [3, 1], **ctx)
     assert every.shape == (2, K1, 5, 4, 3)
     assert sub.shape == (2, 3, 5, 4, 3)  # background, class 3, class 1
     torch.testing.assert_close(sub, every[:, [0, 3, 1]])
@@ -54,7 +54,7 @@ def test_output_shape_for_a_class_subset_is_the_same_channels_of_all_classes(nam
     probs = head.probabilities(sub)
     assert probs.shape == sub.shape and bool(((probs >= 0) & (probs <= 1)).all())
     with pytest.raises(ValueError, match="outside 1..3"):
-        head.logits(feats, [4], **ctx)
+        head.logits(head.features(feats), [4], **ctx)
 
 
 def _partial_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +71,7 @@ def _partial_batch() -> tuple[torch.Tensor, torch.Tensor]:
 def test_masked_loss_ignores_classes_a_case_does_not_annotate(name):
     head = _heads()[name]
     target, annotated = _partial_batch()
-    logits = head.logits(torch.randn(2, F, 5, 4, 3), None, **_context()).detach()
+    logits = head.logits(head.features(torch.randn(2, F, 5, 4, 3)), None, **_context()).detach()
 
     def loss(x: torch.Tensor) -> torch.Tensor:
         return head.loss(x, target, annotated, ce_weight=1.0, dice_weight=1.0, batch_dice=False)
@@ -112,7 +112,7 @@ def test_softmax_output_heads_keep_the_partial_label_loss():
     target, annotated = _partial_batch()
     for name in ("prototype", "softmax"):
         head = _heads()[name]
-        logits = head.logits(torch.randn(2, F, 5, 4, 3), None, **_context())
+        logits = head.logits(head.features(torch.randn(2, F, 5, 4, 3)), None, **_context())
         got = head.loss(logits, target, annotated, ce_weight=1.0, dice_weight=0.5, batch_dice=True)
         torch.testing.assert_close(got, partial_label_loss(logits, target, annotated, 1.0, 0.5, batch_dice=True))
 
@@ -159,14 +159,32 @@ def test_dynamic_convs_equal_three_conv3d_with_the_generated_weights():
         torch.testing.assert_close(got[:, k], x[:, 0])
 
 
+@pytest.mark.parametrize("name", SIGMOID)
+def test_dynamic_heads_see_normalised_features_and_a_bounded_absent_class_dice(name):
+    """The two causes of the OpenKBP collapse: the generated head read the decoder's unnormalised output (free to
+    grow), and the Dice of a class annotated but absent from the patch had gradient 1 / smooth = 1e5 near p = 0."""
+    head = _heads()[name].double()
+    feats = torch.randn(2, F, 5, 4, 3, dtype=torch.float64)
+    ctx = {k: v.double() for k, v in _context().items()}
+    torch.testing.assert_close(head.logits(head.features(1000 * feats), None, **ctx),
+                               head.logits(head.features(feats), None, **ctx), rtol=1e-2, atol=1e-3)  # GroupNorm
+    target = torch.zeros(1, 5, 4, 3, dtype=torch.long)  # class 1 annotated, absent
+    annotated = torch.tensor([[True, True, False, False]])
+    x = torch.full((1, K1, 5, 4, 3), -7.0, dtype=torch.float64, requires_grad=True)
+    head.loss(x, target, annotated, ce_weight=0.0, dice_weight=1.0).backward()
+    p = torch.sigmoid(torch.tensor(-7.0, dtype=torch.float64))
+    assert float(x.grad[0, 1].abs().max()) <= float(p * (1 - p))  # |d Dice / d p| <= 1 / smooth = 1
+
+
 def test_universal_takes_a_new_class_dodnet_cannot():
     heads, ctx = _heads(), _context()
     feats = torch.randn(2, F, 3, 3, 3)
     grown = {**ctx, "text_embeddings": torch.cat([ctx["text_embeddings"], torch.randn(1, E)])}
-    assert heads["universal"].logits(feats, [4], **grown).shape == (2, 2, 3, 3, 3)  # no new layer
+    universal = heads["universal"]
+    assert universal.logits(universal.features(feats), [4], **grown).shape == (2, 2, 3, 3, 3)  # no new layer
     assert heads["universal"].open_vocabulary and not heads["dodnet"].open_vocabulary
     with pytest.raises(ValueError, match="cannot take new classes"):
-        heads["dodnet"].logits(feats, [4], **grown)
+        heads["dodnet"].logits(heads["dodnet"].features(feats), [4], **grown)
 
 
 # ---- through CFSegModule and the CLI ---------------------------------------------------------------------
@@ -253,3 +271,34 @@ def test_checkpoints_from_before_injected_heads_load_unchanged(head, tmp_path):
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_dynamic_heads_learn_the_box_phantoms(name, boxes, tmp_path):
+    """150 steps on the box phantoms: the sigmoid heads must segment the cubes they were trained on.
+
+    Guards the collapse seen on OpenKBP (every logit driven far below 0, Dice 0): the dynamic head saw the
+    decoder's unnormalised output and the Dice of classes annotated but absent from a patch pushed every
+    probability to ~1e-5 (Dice smoothing 1e-5)."""
+    from conftest import BOX_LABELS
+
+    from cfseg.cli import main as cli
+    from cfseg.data.transforms import make_label_lut
+    from cfseg.inference import load_case, predict_volume, preprocessing_for
+    from cfseg.metrics import dice_per_class
+
+    run = cli(["fit", "--config", str(CONFIG), f"--data.datasets={json.dumps([box_dataset(boxes)])}",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+               "--trainer.max_steps=150", "--trainer.max_epochs=1000", "--data.spacing=[4.0, 4.0, 4.0]",
+               "--model.lr=0.01", "--trainer.check_val_every_n_epoch=100", f"--model.head={json.dumps(SPECS[name])}"])
+    model = run.model.cpu().eval()
+    lut = make_label_lut(BOX_LABELS, list(BOX_LABELS), {n: i for i, n in enumerate(model.bank.names)})
+    dices = []
+    for i in range(4):  # training cases: this checks that the heads can fit, not that they generalise
+        vol = load_case(str(boxes / "imagesTr" / f"box{i}_0000.nii.gz"), preprocessing_for(model, "ct"),
+                        str(boxes / "labelsTr" / f"box{i}.nii.gz"), lut)
+        out = predict_volume(model, vol["image"])
+        dices.append(dice_per_class(out["labels"].long(), vol["label"][0].long(), [1, 2, 3]))
+    assert model.bank.names[1:] == list(BOX_LABELS)
+    mean = torch.stack(dices).mean(0)
+    assert bool((mean > 0.3).all()), f"per-class Dice {mean.tolist()}"

@@ -193,7 +193,13 @@ def to_input_grid(values: np.ndarray, net_affine: np.ndarray, dst_shape: Sequenc
     return _resample_to(values, net_affine, dst_shape, dst_affine, order=1, cval=fill)
 
 
-def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray, class_values: Sequence[int],
+def grids_align(net_affine: np.ndarray, dst_affine: np.ndarray) -> bool:
+    """Whether a prediction on the network grid maps onto the input grid without interpolation (then
+    :func:`labels_to_input_grid` copies labels and needs no probabilities)."""
+    return _grid_map(net_affine, (1, 1, 1), dst_affine) is not None
+
+
+def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray | None, class_values: Sequence[int],
                          net_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray) -> np.ndarray:
     """A prediction on the network grid -> a uint8 label map with the input's shape (the one geometry path of
     ``cfseg-segment`` and ``cfseg predict``).
@@ -201,7 +207,8 @@ def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray, class_values: Se
     Args:
         labels: uint8 [*S] label values on the network grid (used when the grids align: an exact copy).
         probs: float [K'+1, *S] probabilities of background and the predicted classes (interpolated
-            trilinearly, then argmax, when the grids do not align; background outside the network grid).
+            trilinearly, then argmax, when the grids do not align; background outside the network grid);
+            may be None when :func:`grids_align`.
         class_values: the label value of each channel of ``probs`` (background 0 first).
         net_affine: [4, 4] affine of the network grid; ``dst_shape``, ``dst_affine``: the input's grid.
 
@@ -211,6 +218,9 @@ def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray, class_values: Se
     mapping = _grid_map(net_affine, labels.shape, dst_affine)
     if mapping is not None:
         return _take_grid(labels, mapping, dst_shape, fill=0)
+    if probs is None:
+        raise ValueError("the network grid does not align with the input grid: probabilities are needed to "
+                         "resample the prediction (predict with probabilities=True)")
     cval = [1.0] + [0.0] * (probs.shape[0] - 1)
     resampled = _resample_to(probs, net_affine, dst_shape, dst_affine, order=1, cval=cval)
     return np.asarray(class_values, dtype=np.uint8)[resampled.argmax(0)]

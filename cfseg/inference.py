@@ -132,6 +132,7 @@ def predict_volume(
     class_indices: Sequence[int] | None = None,
     device: str | torch.device = "cpu",
     similarity: bool = False,
+    probabilities: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Segment one preprocessed volume.
 
@@ -142,20 +143,24 @@ def predict_volume(
         device: where the network runs (the sliding windows run there too); windows are stitched on the CPU,
             which bounds accelerator memory.
         similarity: also return cosine similarity maps (heads with ``has_similarity``: the prototype head).
+        probabilities: also return ``probs`` (False: labels only, the full-resolution softmax or sigmoids are not
+            computed; the labels are the same).
 
     Returns:
-        ``labels``: uint8 [*S] in *global* class indices (:meth:`cfseg.heads.Head.labels`); ``probs``: float
-        [K'+1, *S] over the requested classes (:meth:`cfseg.heads.Head.probabilities`: the softmax, or per-class
-        sigmoids with background ``1 - max``); ``similarity``: float [K'+1, *S] when asked.
+        ``labels``: uint8 [*S] in *global* class indices (:meth:`cfseg.heads.Head.labels`); ``probs`` (with
+        ``probabilities``): float [K'+1, *S] over the requested classes (:meth:`cfseg.heads.Head.probabilities`:
+        the softmax, or per-class sigmoids with background ``1 - max``); ``similarity``: float [K'+1, *S] when asked.
     """
     module = module.to(device).eval()
     idx = list(range(1, len(module.bank.names))) if class_indices is None else [int(i) for i in class_indices]
-    logits = module.sliding_window_logits(image[None].to(device), idx, sw_device=device, device="cpu")[0]
+    x = image[None].to(device).as_subclass(torch.Tensor)  # plain tensor: no MetaTensor bookkeeping per window op
+    logits = module.sliding_window_logits(x, idx, sw_device=device, device="cpu")[0]
     head = module.head
-    probs = head.probabilities(logits[None])[0]
     local = head.labels(logits[None])[0]
     table = torch.tensor([0, *idx], dtype=torch.uint8)
-    out = {"labels": table[local], "probs": probs}
+    out = {"labels": table[local]}
+    if probabilities:
+        out["probs"] = head.probabilities(logits[None])[0]
     if similarity:
         if not head.has_similarity:
             raise ValueError(f"similarity maps need a cosine (prototype) head, this checkpoint has a "

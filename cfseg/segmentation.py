@@ -72,6 +72,7 @@ from cfseg.geometry import (
     GeometryError,
     check_affine,
     check_size,
+    grids_align,
     labels_to_input_grid,
     nifti_image,
     resampled_shape,
@@ -373,11 +374,15 @@ def segment(
     except GeometryError as e:
         raise SegmentError(f"{where}: {e}") from None
     work = _preprocess(img, pre)
+    src_affine = work["image"].affine.numpy()
+    # probabilities only where they are used: resampling onto a grid that does not align, or online fusion
+    need_probs = corrector is not None or not grids_align(src_affine, img.affine)
     before = module.route_override
     if expert is not None:
         module.route_override = int(expert)
     try:
-        out = predict_volume(module, work["image"], idx, device=device, similarity=similarity)
+        out = predict_volume(module, work["image"], idx, device=device, similarity=similarity,
+                             probabilities=need_probs)
         used = experts_used(module, idx)
     finally:
         module.route_override = before
@@ -387,9 +392,8 @@ def segment(
         fused = corrector.fuse(work["image"], out["probs"], idx)
         out = {**out, "probs": fused["probs"], "labels": fused["labels"]}
         _notify(notify, "info", f"{where}: {corrector.describe(fused['alpha'])}")
-    src_affine = work["image"].affine.numpy()
-    labels = labels_to_input_grid(out["labels"].numpy(), out["probs"].numpy(), [0, *idx], src_affine, img.shape,
-                                  img.affine)
+    probs = out["probs"].numpy() if "probs" in out else None
+    labels = labels_to_input_grid(out["labels"].numpy(), probs, [0, *idx], src_affine, img.shape, img.affine)
     if region is not None:  # paste back into the full grid, background outside the box
         full = np.zeros(full_shape, np.uint8)
         offs = [c.start for c in ctx]

@@ -39,3 +39,28 @@ def test_predict_writes_masks_in_input_geometry_like_segment(box_model, tmp_path
         truth = np.asarray(nib.load(data / "labelsTr" / f.name).dataobj)
         hits = [(arr == k)[truth == k].mean() for k in (1, 2, 3)]
         assert max(hits) > 0.3  # a trained model, not an empty map
+
+
+
+def test_labels_without_probabilities_are_the_same_and_segment_asks_only_when_resampling(box_model, boxes, tmp_path,
+                                                                                          monkeypatch):
+    import torch
+
+    import cfseg.inference as ci
+    from cfseg.inference import load_case, predict_volume, preprocessing_for
+    from cfseg.module import load_checkpoint
+
+    model = load_checkpoint(str(box_model)).eval()
+    vol = load_case(str(boxes / "imagesTr" / "box0_0000.nii.gz"), preprocessing_for(model, "ct"))
+    fast, full = predict_volume(model, vol["image"], probabilities=False), predict_volume(model, vol["image"])
+    assert "probs" not in fast and torch.equal(fast["labels"], full["labels"])
+    asked = []
+    real = ci.predict_volume
+    monkeypatch.setattr(ci, "predict_volume", lambda *a, **k: asked.append(k["probabilities"]) or real(*a, **k))
+    same_grid = nib.load(boxes / "imagesTr" / "box0_0000.nii.gz")  # 4 mm RAS: the network grid itself
+    masks = cfseg.segment(same_grid, model, multilabel=True, modality="ct")["labels"]
+    assert np.array_equal(np.asarray(masks.dataobj), full["labels"].numpy())
+    lps = np.array([[-3.0, 0, 0, 40.0], [0, -3.0, 0, 30.0], [0, 0, 3.0, -20.0], [0, 0, 0, 1]])
+    other = make_boxes(tmp_path / "Dataset053_lps", n_cases=1, seed=5, affine=lps)
+    cfseg.segment(nib.load(other / "imagesTr" / "box0_0000.nii.gz"), model, modality="ct")
+    assert asked == [False, True]  # probabilities only where the prediction is resampled

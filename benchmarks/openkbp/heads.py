@@ -325,10 +325,10 @@ def time_inference(modules: dict[str, Any], transform: Any, items: Sequence[dict
         for n in (names if i % 2 == 0 else names[::-1]):
             m = modules[n].eval()
             t0 = time.perf_counter()
-            predict_volume(m, image)
+            predict_volume(m, image, probabilities=False)  # labels, as cfseg-segment computes masks
             out[n]["all"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            predict_volume(m, image, class_indices=[m.bank.index(one_class)])
+            predict_volume(m, image, class_indices=[m.bank.index(one_class)], probabilities=False)
             out[n]["one"].append(time.perf_counter() - t0)
         print(f"[timing] inference case {i + 1}/{len(items)}", flush=True)
     return out

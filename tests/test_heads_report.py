@@ -111,3 +111,29 @@ def test_report_schema_cache_and_class_adding(tmp_path):
         assert {k: new[k] for k in ("per_class", "hd95_mm", "surface_dice", "counts")} == \
             {k: old[k] for k in ("per_class", "hd95_mm", "surface_dice", "counts")}
     assert again["heads"]["dodnet"]["infer_s"] is None
+
+
+def test_similarity_map_dice_curve_and_validation_threshold():
+    """benchmarks/openkbp/similarity_maps.py: Dice of ``cos > t`` for every t equals a direct count, and the
+    threshold is chosen on the validation cases only."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "openkbp"))
+    try:
+        spec = importlib.util.spec_from_file_location("simmaps", ROOT / "benchmarks" / "openkbp" / "similarity_maps.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.pop(0)
+    rng = np.random.default_rng(0)
+    sim = np.round(rng.uniform(-1, 1, (12, 12, 12)), 2)  # values on the threshold grid: ties must not count
+    truth = rng.random(sim.shape) < 0.1
+    want = [2 * ((sim > t) & truth).sum() / ((sim > t).sum() + truth.sum()) for t in mod.THRESHOLDS]
+    np.testing.assert_allclose(mod.dice_curve(sim, truth), want)
+    assert (mod.dice_curve(np.full((3, 3), -1.0), np.zeros((3, 3), bool)) == 1).all()  # both empty
+    n = len(mod.THRESHOLDS)
+    peak = lambda i: [1.0 if j == i else 0.0 for j in range(n)]  # noqa: E731
+    cache = {"val": {"a": {"liver": {"head": 0.5, "map": peak(3)}}},
+             "test": {"b": {"liver": {"head": 0.7, "map": peak(9)}}}}  # the test cases peak elsewhere
+    got = mod.summarise(cache, ["liver"])["per_class"]["liver"]
+    assert got["threshold"] == mod.THRESHOLDS[3] and got["map_dice"] == 0.0 and got["head_dice"] == 0.7

@@ -179,8 +179,9 @@ def model_info(module: Any) -> dict[str, Any]:
     }
 
 
-def load_test_cases(module: Any, data: Path, split_file: Path | None, max_cases: int | None):
-    """(transform, items) of the test split, preprocessed as the checkpoint was trained (as ``evaluate_groups``)."""
+def load_test_cases(module: Any, data: Path, split_file: Path | None, max_cases: int | None, part: str = "test"):
+    """(transform, items) of the ``part`` split (test by default), preprocessed as the checkpoint was trained (as
+    ``evaluate_groups``)."""
     from cfseg.data.datamodule import DatasetConfig, SegDataModule
     from cfseg.data.transforms import build_transforms
 
@@ -189,9 +190,9 @@ def load_test_cases(module: Any, data: Path, split_file: Path | None, max_cases:
     dm = SegDataModule([cfg], classes=module.class_names, spacing=tuple(pre["spacing"]),
                        ct_window=tuple(pre.get("ct_window", (-175.0, 250.0))), cache="none", seed=0)
     ds = dm.datasets[0]
-    items = dm.items(ds, "test")
+    items = dm.items(ds, part)
     if not items:
-        raise ValueError(f"{data}: no test cases (split file {split_file}); give a split file with a 'test' list")
+        raise ValueError(f"{data}: no {part} cases (split file {split_file}); give a split file with a {part!r} list")
     if max_cases is not None:
         items = items[:max_cases]
     return build_transforms(dm.preprocessing(ds.info.modality), train=False), items

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 #: Candidate thresholds on the cosine (chosen per class on validation cases).
-THRESHOLDS = np.round(np.arange(-0.3, 0.951, 0.05), 2)
+THRESHOLDS = np.round(np.arange(-0.3, 0.951, 0.05), 2) + 0.0  # + 0.0: no -0.0
 CACHE_VERSION = 1
 
 

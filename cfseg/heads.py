@@ -1,9 +1,12 @@
 """Segmentation heads: one interface, injected by ``class_path``.
 
-A head turns the backbone's full-resolution voxel features ``[B, F, *S]`` into logits ``[B, K'+1, *S]`` over
-background and the requested classes, in that order::
+A head turns the backbone's full-resolution voxel features ``z`` ``[B, F, *S]`` into logits ``[B, K'+1, *S]`` over
+background and the requested classes, in that order, in two steps (:class:`cfseg.nets.Segmenter` runs both)::
 
-    head.logits(features, class_indices, **context)
+    head.logits(head.features(z), class_indices, **context)
+
+``features`` is the head's own per-voxel layer (identity, an optional hidden layer, or the dynamic heads'
+GroupNorm + ReLU + ``1x1x1`` pre-classification block).
 
 ``class_indices`` are global class indices (``1..K`` in the vocabulary's order; 0 is dropped, background always
 comes first; ``None``: every class). ``context`` carries what a head may need besides the features; a head reads

@@ -76,7 +76,7 @@ DEFAULT_BOTTLENECK_LAYER = r"model(\.1\.submodule)*\.conv"
 #: MONAI UNet's whole bottleneck block (convolution, normalisation, activation; the deepest match): the layer the
 #: dynamic heads pool, as DoDNet and the Universal Model pool their encoder's last feature after GroupNorm + ReLU.
 #: Its output is bounded by the normalisation; the pre-norm convolution's is not, and a controller fed with it
-#: generates ever larger weights (on OpenKBP the pooled pre-norm feature grew from 0.1 to 7 in 25 steps).
+#: generates ever larger weights (on OpenKBP the pooled pre-norm feature kept growing from the first steps).
 DEFAULT_POOLED_LAYER = r"model(\.1\.submodule)+"
 
 # CLIP-style bounds on the learnable logit scale 1/tau: tau in [0.01, 1].
@@ -485,17 +485,6 @@ def dynamic_convs(features: Tensor, params: Tensor, widths: Sequence[int]) -> Te
     return x.reshape(b, k, *features.shape[2:])
 
 
-def _pooled(context: dict[str, Any], batch: int, channels: int, head: str) -> Tensor:
-    pooled = context.get("pooled")
-    if pooled is None:
-        raise ValueError(f"{head} needs the pooled bottleneck feature (context pooled=[B, C_b]); run it inside a "
-                         "cfseg.nets.Segmenter, which captures it from the backbone")
-    if pooled.dim() != 2 or pooled.shape[0] != batch or pooled.shape[1] != channels:
-        raise ValueError(f"{head}: pooled bottleneck feature must be [B={batch}, {channels}], got "
-                         f"{tuple(pooled.shape)}; does bottleneck_channels match the backbone's bottleneck?")
-    return pooled
-
-
 def _norm_groups(channels: int) -> int:
     """GroupNorm groups for ``channels``: two channels per group as DoDNet's ``GroupNorm(16, 32)``, at most 16."""
     return max(g for g in range(1, min(16, max(1, channels // 2)) + 1) if channels % g == 0)
@@ -509,8 +498,8 @@ class DynamicHead(SigmoidOutputHead):
     generated head sees normalised ``head_channels``-wide features; the generated stack is then
     ``head_channels -> ... -> head_channels -> 1`` (``layers`` convolutions, ReLU between them). Without that
     block the decoder's last convolution (MONAI UNet's has no normalisation) is free to scale up, and the
-    product of three generated layers saturates every sigmoid (on OpenKBP the logits reached -160 +- 150 in 15
-    steps and training stopped).
+    product of three generated layers saturates every sigmoid (on OpenKBP within the first tens of steps, after
+    which training stopped).
 
     Args:
         feature_channels: ``F``, channels of the backbone output.
@@ -545,7 +534,14 @@ class DynamicHead(SigmoidOutputHead):
 
     def pooled(self, context: dict[str, Any], batch: int, dtype: torch.dtype) -> Tensor:
         """``context["pooled"]`` ``[B, C_b]``, checked."""
-        return _pooled(context, batch, self.bottleneck_channels, type(self).__name__).to(dtype)
+        head, channels, pooled = type(self).__name__, self.bottleneck_channels, context.get("pooled")
+        if pooled is None:
+            raise ValueError(f"{head} needs the pooled bottleneck feature (context pooled=[B, C_b]); run it inside a "
+                             "cfseg.nets.Segmenter, which captures it from the backbone")
+        if pooled.dim() != 2 or pooled.shape[0] != batch or pooled.shape[1] != channels:
+            raise ValueError(f"{head}: pooled bottleneck feature must be [B={batch}, {channels}], got "
+                             f"{tuple(pooled.shape)}; does bottleneck_channels match the backbone's bottleneck?")
+        return pooled.to(dtype)
 
 
 class DoDNetHead(DynamicHead):

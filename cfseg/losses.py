@@ -588,8 +588,8 @@ def masked_sigmoid_loss(
         smooth: Dice smoothing term, see :func:`partial_dice_loss`. 1 as DoDNet's and the Universal Model's
             ``BinaryDiceLoss(smooth=1)``: for a class annotated in a case but absent from its patch the Dice is
             ``smooth / (sum p + smooth)``, whose gradient ``smooth / (sum p + smooth)^2`` is 1 / smooth at
-            ``sum p = 0``; with 1e-5 it drove every sigmoid of a shared dynamic head to ``sum p ~ 1e-5`` (logits
-            near -40 on OpenKBP), where no gradient reaches the classes that are present.
+            ``sum p = 0``; with 1e-5 it drove every sigmoid of a shared dynamic head to ``sum p ~ 1e-5`` (deeply
+            negative logits on OpenKBP), where no gradient reaches the classes that are present.
         batch_dice: see :func:`partial_dice_loss`.
 
     Returns:

@@ -135,13 +135,8 @@ class PrototypeSegmenter(Segmenter):
 
     Args:
         backbone: any module mapping ``[B, C, *S]`` to full-resolution features ``[B, F, *S]``.
-        feature_channels: ``F``, channels of the backbone output.
-        embed_dim: ``D``, width of the prototypes.
-        temperature: ``tau`` (initial value when learnable); logits are cosines divided by ``tau``.
-        learnable_temperature: learn ``log(1 / tau)`` (CLIP-style), clamped so that ``tau`` stays in
-            ``[0.01, 1]``; otherwise ``tau`` is a fixed buffer.
-        hidden_channels: optional per-voxel hidden layer width (see :class:`ProjectionHead`).
-        eps: lower bound on ``||W z||``.
+        feature_channels, embed_dim, temperature, learnable_temperature, hidden_channels, eps: as
+            :class:`cfseg.heads.PrototypeHead`.
     """
 
     head: PrototypeHead

@@ -54,9 +54,10 @@ def dice_curve(sim: np.ndarray, truth: np.ndarray, thresholds: np.ndarray = THRE
     return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
 
 
-def score(job: dict[str, Any]) -> dict[str, Any]:
-    """Per-case head Dice and map-Dice curves of one checkpoint on the validation and test cases (cached)."""
-    from heads import load_test_cases
+def score(job: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Per-case head Dice and map-Dice curves of one checkpoint on the validation and test cases (cached), and
+    its class names (background dropped)."""
+    from heads import _write_json, load_test_cases
 
     from cfseg.inference import predict_volume
     from cfseg.metrics import dice_per_class
@@ -90,9 +91,9 @@ def score(job: dict[str, Any]) -> dict[str, Any]:
             sims, truth = out["similarity"].numpy(), target.numpy()
             cache[part][item["case_id"]] = {names[k]: {"head": head[j], "map": dice_curve(sims[k], truth == k).tolist()}
                                             for j, k in enumerate(ks)}
-            cpath.write_text(json.dumps(cache))
+            _write_json(cpath, cache)
             print(f"[{job['label']}] {part} {item['case_id']}", flush=True)
-    return cache
+    return cache, names[1:]
 
 
 def summarise(cache: dict[str, Any], classes: list[str]) -> dict[str, Any]:
@@ -161,11 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in a.ckpt:
         label, path = spec.split("=", 1)
         name, seed = label.split(":", 1)
-        cache = score({"ckpt": path, "data": a.data, "split": a.split, "max_cases": a.max_cases,
-                       "threads": a.threads, "label": label})
-        if not classes:
-            from cfseg.module import load_checkpoint
-            classes = load_checkpoint(path).bank.names[1:]
+        cache, names = score({"ckpt": path, "data": a.data, "split": a.split, "max_cases": a.max_cases,
+                              "threads": a.threads, "label": label})
+        classes = classes or names
         counts = {"val_cases": len(cache["val"]), "test_cases": len(cache["test"])}
         variants.setdefault(name, {"seeds": {}})["seeds"][seed] = {**summarise(cache, classes), "checkpoint": path}
     command = "python benchmarks/openkbp/similarity_maps.py " + " ".join(f"--ckpt {c}" for c in a.ckpt) + \

@@ -74,7 +74,7 @@ def test_report_schema_cache_and_class_adding(tmp_path):
             torch.save(ckpt, path)
             specs += ["--ckpt", f"{name}:{seed}={path}"]
     args = [*specs, "--data", str(data), "--split", str(split), "--out", str(tmp_path / "out"), "--time-cases", "1",
-            "--step-reps", "1", "--step-warmup", "0", "--step-batch", "1", "--step-patch", "16"]
+            "--step-reps", "1", "--step-warmup", "0", "--step-batch", "1", "--step-patch", "16", "--no-memory"]
     report = h.main(args)
     on_disk = json.loads((tmp_path / "out" / "heads.json").read_text())
     assert on_disk == report and (tmp_path / "out" / "heads.png").is_file()
@@ -99,6 +99,14 @@ def test_report_schema_cache_and_class_adding(tmp_path):
     assert report["heads"]["universal"]["can_add_class"].startswith("yes: a new text embedding")
     assert report["heads"]["softmax"]["can_add_class"].startswith("no: a new output channel (classifier row, +9 ")
     assert report["heads"]["dodnet"]["can_add_class"].startswith("no: only by growing the one-hot class code")
+    assert report["heads"]["dodnet"]["peak_memory_mib"] is None and report["meta"]["timing"]["memory"] is None
+    # peak memory of one task, as the report's fresh processes run it (here in this process)
+    if h.peak_memory_supported():
+        one = {"ckpt": str(tmp_path / "dodnet_s0" / "joint.ckpt"), "data": str(data), "split": str(split),
+               "one_class": "liver", "step_batch": 1, "step_patch": 16, "threads": 1}
+        for task in h.MEMORY_TASKS:
+            assert h.memory_job({**one, "task": task}) >= 0.0
+        assert h._memory_cell({"train_step": 812.4, "infer_all": 1500.0, "infer_one": 90.0}) == "812 / 1,500 / 90"
     # a rerun reads every case from the caches beside the checkpoints and gives the same scores
     caches = sorted(tmp_path.glob("*_s*/joint.heads_eval.json"))
     assert len(caches) == 7
@@ -111,6 +119,17 @@ def test_report_schema_cache_and_class_adding(tmp_path):
         assert {k: new[k] for k in ("per_class", "hd95_mm", "surface_dice", "counts")} == \
             {k: old[k] for k in ("per_class", "hd95_mm", "surface_dice", "counts")}
     assert again["heads"]["dodnet"]["infer_s"] is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak-memory reset needs Linux >= 4.0")
+def test_peak_memory_sees_an_allocation_of_known_size():
+    h = _heads_script()
+    if not h.peak_memory_supported():
+        pytest.skip("/proc/self/clear_refs is not writable here")
+    n = 48 * 2**20  # bytes
+    peak = h.peak_memory_mib(lambda: torch.ones(n // 4).sum())  # a 48 MiB tensor, freed when fn returns
+    assert 46 <= peak <= 48 + 24, peak
+    assert h.peak_memory_mib(lambda: None) < 8
 
 
 def test_similarity_map_dice_curve_and_validation_threshold():

@@ -32,6 +32,9 @@ What it measures (writes ``<out>/heads.md``, ``heads.json``, ``heads.png``):
   (``--step-batch`` x 1 x ``--step-patch``^3, every class annotated) for every head, interleaved (order reversed
   every repetition, as in ``benchmarks/head_cost.py``); median over ``--step-reps`` after ``--step-warmup``.
   (The Lightning CSV logs of the runs hold only the loss, no step times.)
+* **Peak memory** (Linux): the resident memory a training step, an all-class and a one-class whole-volume
+  inference add at their peak, each run once in a fresh process (``--no-memory`` skips it; see
+  :data:`MEMORY_CONVENTION`).
 * **Can a class be added later**: from the head's ``open_vocabulary`` attribute and its layers.
 
 Scoring (predicting every test volume) is the expensive part. Each checkpoint's per-case metrics are cached in
@@ -274,32 +277,38 @@ def score_checkpoint(job: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------
 # Timing (interleaved between heads, one process)
 # ----------------------------------------------------------------------------------------------------------
+def _step_setup(m: Any, batch: int, patch: int, seed: int = 0) -> tuple[Any, dict[str, torch.Tensor], Any]:
+    """(module, random batch ``[batch, 1, patch^3]`` with every class annotated, AdamW) for a training step."""
+    x = torch.randn(batch, 1, patch, patch, patch, generator=torch.Generator().manual_seed(seed))
+    n_cls = len(m.bank.names)
+    y = torch.randint(0, n_cls, (batch, 1, patch, patch, patch), generator=torch.Generator().manual_seed(seed + 1))
+    b = {"image": x, "label": y, "annotated": torch.ones(batch, n_cls, dtype=torch.bool)}
+    params = [p for p in m.net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=float(m.hparams.lr), weight_decay=float(m.hparams.get("weight_decay", 0.01)))
+    return m, b, opt
+
+
+def _train_step(m: Any, b: dict[str, torch.Tensor], opt: Any) -> float:
+    """One training step (forward + the head's loss + backward + AdamW step); its seconds."""
+    m.train()
+    t0 = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    feats, ctx = m.net.encode(b["image"])
+    logits = m.net.logits(feats, None, **m.head_context(), **ctx)
+    loss = m.loss(logits, b)
+    loss.backward()
+    opt.step()
+    return time.perf_counter() - t0
+
+
 def time_training_steps(modules: dict[str, Any], batch: int, patch: int, warmup: int, reps: int,
                         seed: int = 0) -> dict[str, list[float]]:
     """Seconds per training step (forward + the head's loss + backward + AdamW step) of each module on the same
     random batch ``[batch, 1, patch^3]`` (every class annotated), heads interleaved, order reversed every rep."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, 1, patch, patch, patch, generator=g)
-    setups = {}
-    for name, m in modules.items():
-        n_cls = len(m.bank.names)
-        y = torch.randint(0, n_cls, (batch, 1, patch, patch, patch), generator=torch.Generator().manual_seed(seed + 1))
-        b = {"image": x, "label": y, "annotated": torch.ones(batch, n_cls, dtype=torch.bool)}
-        params = [p for p in m.net.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=float(m.hparams.lr), weight_decay=float(m.hparams.get("weight_decay", 0.01)))
-        setups[name] = (m, b, opt)
+    setups = {name: _step_setup(m, batch, patch, seed) for name, m in modules.items()}
 
     def step(name: str) -> float:
-        m, b, opt = setups[name]
-        m.train()
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        feats, ctx = m.net.encode(b["image"])
-        logits = m.net.logits(feats, None, **m.head_context(), **ctx)
-        loss = m.loss(logits, b)
-        loss.backward()
-        opt.step()
-        return time.perf_counter() - t0
+        return _train_step(*setups[name])
 
     names = list(modules)
     for _ in range(warmup):
@@ -332,6 +341,77 @@ def time_inference(modules: dict[str, Any], transform: Any, items: Sequence[dict
             predict_volume(m, image, class_indices=[m.bank.index(one_class)], probabilities=False)
             out[n]["one"].append(time.perf_counter() - t0)
         print(f"[timing] inference case {i + 1}/{len(items)}", flush=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory (one fresh process per head and task)
+# ----------------------------------------------------------------------------------------------------------
+MEMORY_TASKS = ("train_step", "infer_all", "infer_one")
+MEMORY_CONVENTION = ("peak resident memory (Linux VmHWM, reset through /proc/self/clear_refs) above the resident "
+                     "memory just before the task, in MiB; one fresh process per head and task, the checkpoint and "
+                     "the input already loaded; the first run of the task in that process (what a user's first call "
+                     "costs, allocator warm-up included)")
+
+
+def _proc_status_kib(field: str) -> int:
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if m is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(m.group(1))
+
+
+def peak_memory_supported() -> bool:
+    """Whether this OS lets a process reset and read its peak resident memory (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        _proc_status_kib("VmHWM")
+        return True
+    except OSError:
+        return False
+
+
+def peak_memory_mib(fn: Any) -> float:
+    """Peak resident memory that ``fn()`` adds above the process's resident memory before it, in MiB."""
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _proc_status_kib("VmRSS")
+    fn()
+    return (_proc_status_kib("VmHWM") - before) / 1024.0
+
+
+def memory_job(job: dict[str, Any]) -> float:
+    """Peak memory (MiB) of one task of one checkpoint, run once in this (fresh) process.
+
+    ``job``: ``ckpt``, ``task`` (one of :data:`MEMORY_TASKS`), ``data``, ``split``, ``one_class``, ``step_batch``,
+    ``step_patch``, ``threads``.
+    """
+    from cfseg.inference import predict_volume
+    from cfseg.module import load_checkpoint
+
+    torch.set_num_threads(job["threads"])
+    m = load_checkpoint(job["ckpt"]).eval()
+    if job["task"] == "train_step":
+        setup = _step_setup(m, job["step_batch"], job["step_patch"])
+        return peak_memory_mib(lambda: _train_step(*setup))
+    transform, items = load_test_cases(m, Path(job["data"]), Path(job["split"]) if job["split"] else None, 1)
+    image = transform(items[0])["image"]
+    cls = None if job["task"] == "infer_all" else [m.bank.index(job["one_class"])]
+    with torch.no_grad():
+        return peak_memory_mib(lambda: predict_volume(m, image, class_indices=cls, probabilities=False))
+
+
+def measure_memory(ckpts: dict[str, Path], a: argparse.Namespace, one_class: str) -> dict[str, dict[str, float]]:
+    """{head: {task: peak MiB}} for each head's (first seed's) checkpoint, every task in its own process."""
+    import multiprocessing as mp
+
+    jobs = [{"ckpt": str(path), "task": task, "data": str(a.data), "split": str(a.split) if a.split else None,
+             "one_class": one_class, "step_batch": a.step_batch, "step_patch": a.step_patch, "threads": a.threads}
+            for path in ckpts.values() for task in MEMORY_TASKS]
+    with ProcessPoolExecutor(max_workers=a.workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
+        peaks = list(ex.map(memory_job, jobs))
+    out: dict[str, dict[str, float]] = {}
+    for (name, _), i in zip(ckpts.items(), range(0, len(jobs), len(MEMORY_TASKS)), strict=True):
+        out[name] = {t: round(peaks[i + k], 1) for k, t in enumerate(MEMORY_TASKS)}
     return out
 
 
@@ -441,6 +521,10 @@ def _pm(v: float | None, spread: float | None, digits: int = 3) -> str:
     return _f(v, digits) if _f(spread) == "n/a" else f"{_f(v, digits)} ± {_f(spread, digits)}"
 
 
+def _memory_cell(peaks: dict[str, float] | None) -> str:
+    return "n/a" if not peaks else " / ".join(f"{peaks[t]:,.0f}" for t in MEMORY_TASKS)
+
+
 def markdown(report: dict[str, Any]) -> str:
     heads, meta = report["heads"], report["meta"]
     names = list(heads)
@@ -452,8 +536,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"Mean over seeds ± {SPREAD}.", "",
              "| head | output | mean Dice | per seed | HD95 (mm) | surface Dice "
              f"@{tol:g} mm | params | head params | train step (s) | inference / case, all classes (s) "
-             "| one class (s) | can add a class later |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| one class (s) | peak MiB: train step / all classes / one class | can add a class later |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for n in names:
         h = heads[n]
         seeds = ", ".join(_f(s["mean_dice"]) for s in h["per_seed"].values())
@@ -462,7 +546,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| {_pm(h['hd95_mm']['mean'], h['hd95_mm']['spread'], 1)} "
             f"| {_pm(h['surface_dice']['mean'], h['surface_dice']['spread'])} "
             f"| {h['params']:,} | {h['head_params']:,} | {_f(h['step_s'], 2)} | {_f(h['infer_s'], 1)} "
-            f"| {_f(h['infer_one_class_s'], 1)} | {h['can_add_class']} |")
+            f"| {_f(h['infer_one_class_s'], 1)} | {_memory_cell(h.get('peak_memory_mib'))} | {h['can_add_class']} |")
     for title, key, digits in (("Dice per class (mean ± spread over seeds)", None, 3),
                                ("HD95 per class, mm (cases with an empty prediction or ground truth excluded: "
                                 "count in brackets)", "hd95_mm", 1),
@@ -496,6 +580,7 @@ def markdown(report: dict[str, Any]) -> str:
               "warm-up, heads interleaved.",
               f"- Inference: predict_volume on {t['time_cases']} test case(s), every class / one class "
               f"({t['one_class']}), median, heads interleaved (the first seed's checkpoint of each head).",
+              f"- Peak memory: {t.get('memory') or 'not measured'}.",
               f"- Machine: {meta['machine']}; torch threads {t['threads']}; load average at the start of timing "
               f"{t['load_average']}.",
               f"- Command: `{report['command']}` ({meta['date']})."]
@@ -588,6 +673,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--step-warmup", type=int, default=2)
     p.add_argument("--step-batch", type=int, default=2)
     p.add_argument("--step-patch", type=int, default=64)
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     a = p.parse_args(argv)
     if a.workers < 1 or a.threads < 1 or a.time_cases < 0 or a.step_reps < 0 or a.step_warmup < 0:
         p.error("--workers and --threads must be >= 1, --time-cases/--step-reps/--step-warmup >= 0")
@@ -666,7 +752,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         m0 = next(iter(first_module.values()))
         transform, items = load_test_cases(m0, a.data, a.split, a.time_cases)
         infer = time_inference(first_module, transform, items, classes[0])
+    memory: dict[str, dict[str, float]] = {}
+    if not a.no_memory:
+        if peak_memory_supported():
+            memory = measure_memory({n: next(iter(seeds.values()))[0] for n, seeds in by_head.items()}, a, classes[0])
+        else:
+            print("peak memory not measured: this OS cannot reset a process's peak resident memory "
+                  "(/proc/self/clear_refs, Linux >= 4.0)", file=sys.stderr)
+    timing["memory"] = MEMORY_CONVENTION if memory else None
     for name in heads:
+        heads[name]["peak_memory_mib"] = memory.get(name)
         heads[name]["step_s"] = statistics.median(step_times[name]) if step_times else None
         heads[name]["infer_s"] = statistics.median(infer[name]["all"]) if infer else None
         heads[name]["infer_one_class_s"] = statistics.median(infer[name]["one"]) if infer else None

@@ -130,13 +130,18 @@ def markdown(result: dict[str, Any], command: str) -> str:
         seeds = list(v["seeds"])
         lines.append(f"| {name} | {', '.join(seeds)} | {fmt([v['seeds'][s]['mean_head_dice'] for s in seeds])} | "
                      f"{fmt([v['seeds'][s]['mean_map_dice'] for s in seeds])} |")
-    lines += ["", "## Per class (first seed): head Dice / map Dice (threshold)", "",
+    lines += ["", "## Per class: head Dice / map Dice, mean over seeds (threshold chosen for each seed)", "",
               "| class | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
     for c in classes:
         cells = []
         for v in variants.values():
-            pc = next(iter(v["seeds"].values()))["per_class"].get(c)
-            cells.append(f"{pc['head_dice']:.3f} / {pc['map_dice']:.3f} ({pc['threshold']:+.2f})" if pc else "-")
+            pcs = [s["per_class"][c] for s in v["seeds"].values() if c in s["per_class"]]
+            if not pcs:
+                cells.append("-")
+                continue
+            head = statistics.fmean(pc["head_dice"] for pc in pcs)
+            cos = ", ".join(f"{pc['threshold']:+.2f}" for pc in pcs)
+            cells.append(f"{head:.3f} / {statistics.fmean(pc['map_dice'] for pc in pcs):.3f} ({cos})")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     lines += ["", f"Thresholds tried: {THRESHOLDS[0]:+.2f} to {THRESHOLDS[-1]:+.2f} in steps of 0.05. "
               f"Validation cases: {result['val_cases']}; test cases: {result['test_cases']}.", "",

@@ -400,19 +400,22 @@ def memory_job(job: dict[str, Any]) -> float:
         return peak_memory_mib(lambda: predict_volume(m, image, class_indices=cls, probabilities=False))
 
 
-def measure_memory(ckpts: dict[str, Path], a: argparse.Namespace, one_class: str) -> dict[str, dict[str, float]]:
-    """{head: {task: peak MiB}} for each head's (first seed's) checkpoint, every task in its own process."""
+def measure_memory(ckpts: dict[str, Path], a: argparse.Namespace,
+                   one_class: str) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, list[float]]]]:
+    """Peak MiB of every task for each head's (first seed's) checkpoint, each run in its own fresh process,
+    ``--memory-reps`` times (heads and tasks interleaved). Returns ({head: {task: median}}, {head: {task: runs}})."""
     import multiprocessing as mp
 
-    jobs = [{"ckpt": str(path), "task": task, "data": str(a.data), "split": str(a.split) if a.split else None,
-             "one_class": one_class, "step_batch": a.step_batch, "step_patch": a.step_patch, "threads": a.threads}
-            for path in ckpts.values() for task in MEMORY_TASKS]
+    base = {"data": str(a.data), "split": str(a.split) if a.split else None, "one_class": one_class,
+            "step_batch": a.step_batch, "step_patch": a.step_patch, "threads": a.threads}
+    keys = [(name, task) for _ in range(a.memory_reps) for name in ckpts for task in MEMORY_TASKS]
+    jobs = [{**base, "ckpt": str(ckpts[name]), "task": task} for name, task in keys]
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=mp.get_context("spawn"), max_tasks_per_child=1) as ex:
         peaks = list(ex.map(memory_job, jobs))
-    out: dict[str, dict[str, float]] = {}
-    for (name, _), i in zip(ckpts.items(), range(0, len(jobs), len(MEMORY_TASKS)), strict=True):
-        out[name] = {t: round(peaks[i + k], 1) for k, t in enumerate(MEMORY_TASKS)}
-    return out
+    raw: dict[str, dict[str, list[float]]] = {name: {t: [] for t in MEMORY_TASKS} for name in ckpts}
+    for (name, task), peak in zip(keys, peaks, strict=True):
+        raw[name][task].append(round(peak, 1))
+    return {n: {t: statistics.median(v) for t, v in r.items()} for n, r in raw.items()}, raw
 
 
 def machine() -> str:
@@ -674,9 +677,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--step-batch", type=int, default=2)
     p.add_argument("--step-patch", type=int, default=64)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--memory-reps", type=int, default=3, help="fresh processes per head and task (median)")
     a = p.parse_args(argv)
-    if a.workers < 1 or a.threads < 1 or a.time_cases < 0 or a.step_reps < 0 or a.step_warmup < 0:
-        p.error("--workers and --threads must be >= 1, --time-cases/--step-reps/--step-warmup >= 0")
+    if a.workers < 1 or a.threads < 1 or a.memory_reps < 1 or a.time_cases < 0 or a.step_reps < 0 or a.step_warmup < 0:
+        p.error("--workers, --threads and --memory-reps must be >= 1, --time-cases/--step-reps/--step-warmup >= 0")
     command = "python benchmarks/openkbp/heads.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(a.threads)
     specs = _checkpoints(a)
@@ -753,19 +757,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         transform, items = load_test_cases(m0, a.data, a.split, a.time_cases)
         infer = time_inference(first_module, transform, items, classes[0])
     memory: dict[str, dict[str, float]] = {}
+    memory_raw: dict[str, dict[str, list[float]]] = {}
     if not a.no_memory:
         if peak_memory_supported():
-            memory = measure_memory({n: next(iter(seeds.values()))[0] for n, seeds in by_head.items()}, a, classes[0])
+            memory, memory_raw = measure_memory({n: next(iter(seeds.values()))[0] for n, seeds in by_head.items()},
+                                                a, classes[0])
         else:
             print("peak memory not measured: this OS cannot reset a process's peak resident memory "
                   "(/proc/self/clear_refs, Linux >= 4.0)", file=sys.stderr)
-    timing["memory"] = MEMORY_CONVENTION if memory else None
+    timing["memory"] = f"{MEMORY_CONVENTION}; median of {a.memory_reps} such processes" if memory else None
     for name in heads:
         heads[name]["peak_memory_mib"] = memory.get(name)
         heads[name]["step_s"] = statistics.median(step_times[name]) if step_times else None
         heads[name]["infer_s"] = statistics.median(infer[name]["all"]) if infer else None
         heads[name]["infer_one_class_s"] = statistics.median(infer[name]["one"]) if infer else None
         heads[name]["timing_raw_s"] = {"step": step_times.get(name, []), **infer.get(name, {})}
+        heads[name]["peak_memory_raw_mib"] = memory_raw.get(name)
 
     report = {
         "heads": heads,

@@ -62,18 +62,29 @@ def _left_matmul(m: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.bmm(m.expand(x.shape[0], *m.shape), x, out=out)
 
 
+_CHUNK_BYTES = 1 << 20  # the forward's per-chunk scratch: small enough to stay in a core's cache
+
+
+def _chunk_voxels(rows: int, n: int) -> int:
+    """Voxels per forward chunk: ``rows`` float32 rows of scratch in about ``_CHUNK_BYTES`` (at least 1024)."""
+    return max(1024, min(n, _CHUNK_BYTES // (4 * rows)))
+
+
 class _CosineHead(torch.autograd.Function):
     """``out = A (z / max(sqrt(z^T G z), eps))`` for features ``z`` ``[B, F, N]``; hand-written backward.
 
     Saves only ``z`` (the head's input, which any head keeps) and ``||W z||^2`` (one channel). Plain autograd
     would also keep ``G z`` and ``z / ||W z||`` (two more ``F``-channel full-resolution tensors) and allocate
-    about six ``F``-channel temporaries in backward. Here the full-resolution allocations are the output, in
-    backward the input gradient, and one scratch buffer of a single sample's ``F`` channels (``[F, N]``): the
-    quadratic form, the per-voxel dot products and the weight gradients run sample by sample through it, and
+    about six ``F``-channel temporaries in backward. Here the full-resolution allocations are the output (and
+    ``||W z||^2``), in backward the input gradient, and one scratch buffer of a single sample's ``F`` channels
+    (``[F, N]``): the per-voxel dot products and the weight gradients run sample by sample through it, and
     every other step works in place. On CPU this matters beyond memory: glibc serves blocks above 32 MiB with
     fresh pages, so each full-resolution temporary costs page faults (about 40 ms for 32 MiB on a loaded
-    2-core VM) as well as bandwidth. Half-precision ``z`` (autocast) gets its quadratic form in float32 so
-    that it cannot overflow.
+    2-core VM) as well as bandwidth. For the same reason the forward runs in chunks of voxels whose scratch
+    (about 1 MiB) stays in cache: one product ``[A; sym(G)] z`` gives the numerator and ``G z``, ``z`` is read
+    from memory once, and nothing ``F``-channel wide is written at full resolution. (Inference without
+    gradients can skip the quadratic form altogether: :mod:`cfseg.folding`.) Half-precision ``z`` (autocast)
+    gets its quadratic form in float32 so that it cannot overflow.
     """
 
     @staticmethod
@@ -81,20 +92,22 @@ class _CosineHead(torch.autograd.Function):
         z = z.as_subclass(Tensor)  # backbone features may be MONAI MetaTensors: skip their per-op metadata handling
         cd = torch.float32 if z.dtype in _HALF else z.dtype  # dtype of the quadratic form
         sym = (0.5 * (gram + gram.transpose(0, 1))).to(cd)  # z^T G z = z^T sym(G) z
-        a_z = a.to(z.dtype)
+        stacked = torch.cat([a.to(cd), sym], dim=0)  # [K+1+F, F]: A z and G z from one product
         bsz, f, n = z.shape
         k = a.shape[0]
         out = torch.empty(bsz, k, n, dtype=z.dtype, device=z.device)
         sq = torch.empty(bsz, 1, n, dtype=cd, device=z.device)  # ||W z||^2
-        buf = torch.empty(f, n, dtype=cd, device=z.device)  # one sample's scratch
+        step = _chunk_voxels(k + f, n)
+        buf = torch.empty(k + f, step, dtype=cd, device=z.device)  # one chunk's [A z; G z]
         for i in range(bsz):
-            zi = z[i].to(cd)
-            torch.sum(torch.mm(sym, zi, out=buf).mul_(zi), dim=0, keepdim=True, out=sq[i])
-            ri = sq[i].clamp_min(eps * eps).rsqrt_().to(z.dtype)  # 1 / max(||W z||, eps)
-            if k <= f:  # scale whichever side has fewer channels
-                torch.mm(a_z, z[i], out=out[i]).mul_(ri)
-            else:
-                torch.mm(a_z, torch.mul(z[i], ri, out=buf) if buf.dtype == z.dtype else z[i] * ri, out=out[i])
+            for s in range(0, n, step):
+                e = min(n, s + step)
+                zc = z[i, :, s:e].to(cd)  # [F, m], a view unless z is half precision
+                y = torch.mm(stacked, zc, out=buf[:, : e - s])
+                gz = y[k:].mul_(zc)  # G z * z
+                sqc = torch.sum(gz, dim=0, keepdim=True, out=sq[i, :, s:e])
+                r = gz[:1].copy_(sqc).clamp_min_(eps * eps).rsqrt_()  # 1 / max(||W z||, eps), in the scratch
+                torch.mul(y[:k], r, out=out[i, :, s:e])
         del buf
         ctx.save_for_backward(z, a, gram, sq)
         ctx.eps = eps

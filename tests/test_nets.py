@@ -365,3 +365,29 @@ def test_fused_head_passes_gradcheck_including_non_symmetric_gram(k1):
     torch.testing.assert_close(
         _cosine_head_fused(z, a, gram, 1e-6), _cosine_head_autograd(z, a, 0.5 * (gram + gram.T), 1e-6)
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_forward_in_voxel_chunks_matches_reference(monkeypatch, dtype):
+    """The forward's cache-sized voxel chunks (here 1024 voxels, the last one partial) change nothing."""
+    import cfseg.cosine as cosine
+
+    monkeypatch.setattr(cosine, "_CHUNK_BYTES", 1)  # the 1024-voxel minimum chunk
+    g = torch.Generator().manual_seed(13)
+    b, f, k1, n = 2, 6, 5, 2 * 1024 + 300
+    assert cosine._chunk_voxels(k1 + f, n) == 1024
+    z = torch.randn(b, f, n, generator=g)
+    z[1, :, n - 1] = 0.0  # a clamped voxel in the partial last chunk: similarity 0, not NaN
+    a = torch.randn(k1, f, generator=g)
+    m = torch.randn(f, f, generator=g)
+    gram = m @ m.T
+    want = _cosine_head_autograd(z, a, gram, 1e-6)
+    got = _cosine_head_fused(z.to(dtype), a, gram, 1e-6)
+    assert got.dtype == dtype and got.shape == (b, k1, n)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(got.float(), want, **tol)
+    assert torch.equal(got[1, :, n - 1].float(), torch.zeros(k1))
+    # one whole-sample chunk gives the same numbers as the 1024-voxel chunks
+    monkeypatch.setattr(cosine, "_CHUNK_BYTES", 1 << 30)
+    same = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-3}  # bf16: 1 ulp
+    torch.testing.assert_close(_cosine_head_fused(z.to(dtype), a, gram, 1e-6), got, **same)

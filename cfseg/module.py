@@ -39,6 +39,7 @@ from cfseg.continual.distill import (
 )
 from cfseg.continual.ewc import diagonal_fisher, ewc_penalty, merge_fisher
 from cfseg.continual.router import RidgeRouter, pooled_features
+from cfseg.folding import folded_predictor
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, deepest_layer, head_spec
 from cfseg.losses import ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
@@ -725,9 +726,12 @@ class CFSegModule(L.LightningModule):
             if self.route_override is None and self.can_route:
                 with torch.no_grad():
                     self.last_route = self.route(image)
+        predictor = None
+        if self.n_experts <= 1:  # the prototype head's normalisation folded into the backbone (cfseg.folding)
+            predictor = folded_predictor(self.net, class_indices, self.head_context())
         return sliding_window_inference(
             image, roi_size=tuple(h.roi_size), sw_batch_size=h.sw_batch_size,
-            predictor=lambda x: self(x, class_indices), overlap=h.sw_overlap, mode="gaussian",
+            predictor=predictor or (lambda x: self(x, class_indices)), overlap=h.sw_overlap, mode="gaussian",
             sw_device=sw_device, device=device if device is not None else image.device,
         )
 

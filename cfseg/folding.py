@@ -29,29 +29,30 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from cfseg import cosine
+
 __all__ = ["MAX_CONDITION", "FoldedHead", "fold", "folded_predictor", "output_layer"]
 
 MAX_CONDITION = 100.0  # largest cond(R) = cond(W) folded (rounding grows with it); beyond, the head runs unfolded
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _ATTR = "_cfseg_output_layer"  # cached on the backbone: the output layer's name, or "" when there is none
-_CHUNK_BYTES = 1 << 20  # per-chunk scratch of the folded head (as cfseg.cosine's forward)
 
 
 def output_layer(backbone: nn.Module, x: Tensor) -> tuple[str, Tensor]:
     """Run ``backbone(x)`` once; return the name of the convolution whose output *is* the backbone's output
     (``""`` if none: another module, or an operation after the last module) and that output."""
-    seen: dict[int, str] = {}
+    last: list[Any] = ["", None]  # the convolution that ran last and its output (held, so identity is meaningful)
     handles = []
     for name, m in backbone.named_modules():
         if isinstance(m, _CONVS):
             handles.append(m.register_forward_hook(
-                lambda _m, _i, out, name=name: seen.__setitem__(id(out), name)))
+                lambda _m, _i, out, name=name: last.__setitem__(slice(None), [name, out])))
     try:
         out = backbone(x)
     finally:
         for h in handles:
             h.remove()
-    name = seen.get(id(out), "")
+    name = last[0] if last[1] is out else ""
     if name and backbone.get_submodule(name).groups != 1:
         name = ""
     return name, out
@@ -80,7 +81,7 @@ def normalised_logits(y: Tensor, b: Tensor, eps: float) -> Tensor:
     cd = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
     bc = b.to(device=y.device, dtype=cd)
     out = torch.empty(bsz, k, n, dtype=y.dtype, device=y.device)
-    step = max(1024, min(n, _CHUNK_BYTES // (4 * (k + f))))
+    step = cosine._chunk_voxels(k + f, n)  # the cosine head's chunking: about 1 MiB of scratch
     sq = torch.empty(f, step, dtype=cd, device=y.device)
     num = torch.empty(k, step, dtype=cd, device=y.device)
     for i in range(bsz):

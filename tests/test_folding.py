@@ -102,7 +102,7 @@ def test_training_and_gradients_never_fold():
 
 
 def test_normalised_logits_chunks_and_clamps(monkeypatch):
-    monkeypatch.setattr(folding, "_CHUNK_BYTES", 1)  # 1024-voxel chunks, the last one partial
+    monkeypatch.setattr("cfseg.cosine._CHUNK_BYTES", 1)  # 1024-voxel chunks, the last one partial
     g = torch.Generator().manual_seed(4)
     y = torch.randn(2, 5, 3000, generator=g)
     y[1, :, -1] = 0

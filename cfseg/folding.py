@@ -107,7 +107,8 @@ def fold(backbone: nn.Module, layer: str, weight: Tensor, a: Tensor, eps: float)
         the folded head, or None where ``G`` is singular or ``cond(R) > MAX_CONDITION``.
     """
     conv = backbone.get_submodule(layer)
-    g = weight.detach().double().T @ weight.detach().double()  # [F, F]
+    w64 = weight.detach().cpu().double()  # float64 on the CPU (some accelerators have no float64)
+    g = w64.T @ w64  # [F, F]
     low, info = torch.linalg.cholesky_ex(g)
     if int(info) != 0:
         return None
@@ -115,15 +116,16 @@ def fold(backbone: nn.Module, layer: str, weight: Tensor, a: Tensor, eps: float)
     sv = torch.linalg.svdvals(r)
     if float(sv[0]) > MAX_CONDITION * float(sv[-1]):
         return None
-    w = conv.weight.detach().double()
+    w = conv.weight.detach().cpu().double()
     # out-channel axis: dim 0 of a convolution's weight, dim 1 of a transposed convolution's
     axis = 1 if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
     mixed = torch.tensordot(r, w.movedim(axis, 0), dims=1).movedim(0, axis)
-    params = {f"{layer}.weight": mixed.to(conv.weight.dtype)}
+    params = {f"{layer}.weight": mixed.to(device=conv.weight.device, dtype=conv.weight.dtype)}
     if conv.bias is not None:
-        params[f"{layer}.bias"] = (r @ conv.bias.detach().double()).to(conv.bias.dtype)
-    b = torch.linalg.solve_triangular(r, a.detach().double(), upper=True, left=False)  # B R = A
-    return FoldedHead(layer, params, b.to(a.dtype), eps)
+        params[f"{layer}.bias"] = (r @ conv.bias.detach().cpu().double()).to(device=conv.bias.device,
+                                                                               dtype=conv.bias.dtype)
+    b = torch.linalg.solve_triangular(r, a.detach().cpu().double(), upper=True, left=False)  # B R = A
+    return FoldedHead(layer, params, b.to(device=a.device, dtype=a.dtype), eps)
 
 
 def folded_predictor(net: nn.Module, class_indices: Sequence[int] | None,

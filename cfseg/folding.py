@@ -30,11 +30,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cfseg import cosine
+from cfseg.continual.experts import _CONVS, lora_layers
+from cfseg.heads import PrototypeHead, _foreground
 
 __all__ = ["MAX_CONDITION", "FoldedHead", "fold", "folded_predictor", "output_layer"]
 
 MAX_CONDITION = 100.0  # largest cond(R) = cond(W) folded (rounding grows with it); beyond, the head runs unfolded
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _ATTR = "_cfseg_output_layer"  # cached on the backbone: the output layer's name, or "" when there is none
 
 
@@ -61,8 +62,8 @@ def output_layer(backbone: nn.Module, x: Tensor) -> tuple[str, Tensor]:
 class FoldedHead:
     """The folded layer's parameters and the head's ``B = A R^-1 / tau`` (``[K'+1, F]``) for one call."""
 
-    def __init__(self, layer: str, params: dict[str, Tensor], b: Tensor, eps: float) -> None:
-        self.layer, self.params, self.b, self.eps = layer, params, b, eps
+    def __init__(self, params: dict[str, Tensor], b: Tensor, eps: float) -> None:
+        self.params, self.b, self.eps = params, b, eps
 
     def logits(self, backbone: nn.Module, x: Tensor) -> Tensor:
         """Cosine logits ``[B, K'+1, *S]`` of images ``x`` ``[B, C, *S]`` (under ``torch.no_grad``)."""
@@ -117,15 +118,14 @@ def fold(backbone: nn.Module, layer: str, weight: Tensor, a: Tensor, eps: float)
     if float(sv[0]) > MAX_CONDITION * float(sv[-1]):
         return None
     w = conv.weight.detach().cpu().double()
-    # out-channel axis: dim 0 of a convolution's weight, dim 1 of a transposed convolution's
-    axis = 1 if isinstance(conv, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)) else 0
+    axis = 1 if conv.transposed else 0  # out-channel axis: dim 1 of a transposed convolution's weight, else dim 0
     mixed = torch.tensordot(r, w.movedim(axis, 0), dims=1).movedim(0, axis)
     params = {f"{layer}.weight": mixed.to(device=conv.weight.device, dtype=conv.weight.dtype)}
     if conv.bias is not None:
         params[f"{layer}.bias"] = (r @ conv.bias.detach().cpu().double()).to(device=conv.bias.device,
                                                                                dtype=conv.bias.dtype)
     b = torch.linalg.solve_triangular(r, a.detach().cpu().double(), upper=True, left=False)  # B R = A
-    return FoldedHead(layer, params, b.to(device=a.device, dtype=a.dtype), eps)
+    return FoldedHead(params, b.to(device=a.device, dtype=a.dtype), eps)
 
 
 def folded_predictor(net: nn.Module, class_indices: Sequence[int] | None,
@@ -137,9 +137,6 @@ def folded_predictor(net: nn.Module, class_indices: Sequence[int] | None,
     been found to end elsewhere than in a convolution. The first call of a backbone whose output layer is not
     known yet runs unfolded and finds it (:func:`output_layer`).
     """
-    from cfseg.continual.experts import lora_layers
-    from cfseg.heads import PrototypeHead, _foreground
-
     head = net.head
     if torch.is_grad_enabled() or net.training:  # inference only: the folded head has no backward
         return None

@@ -21,6 +21,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -129,9 +130,9 @@ class CFSegModule(L.LightningModule):
         strategy: ``"distill"`` (cfseg's method), ``"finetune"`` (no distillation: the lower bound) or
             ``"joint"`` (no previous checkpoint; all stages' data in one training: the upper bound).
             ``distill``'s defaults (MiB output distillation ``kd_weight=1`` + similarity maps ``sim_weight=1``,
-            full learning rate ``incremental_lr_factor=1``, no PLOP pseudo-labels, no POD) are the combination
-            the OpenKBP ablation chose on validation cases (benchmarks/openkbp/README.md, "Distillation
-            ablation"); pseudo-labels and POD kept the old organs better but stopped the new ones being learnt.
+            full learning rate ``incremental_lr_factor=1``, PLOP pseudo-labels where the teacher knows the
+            stage's domain (``pseudo_label="auto"``), no POD) are the combination the OpenKBP v2 ablation chose on
+            validation cases (benchmarks/openkbp/README.md, "Distillation ablation, protocol v2").
         new_classes: the classes this stage adds (checked against the previous checkpoint; inferred from
             ``class_names`` when None).
         kd_weight: weight of the output distillation (teacher distribution over old classes, student's
@@ -145,7 +146,10 @@ class CFSegModule(L.LightningModule):
         pseudo_label: PLOP pseudo-labels: on the new stage's images, voxels labelled 0 where the teacher predicts
             an old class k (argmax) with normalised entropy below k's threshold become label k, and k becomes
             annotated for that case (never where k is already annotated); see
-            :func:`cfseg.continual.distill.pseudo_label`.
+            :func:`cfseg.continual.distill.pseudo_label`. ``"auto"`` (default): on when every labelled training
+            dataset of the stage is of a domain the teacher was trained on (a class-incremental stage), off in a
+            domain step, where the teacher's confident predictions on an unseen modality or site are no labels
+            (synthetic protocol: on in its MRI stage they cost 0.08 Dice on validation).
         pseudo_entropy_floor: lowest per-class threshold, in units of entropy / log(n_old + 1) (PLOP: 0.001).
         pseudo_entropy_cap: highest per-class threshold (1.0: no cap).
         pseudo_threshold_batches: the per-class threshold is the median normalised entropy of the label-0 voxels
@@ -224,7 +228,7 @@ class CFSegModule(L.LightningModule):
         kd_temperature: float = 1.0,
         sim_weight: float = 1.0,
         feat_weight: float = 0.0,
-        pseudo_label: bool = False,
+        pseudo_label: bool | str = "auto",
         pseudo_entropy_floor: float = 0.001,
         pseudo_entropy_cap: float = 1.0,
         pseudo_threshold_batches: int = 10,
@@ -277,6 +281,8 @@ class CFSegModule(L.LightningModule):
         if not 0 <= pseudo_entropy_floor <= pseudo_entropy_cap <= 1:
             raise ValueError(f"need 0 <= pseudo_entropy_floor <= pseudo_entropy_cap <= 1 (normalised entropy), got "
                              f"{pseudo_entropy_floor} and {pseudo_entropy_cap}")
+        if pseudo_label not in (True, False, "auto"):
+            raise ValueError(f"pseudo_label must be true, false or 'auto', got {pseudo_label!r}")
         if pseudo_threshold_batches < 1:
             raise ValueError(f"pseudo_threshold_batches must be >= 1, got {pseudo_threshold_batches}")
         if pod_weight < 0 or not pod_scales or any(int(s) != s or s < 1 for s in pod_scales):
@@ -600,6 +606,26 @@ class CFSegModule(L.LightningModule):
         self._entropy_hist = self._entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
         self._hist_batches = 0
         self._router_done = self._fisher_done = False
+        self._pseudo_on = self._resolve_pseudo_label()
+
+    def _resolve_pseudo_label(self) -> bool:
+        """Whether this stage pseudo-labels old classes: ``pseudo_label`` itself, or for ``"auto"``: a teacher
+        with old classes, and every labelled training dataset of the stage in a domain the teacher trained on."""
+        h = self.hparams
+        if h.pseudo_label != "auto":
+            return bool(h.pseudo_label)
+        if self.teacher is None or self.n_old == 0:
+            return False
+        known = {d.get("domain") for st in self.teacher.stage_history for d in st.get("datasets", [])} - {None}
+        dm = getattr(self.trainer, "datamodule", None)
+        stage = {d.domain for d in getattr(dm, "datasets", []) if d.config.labeled and not d.config.val_only}
+        if not known or not stage:  # a teacher without stage records, or no cfseg data module: by modality
+            known = set(self.teacher.preprocessing)
+            stage = set(getattr(dm, "preprocessing_by_modality", None) or self.preprocessing)
+        on = stage <= known
+        rank_zero_info(f"pseudo_label='auto': {'on' if on else 'off'} (this stage's domains {sorted(stage)}, "
+                       f"the teacher's {sorted(known)})")
+        return on
 
     def on_train_end(self) -> None:
         self.end_of_stage()  # training stopped early (no last epoch end): still before the final save
@@ -854,7 +880,7 @@ class CFSegModule(L.LightningModule):
         bs = len(x)
         teacher_out = self.teacher_outputs(x) if self.teacher is not None else None
         target, annotated, ignore = batch["label"][:, 0].long(), batch["annotated"].bool(), None
-        if teacher_out is not None and h.pseudo_label and self.n_old > 0:
+        if teacher_out is not None and self.n_old > 0 and getattr(self, "_pseudo_on", h.pseudo_label is True):
             old_target = target
             target, annotated, ignore = self.pseudo_labels(target, annotated, teacher_out["logits"])
             self.log("train/pseudo_voxels", ((target != old_target) & (target > 0)).float().mean(), on_step=True,

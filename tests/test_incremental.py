@@ -289,3 +289,24 @@ def test_prototype_variants_reload_bit_identically_and_only_text_takes_new_class
         student = CFSegModule(**stage)
         assert torch.equal(student.bank.prototypes[: len(STAGE0) + 1], model.bank.prototypes)
         assert student.bank.order == ["background", *reversed(STAGE0), *STAGE1]
+
+
+def test_pseudo_label_auto_on_in_a_class_stage_off_in_a_domain_stage(stage0_ckpt, tiny_phantoms, tmp_path):
+    """Default ``pseudo_label="auto"``: a CT stage after a CT teacher pseudo-labels the old classes; an MRI stage
+    (a domain the teacher never saw) does not; explicit true/false win over the rule."""
+    import csv
+
+    def pseudo_logged(out, data, classes, *extra):
+        fit(out, [ds(data, classes)], f"--model.previous_checkpoint={stage0_ckpt}", "--trainer.max_steps=2",
+            "--trainer.max_epochs=5", *extra)
+        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+        return any(r.get("train/pseudo_voxels_step") for r in rows), any(float(r["train/distill_step"]) > 0
+                                                                         for r in rows if r.get("train/distill_step"))
+
+    ct, mri = tiny_phantoms[0], tiny_phantoms[1]  # the MRI site with the classes it annotates (None)
+    assert pseudo_logged(tmp_path / "ct", ct, STAGE1) == (True, True)
+    assert pseudo_logged(tmp_path / "ct_off", ct, STAGE1, "--model.pseudo_label=false") == (False, True)
+    assert pseudo_logged(tmp_path / "mri", mri, None) == (False, True)
+    assert pseudo_logged(tmp_path / "mri_on", mri, None, "--model.pseudo_label=true")[0]
+    with pytest.raises(ValueError, match="pseudo_label must be"):
+        _stage_module(stage0_ckpt, pseudo_label="yes")

@@ -159,6 +159,11 @@ class CFSegModule(L.LightningModule):
         pseudo_ignore_uncertain: in a case that gained a pseudo-labelled class, exclude the label-0 voxels where
             the teacher is not confident from the loss (PLOP's label 255); otherwise they say "none of the
             annotated classes".
+        pseudo_label_dice: let pseudo-labelled classes enter the Dice term too. Default False: they enter the
+            cross-entropy only (PLOP's loss is a cross-entropy) and the Dice keeps the stage's own annotation;
+            otherwise the mean over annotated classes dilutes the new classes' Dice by the old ones the teacher
+            labels (OpenKBP v2 stage 2: 2 of 7 classes; esophagus and larynx stayed at Dice 0). True reproduces
+            the pseudo-label runs made before 2026-11-26.
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution
@@ -233,6 +238,7 @@ class CFSegModule(L.LightningModule):
         pseudo_entropy_cap: float = 1.0,
         pseudo_threshold_batches: int = 10,
         pseudo_ignore_uncertain: bool = True,
+        pseudo_label_dice: bool = False,
         pod_weight: float = 0.0,
         pod_layers: list[str] | None = None,
         pod_scales: tuple[int, ...] = (1, 2, 4),
@@ -769,9 +775,11 @@ class CFSegModule(L.LightningModule):
         return sum(terms.values(), torch.zeros((), dtype=terms["partial"].dtype, device=terms["partial"].device))
 
     def loss_terms(self, logits: torch.Tensor, batch: dict[str, Any], target: torch.Tensor | None = None,
-                   annotated: torch.Tensor | None = None, ignore_index: int | None = None) -> dict[str, torch.Tensor]:
+                   annotated: torch.Tensor | None = None, ignore_index: int | None = None,
+                   dice_labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Weighted supervised loss terms of ``logits`` [B, K+1, *S]; ``target`` [B, *S] / ``annotated`` [B, K+1]
-        replace the batch's (pseudo-labels).
+        replace the batch's (pseudo-labels). ``dice_labels`` (target, annotated): the Dice term's labels where they
+        differ from the cross-entropy's (pseudo-labels in the cross-entropy only; no ignored voxels).
 
         Keys: ``partial`` (the head's partial-label loss, :meth:`cfseg.heads.Head.loss`), and with a positive
         weight ``exclusion`` (:func:`cfseg.losses.exclusion_loss`) and ``entropy``
@@ -780,9 +788,15 @@ class CFSegModule(L.LightningModule):
         target = batch["label"][:, 0].long() if target is None else target
         annotated = batch["annotated"].bool() if annotated is None else annotated
         h = self.hparams
-        terms = {"partial": self.head.loss(logits, target, annotated, ce_weight=h.ce_weight,
-                                           dice_weight=h.dice_weight, ignore_index=ignore_index,
-                                           batch_dice=h.get("batch_dice", True))}
+        batch_dice = h.get("batch_dice", True)
+        if dice_labels is None:
+            partial = self.head.loss(logits, target, annotated, ce_weight=h.ce_weight, dice_weight=h.dice_weight,
+                                     ignore_index=ignore_index, batch_dice=batch_dice)
+        else:
+            partial = self.head.loss(logits, target, annotated, ce_weight=h.ce_weight, dice_weight=0.0,
+                                     ignore_index=ignore_index, batch_dice=batch_dice) \
+                + self.head.loss(logits, *dice_labels, ce_weight=0.0, dice_weight=h.dice_weight, batch_dice=batch_dice)
+        terms = {"partial": partial}
         if h.get("exclusion_weight", 0.0) > 0:
             terms["exclusion"] = h.exclusion_weight * exclusion_loss(logits, target, annotated, ignore_index)
         if h.get("entropy_weight", 0.0) > 0:
@@ -880,8 +894,11 @@ class CFSegModule(L.LightningModule):
         bs = len(x)
         teacher_out = self.teacher_outputs(x) if self.teacher is not None else None
         target, annotated, ignore = batch["label"][:, 0].long(), batch["annotated"].bool(), None
+        dice_labels = None
         if teacher_out is not None and self.n_old > 0 and getattr(self, "_pseudo_on", h.pseudo_label is True):
             old_target = target
+            if not h.get("pseudo_label_dice", False):
+                dice_labels = (target, annotated)
             target, annotated, ignore = self.pseudo_labels(target, annotated, teacher_out["logits"])
             self.log("train/pseudo_voxels", ((target != old_target) & (target > 0)).float().mean(), on_step=True,
                      on_epoch=True, batch_size=bs)
@@ -890,7 +907,7 @@ class CFSegModule(L.LightningModule):
                          batch_size=bs)
         feats, ctx, acts = self._student_features(x)
         logits = self._logits(feats, ctx)
-        supervised = self.loss_terms(logits, batch, target, annotated, ignore)
+        supervised = self.loss_terms(logits, batch, target, annotated, ignore, dice_labels)
         loss = sum(supervised.values(), logits.new_zeros(()).float())
         for name in ("exclusion", "entropy"):
             if name in supervised:

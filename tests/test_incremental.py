@@ -211,9 +211,9 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     batch = _stage_batch()
     seen = {}
     real = m.loss_terms
-    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None: (
-        seen.update(target=target, annotated=annotated, ignore=ignore_index) or real(logits, b, target, annotated,
-                                                                                     ignore_index))
+    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None: seen.update(
+        target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
+        terms=real(logits, b, target, annotated, ignore_index, dice_labels)) or seen["terms"]
     m.training_step(batch, 0).backward()
     assert {"train/pseudo_voxels", "train/pseudo_ignored", "train/pod", "train/distill"} <= set(logged)
     assert 0 < logged["train/pseudo_voxels"] < 1 and 0 < logged["train/pseudo_ignored"] < 1  # the path runs
@@ -226,6 +226,14 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     assert seen["annotated"][:, 5:].all() and seen["annotated"][:, 0].all()
     assert logged["train/pseudo_voxels"] == pytest.approx(((t != label) & (t > 0)).float().mean().item())
     assert m._hist_batches == 1 and m._entropy_hist.sum() == (label == 0).sum()
+    # pseudo-labels enter the cross-entropy only; the Dice keeps the batch's own labels (no dilution of new classes)
+    assert torch.equal(seen["dice"][0], label) and torch.equal(seen["dice"][1], batch["annotated"].bool())
+    lg, head = seen["logits"].detach(), m.head
+    ce = head.loss(lg, t, seen["annotated"], dice_weight=0.0, ignore_index=seen["ignore"], batch_dice=True)
+    dice = head.loss(lg, label, batch["annotated"].bool(), ce_weight=0.0, batch_dice=True)
+    fused = head.loss(lg, t, seen["annotated"], ignore_index=seen["ignore"], batch_dice=True)
+    assert seen["terms"]["partial"].item() == pytest.approx((ce + dice).item(), rel=1e-5)
+    assert abs(fused.item() - (ce + dice).item()) > 1e-4  # the two losses really differ on this batch
     # after a step the student differs from the teacher: POD turns positive and has gradients
     with torch.no_grad():
         for p in m.net.backbone.parameters():

@@ -318,3 +318,20 @@ def test_pseudo_label_auto_on_in_a_class_stage_off_in_a_domain_stage(stage0_ckpt
     assert pseudo_logged(tmp_path / "mri_on", mri, None, "--model.pseudo_label=true")[0]
     with pytest.raises(ValueError, match="pseudo_label must be"):
         _stage_module(stage0_ckpt, pseudo_label="yes")
+
+
+def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):
+    """``pseudo_label_dice=True`` (runs before 2026-11-26): one fused loss on the pseudo-labels, no separate Dice."""
+    m = _stage_module(stage0_ckpt, pseudo_label=True, pseudo_label_dice=True, pseudo_entropy_floor=0.5)
+    m.log = lambda *a, **k: None
+    seen = {}
+    real = m.loss_terms
+    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None: seen.update(
+        target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
+        terms=real(logits, b, target, annotated, ignore_index, dice_labels)) or seen["terms"]
+    batch = _stage_batch()
+    m.training_step(batch, 0)
+    assert seen["dice"] is None and not torch.equal(seen["target"], batch["label"][:, 0].long())
+    fused = m.head.loss(seen["logits"].detach(), seen["target"], seen["annotated"], ignore_index=seen["ignore"],
+                        batch_dice=True)
+    assert seen["terms"]["partial"].item() == pytest.approx(fused.item(), rel=1e-5)

@@ -131,8 +131,10 @@ class CFSegModule(L.LightningModule):
             ``"joint"`` (no previous checkpoint; all stages' data in one training: the upper bound).
             ``distill``'s defaults (MiB output distillation ``kd_weight=1`` + similarity maps ``sim_weight=1``,
             full learning rate ``incremental_lr_factor=1``, PLOP pseudo-labels where the teacher knows the
-            stage's domain (``pseudo_label="auto"``), no POD) are the combination the OpenKBP v2 ablation chose on
-            validation cases (benchmarks/openkbp/README.md, "Distillation ablation, protocol v2").
+            stage's domain (``pseudo_label="auto"``) in the cross-entropy only (``pseudo_label_dice=False``), no
+            POD) follow the OpenKBP v2 ablation on validation cases (benchmarks/openkbp/README.md, "Distillation
+            ablation, protocol v2"): pseudo-labels in the Dice too kept the old organs whole but left the new
+            ones at Dice 0.
         new_classes: the classes this stage adds (checked against the previous checkpoint; inferred from
             ``class_names`` when None).
         kd_weight: weight of the output distillation (teacher distribution over old classes, student's
@@ -162,8 +164,9 @@ class CFSegModule(L.LightningModule):
         pseudo_label_dice: let pseudo-labelled classes enter the Dice term too. Default False: they enter the
             cross-entropy only (PLOP's loss is a cross-entropy) and the Dice keeps the stage's own annotation;
             otherwise the mean over annotated classes dilutes the new classes' Dice by the old ones the teacher
-            labels (OpenKBP v2 stage 2: 2 of 7 classes; esophagus and larynx stayed at Dice 0). True reproduces
-            the pseudo-label runs made before 2026-11-26.
+            labels (OpenKBP v2 stage 2: 2 of 7 classes; esophagus and larynx stayed at Dice 0, while the old
+            organs were kept far better than with the cross-entropy alone). True reproduces the pseudo-label runs
+            made before 2026-11-26.
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution

@@ -332,6 +332,7 @@ class CFSegModule(L.LightningModule):
         self._pod_names = (resolve_layers(net_backbone, pod_layers or DEFAULT_POD_LAYERS) if pod_weight > 0 else [])
         self.register_buffer("_entropy_hist", torch.zeros(0, ENTROPY_BINS, dtype=torch.long), persistent=False)
         self._hist_batches = 0
+        self._pseudo_on = pseudo_label is True  # "auto" is resolved when training starts
         self.preprocessing = preprocessing or {}
         self.stage_history: list[dict[str, Any]] = []
         self._n_earlier_stages = 0  # stage entries of earlier stages; this stage's entry comes after them
@@ -898,7 +899,7 @@ class CFSegModule(L.LightningModule):
         teacher_out = self.teacher_outputs(x) if self.teacher is not None else None
         target, annotated, ignore = batch["label"][:, 0].long(), batch["annotated"].bool(), None
         dice_labels = None
-        if teacher_out is not None and self.n_old > 0 and getattr(self, "_pseudo_on", h.pseudo_label is True):
+        if teacher_out is not None and self.n_old > 0 and self._pseudo_on:
             old_target = target
             if not h.get("pseudo_label_dice", False):
                 dice_labels = (target, annotated)

@@ -190,6 +190,16 @@ def _stage_batch(seed=0):
     return batch
 
 
+def _spy_loss_terms(m):
+    """Wrap ``m.loss_terms``; the returned dict receives each call's labels, logits and terms."""
+    seen = {}
+    real = m.loss_terms
+    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None: seen.update(
+        target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
+        terms=real(logits, b, target, annotated, ignore_index, dice_labels)) or seen["terms"]
+    return seen
+
+
 def test_incremental_lr_factor_scales_only_incremental_adamw(stage0_ckpt):
     opt = _stage_module(stage0_ckpt, lr=0.01, incremental_lr_factor=0.1).configure_optimizers()["optimizer"]
     assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.001)
@@ -209,11 +219,7 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     logged = {}
     m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
     batch = _stage_batch()
-    seen = {}
-    real = m.loss_terms
-    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None: seen.update(
-        target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
-        terms=real(logits, b, target, annotated, ignore_index, dice_labels)) or seen["terms"]
+    seen = _spy_loss_terms(m)
     m.training_step(batch, 0).backward()
     assert {"train/pseudo_voxels", "train/pseudo_ignored", "train/pod", "train/distill"} <= set(logged)
     assert 0 < logged["train/pseudo_voxels"] < 1 and 0 < logged["train/pseudo_ignored"] < 1  # the path runs
@@ -324,11 +330,7 @@ def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):
     """``pseudo_label_dice=True`` (runs before 2026-11-26): one fused loss on the pseudo-labels, no separate Dice."""
     m = _stage_module(stage0_ckpt, pseudo_label=True, pseudo_label_dice=True, pseudo_entropy_floor=0.5)
     m.log = lambda *a, **k: None
-    seen = {}
-    real = m.loss_terms
-    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None: seen.update(
-        target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
-        terms=real(logits, b, target, annotated, ignore_index, dice_labels)) or seen["terms"]
+    seen = _spy_loss_terms(m)
     batch = _stage_batch()
     m.training_step(batch, 0)
     assert seen["dice"] is None and not torch.equal(seen["target"], batch["label"][:, 0].long())

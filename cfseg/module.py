@@ -167,6 +167,10 @@ class CFSegModule(L.LightningModule):
             labels (OpenKBP v2 stage 2: 2 of 7 classes; esophagus and larynx stayed at Dice 0, while the old
             organs were kept far better than with the cross-entropy alone). True reproduces the pseudo-label runs
             made before 2026-11-26.
+        pseudo_dice_weight: with ``pseudo_label_dice=False``, weight of a Dice term of its own over the
+            pseudo-labelled classes (the mean over the (case, old class) pairs the teacher labelled, on the
+            pseudo-labels, uncertain voxels ignored; :func:`cfseg.continual.distill.pseudo_dice_labels`), beside the
+            Dice of the stage's own classes, so that neither mean dilutes the other. 0: off.
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution
@@ -242,6 +246,7 @@ class CFSegModule(L.LightningModule):
         pseudo_threshold_batches: int = 10,
         pseudo_ignore_uncertain: bool = True,
         pseudo_label_dice: bool = False,
+        pseudo_dice_weight: float = 0.0,
         pod_weight: float = 0.0,
         pod_layers: list[str] | None = None,
         pod_scales: tuple[int, ...] = (1, 2, 4),
@@ -292,6 +297,12 @@ class CFSegModule(L.LightningModule):
                              f"{pseudo_entropy_floor} and {pseudo_entropy_cap}")
         if pseudo_label not in (True, False, "auto"):
             raise ValueError(f"pseudo_label must be true, false or 'auto', got {pseudo_label!r}")
+        if not (isinstance(pseudo_dice_weight, (int, float)) and math.isfinite(pseudo_dice_weight)
+                and pseudo_dice_weight >= 0):
+            raise ValueError(f"pseudo_dice_weight must be a finite number >= 0 (0: off), got {pseudo_dice_weight!r}")
+        if pseudo_dice_weight > 0 and pseudo_label_dice:
+            raise ValueError("pseudo_dice_weight > 0 is a separate Dice over the pseudo-labelled classes; "
+                             "pseudo_label_dice=true already puts them in the stage's Dice: set one of the two")
         if pseudo_threshold_batches < 1:
             raise ValueError(f"pseudo_threshold_batches must be >= 1, got {pseudo_threshold_batches}")
         if pod_weight < 0 or not pod_scales or any(int(s) != s or s < 1 for s in pod_scales):
@@ -786,8 +797,9 @@ class CFSegModule(L.LightningModule):
         differ from the cross-entropy's (pseudo-labels in the cross-entropy only; no ignored voxels).
 
         Keys: ``partial`` (the head's partial-label loss, :meth:`cfseg.heads.Head.loss`), and with a positive
-        weight ``exclusion`` (:func:`cfseg.losses.exclusion_loss`) and ``entropy``
-        (:func:`cfseg.losses.ambiguous_entropy`).
+        weight ``exclusion`` (:func:`cfseg.losses.exclusion_loss`), ``entropy``
+        (:func:`cfseg.losses.ambiguous_entropy`) and, when ``dice_labels`` are given, ``pseudo_dice`` (the Dice
+        of the classes ``target`` pseudo-labelled, ``pseudo_dice_weight``).
         """
         target = batch["label"][:, 0].long() if target is None else target
         annotated = batch["annotated"].bool() if annotated is None else annotated
@@ -801,6 +813,10 @@ class CFSegModule(L.LightningModule):
                                      ignore_index=ignore_index, batch_dice=batch_dice) \
                 + self.head.loss(logits, *dice_labels, ce_weight=0.0, dice_weight=h.dice_weight, batch_dice=batch_dice)
         terms = {"partial": partial}
+        if dice_labels is not None and h.get("pseudo_dice_weight", 0.0) > 0:
+            t_p, ann_p = distill.pseudo_dice_labels(target, annotated, dice_labels[1], ignore_index)
+            terms["pseudo_dice"] = self.head.loss(logits, t_p, ann_p, ce_weight=0.0, dice_weight=h.pseudo_dice_weight,
+                                                  ignore_index=ignore_index, batch_dice=batch_dice)
         if h.get("exclusion_weight", 0.0) > 0:
             terms["exclusion"] = h.exclusion_weight * exclusion_loss(logits, target, annotated, ignore_index)
         if h.get("entropy_weight", 0.0) > 0:
@@ -913,7 +929,7 @@ class CFSegModule(L.LightningModule):
         logits = self._logits(feats, ctx)
         supervised = self.loss_terms(logits, batch, target, annotated, ignore, dice_labels)
         loss = sum(supervised.values(), logits.new_zeros(()).float())
-        for name in ("exclusion", "entropy"):
+        for name in ("exclusion", "entropy", "pseudo_dice"):
             if name in supervised:
                 self.log(f"train/{name}", supervised[name], on_step=True, on_epoch=True, batch_size=bs)
         if teacher_out is not None:

@@ -16,6 +16,7 @@ from cfseg.continual.distill import (
     median_thresholds,
     mib_distillation,
     normalized_entropy,
+    pseudo_dice_labels,
     pseudo_label,
     resolve_layers,
     similarity_distillation,
@@ -222,6 +223,24 @@ def test_pseudo_label_keeps_background_of_an_annotated_old_class():
     assert new_t[0].tolist() == [0, 0, 0] and new_t[1].tolist() == [1, 1, 1]
     assert new_a.tolist() == [[True, True, False], [True, True, False]]
     assert not new_a[:, 0].logical_not().any()  # background column stays as it was (True), never "gained"
+
+
+def test_pseudo_dice_labels_keep_only_the_pseudo_labelled_classes():
+    """The separate Dice sees the classes the teacher added to a case, with every other label as 0."""
+    target = torch.tensor([[0, 0, 0, 3, 0, 0]])
+    annotated = torch.tensor([[True, False, False, True]])
+    logits = teacher_logits_for(torch.tensor([[1, 2, 1, 1, 0, 2]]), 3,
+                                torch.tensor([[20.0, 20.0, 0.5, 20.0, 20.0, 0.5]]))
+    pt, pa = pseudo_label(target, annotated, logits, torch.full((3,), 0.5), ignore_index=-1)
+    t, a = pseudo_dice_labels(pt, pa, annotated, ignore_index=-1)
+    assert pt.tolist() == [[1, 2, -1, 3, 0, -1]]
+    assert a.tolist() == [[True, True, True, False]]  # classes 1 and 2 were pseudo-labelled; the stage's 3 is not
+    assert t.tolist() == [[1, 2, -1, 0, 0, -1]]  # the new class's voxel is "not 1, not 2"; ignored stays ignored
+    # a case that gained nothing has no pair in the term; no ignore_index: nothing is ignored
+    t2, a2 = pseudo_dice_labels(target, annotated, annotated)
+    assert a2.tolist() == [[True, False, False, False]] and t2.tolist() == [[0] * 6]
+    with pytest.raises(ValueError, match="one shape"):
+        pseudo_dice_labels(pt, pa, annotated[:, :3])
 
 
 def test_pseudo_label_errors():

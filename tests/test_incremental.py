@@ -337,3 +337,30 @@ def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):
     fused = m.head.loss(seen["logits"].detach(), seen["target"], seen["annotated"], ignore_index=seen["ignore"],
                         batch_dice=True)
     assert seen["terms"]["partial"].item() == pytest.approx(fused.item(), rel=1e-5)
+
+
+def test_pseudo_dice_weight_adds_a_dice_of_the_pseudo_labelled_classes(stage0_ckpt):
+    """``pseudo_dice_weight``: the stage's Dice stays on its own labels and a second Dice, over the pseudo-labelled
+    classes only, is its own term, so neither mean dilutes the other."""
+    from cfseg.continual.distill import pseudo_dice_labels
+
+    m = _stage_module(stage0_ckpt, pseudo_label=True, pseudo_dice_weight=0.5, pseudo_entropy_floor=0.5)
+    logged = {}
+    m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
+    seen = _spy_loss_terms(m)
+    batch = _stage_batch()
+    m.training_step(batch, 0).backward()
+    label, ann = batch["label"][:, 0].long(), batch["annotated"].bool()
+    lg, t, a = seen["logits"].detach(), seen["target"], seen["annotated"]
+    ce = m.head.loss(lg, t, a, dice_weight=0.0, ignore_index=seen["ignore"], batch_dice=True)
+    dice = m.head.loss(lg, label, ann, ce_weight=0.0, batch_dice=True)
+    assert seen["terms"]["partial"].item() == pytest.approx((ce + dice).item(), rel=1e-5)  # as without the term
+    t_p, a_p = pseudo_dice_labels(t, a, ann, seen["ignore"])
+    assert a_p[:, 1:].any() and not (a_p & ann)[:, 1:].any()  # pseudo-labelled old classes only
+    pseudo = m.head.loss(lg, t_p, a_p, ce_weight=0.0, ignore_index=seen["ignore"], batch_dice=True)
+    assert 0 < pseudo.item() and seen["terms"]["pseudo_dice"].item() == pytest.approx(0.5 * pseudo.item(), rel=1e-5)
+    assert logged["train/pseudo_dice"] == pytest.approx(seen["terms"]["pseudo_dice"].item())
+    with pytest.raises(ValueError, match="set one of the two"):
+        _stage_module(stage0_ckpt, pseudo_dice_weight=1.0, pseudo_label_dice=True)
+    with pytest.raises(ValueError, match="pseudo_dice_weight must be"):
+        _stage_module(stage0_ckpt, pseudo_dice_weight=-1.0)

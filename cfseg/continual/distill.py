@@ -349,6 +349,37 @@ def pseudo_label(
     return out, ann
 
 
+def pseudo_dice_labels(pseudo_target: Tensor, pseudo_annotated: Tensor, stage_annotated: Tensor,
+                       ignore_index: int | None = None) -> tuple[Tensor, Tensor]:
+    """Labels of a Dice term over the pseudo-labelled classes alone.
+
+    The classes :func:`pseudo_label` added to a case (annotated now, not in the stage's own annotation) stay
+    annotated; every other class is dropped from ``annotated`` and its voxels become 0, which for a Dice over the
+    remaining classes is the same "not this class". Ignored voxels stay ignored.
+
+    Args:
+        pseudo_target: [B, *S] labels from :func:`pseudo_label` (``ignore_index`` where uncertain).
+        pseudo_annotated: [B, K+1] bool, annotated classes after pseudo-labelling.
+        stage_annotated: [B, K+1] bool, the stage's own annotation (before pseudo-labelling).
+        ignore_index: the label of uncertain voxels, or None.
+
+    Returns:
+        ``(target [B, *S] int64, annotated [B, K+1] bool)`` with annotated = pseudo-labelled classes only.
+    """
+    if pseudo_annotated.shape != stage_annotated.shape or pseudo_annotated.dtype != torch.bool \
+            or stage_annotated.dtype != torch.bool:
+        raise ValueError(f"pseudo_annotated and stage_annotated must be bool [B, K+1] of one shape, got "
+                         f"{pseudo_annotated.dtype} {tuple(pseudo_annotated.shape)} and {stage_annotated.dtype} "
+                         f"{tuple(stage_annotated.shape)}")
+    ann = pseudo_annotated & ~stage_annotated.to(pseudo_annotated.device)
+    ann[:, 0] = True  # background is always column 0
+    t = pseudo_target.long()
+    ignored = t == ignore_index if ignore_index is not None else torch.zeros_like(t, dtype=torch.bool)
+    b = t.shape[0]
+    own = ann.gather(1, t.clamp_min(0).reshape(b, -1)).reshape(t.shape)
+    return torch.where(own | ignored, t, torch.zeros_like(t)), ann
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Local POD (PLOP): multi-scale pooled feature distillation
 # ----------------------------------------------------------------------------------------------------------

@@ -161,7 +161,7 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
     from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
     from cfseg.module import CFSegModule, load_checkpoint
     from cfseg.online import OnlineCorrector, OnlineStateError
-    from cfseg.segmentation import _preprocess
+    from cfseg.segmentation import _preprocess, modality_view
 
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     try:
@@ -171,7 +171,7 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
     img, where = load_input(image)
     corrected = read_correction(module, img, masks, labels, classes)
     try:
-        chosen, _, _ = choose_modality(module, np.asarray(img.dataobj), modality)
+        chosen, _, _ = choose_modality(module, np.asarray(img.dataobj), modality, modality_view(module, img, modality))
     except ModalityError as e:
         raise SegmentError(f"{where}: {e}") from None
     ks = sorted(corrected)

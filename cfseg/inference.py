@@ -80,8 +80,13 @@ def detect_modality(array: np.ndarray | torch.Tensor, max_samples: int = 2_000_0
 
 
 def choose_modality(module: CFSegModule, array: np.ndarray | torch.Tensor,
-                    modality: str | None = None) -> tuple[str, str, str | None]:
-    """The modality to preprocess ``array`` with: the given one, else the detected one (:func:`detect_modality`).
+                    modality: str | None = None, view: torch.Tensor | None = None) -> tuple[str, str, str | None]:
+    """The modality to preprocess ``array`` with: the given one; else the modality router's answer when the
+    checkpoint has one over two or more of its modalities and ``view`` (the image in the modality-neutral view
+    [1, C, *S], :func:`cfseg.data.transforms.neutral_view`) is given; else the intensity rule
+    (:func:`detect_modality`). The router's answer stands where the rule agrees or cannot tell (a z-scored MRI, a CT
+    cropped inside the body); where they disagree the image is refused with both answers (e.g. a CT stored without
+    its HU offset, which the rule alone reads as MRI; the neutral view does not see an offset).
 
     Returns:
         ``(modality, note, warning)``: ``note`` says how it was chosen (``"modality ct (detected: ...)"``);
@@ -105,6 +110,19 @@ def choose_modality(module: CFSegModule, array: np.ndarray | torch.Tensor,
         if detected != modality:
             warning = f"the image looks like {detected} ({reason}) but modality {modality} was given; using {modality}"
         return modality, f"modality {modality} (given)", warning
+    router = module.modality_router if view is not None else None
+    if router is not None and len(set(router.names) & set(known)) >= 2:
+        scores = {m: v for m, v in module.modality_scores(view).items() if m in known}
+        best = max(scores, key=scores.__getitem__)
+        said = "router: " + ", ".join(f"{m} {v:.2f}" for m, v in scores.items())
+        try:
+            detected, reason = detect_modality(array)
+        except ModalityError:
+            return best, f"modality {best} ({said}; the intensity rule cannot tell)", None
+        if detected != best:
+            raise ModalityError(f"the modality router says {best} ({said}) but the intensity rule says {detected} "
+                                f"({reason}); pass --modality {best} or --modality {detected}")
+        return best, f"modality {best} ({said}; the intensity rule agrees)", None
     try:
         detected, reason = detect_modality(array)
     except ModalityError as e:

@@ -11,7 +11,10 @@ the input's own voxel grid: every output has the input's shape and affine, whate
 Modality: without ``--modality`` it is read off the image (CT: air at about -1000 Hounsfield units; MRI:
 non-negative arbitrary units) and printed (``case.nii.gz: modality ct (detected: ...)``). An image that looks
 like a modality the checkpoint was not trained on, or that fits neither rule, is refused; ``--modality`` forces
-one (with a warning when the image looks otherwise).
+one (with a warning when the image looks otherwise). A checkpoint with a modality router over two or more
+modalities (``strategy: experts``) answers instead, from the image's modality-neutral view, and says whether the
+intensity rule agrees; where they disagree the image is refused with both answers
+(:func:`cfseg.inference.choose_modality`).
 
 Experts: a checkpoint trained with LoRA experts (``strategy: experts``) segments each class with the expert of the
 stage that trained it (expert 0: the shared network), the volume's domain picked by the checkpoint's router when
@@ -320,9 +323,10 @@ def segment(
         similarity: also return ``"similarity_<class>"`` float maps (cosine to the class prototype).
         box: ``(x0, y0, z0, x1, y1, z1)`` voxel box of the input (end exclusive); outside is background.
         device: ``"cpu"`` or ``"cuda"``.
-        modality: ``"ct"`` or ``"mri"``; None = detected from the image
-            (:func:`cfseg.inference.detect_modality`); an image that looks like a modality the checkpoint was not
-            trained on is refused unless ``modality`` is given (then a warning).
+        modality: ``"ct"`` or ``"mri"``; None = the checkpoint's modality router where it has one over two or
+            more modalities, else detected from the image (:func:`cfseg.inference.detect_modality`); an image that
+            looks like a modality the checkpoint was not trained on is refused unless ``modality`` is given (then a
+            warning).
         context: voxels of context around ``box`` given to the network.
         max_voxels: largest input grid and largest resampled grid accepted (see :mod:`cfseg.geometry`).
         notify: ``notify(level, message)`` with level ``"info"`` (the modality used and why; with LoRA experts,
@@ -351,7 +355,8 @@ def segment(
     corrector = open_online(online, module)
     img, where = load_input(image, max_voxels)
     try:
-        chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality)
+        chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality,
+                                                modality_view(module, img, modality))
     except ModalityError as e:
         raise SegmentError(f"{where}: {e}") from None
     _notify(notify, "info", f"{where}: {note}")
@@ -426,6 +431,18 @@ def _notify(notify: Callable[[str, str], None] | None, level: str, message: str)
         warnings.warn(message, stacklevel=3)
     else:
         log.info(message)
+
+
+def modality_view(module, img: nib.Nifti1Image, modality: str | None = None) -> torch.Tensor | None:
+    """The image in the modality router's neutral view [1, C, *S], or None where the router is not asked: a given
+    ``modality``, a checkpoint without LoRA experts (strategy ``experts``) or without a modality router, or of one
+    modality."""
+    from cfseg.data.transforms import Preprocessing
+
+    router = module.modality_router
+    if modality is not None or router is None or module.n_experts < 2 or len(module.preprocessing or {}) < 2:
+        return None
+    return _preprocess(img, Preprocessing.from_dict(router.view))["image"][None]
 
 
 def _preprocess(img: nib.Nifti1Image, pre, masks: np.ndarray | None = None) -> dict[str, Any]:

@@ -166,3 +166,35 @@ def test_router_picks_the_expert_of_each_modality(ct_stage0, tiny_phantoms, tmp_
     model.route_override = 0  # --expert: one expert for every class, no routing
     res = evaluate_datasets(model, [ds(tiny_phantoms[1], STAGE0)], split="all")
     assert "routing_accuracy" not in res
+    model.route_override = None
+    # the modality router: fitted on the neutral view of the training cases of stage 0 (CT) and this stage (MRI)
+    assert model.modality_router.names == ["ct", "mri"] and model.modality_router.view["modality"] == "neutral"
+    assert model.modality_router.ridge.n_samples[0] > 0 and model.modality_router.ridge.n_samples[1] > 0
+    _segment_answers_the_modality(model, tiny_phantoms)
+
+
+def _segment_answers_the_modality(model, tiny_phantoms):
+    """Without ``--modality`` the router names each phantom's modality; a CT stored without its HU offset (+1024:
+    the intensity rule reads it as MRI; the neutral view does not see an offset) is refused with both answers."""
+    import nibabel as nib
+    import numpy as np
+
+    from cfseg.segmentation import SegmentError, segment
+
+    for site, expected in ((tiny_phantoms[0], "ct"), (tiny_phantoms[1], "mri")):
+        for path in sorted((site / "imagesTr").glob("*.nii.gz")):
+            said: list[tuple[str, str]] = []
+            segment(str(path), model, notify=lambda level, msg, said=said: said.append((level, msg)))
+            infos = [m for lv, m in said if lv == "info" and "modality" in m]
+            assert f"modality {expected} (router: " in infos[0] and "the intensity rule agrees" in infos[0], said
+            assert not [m for lv, m in said if lv == "warning"], said
+    ct = nib.load(str(sorted((tiny_phantoms[0] / "imagesTr").glob("*.nii.gz"))[0]))
+    shifted = nib.Nifti1Image(np.asarray(ct.dataobj, dtype=np.float32) + 1024.0, ct.affine)
+    with pytest.raises(SegmentError, match="the modality router says ct .* but the intensity rule says mri .*"
+                                           "--modality ct or --modality mri"):
+        segment(shifted, model)
+    assert segment(shifted, model, modality="ct")  # the user's answer resolves it
+    said = []  # a given modality is used as given: the router is not asked
+    segment(str(sorted((tiny_phantoms[0] / "imagesTr").glob("*.nii.gz"))[0]), model, modality="ct",
+            notify=lambda level, msg: said.append((level, msg)))
+    assert any("modality ct (given)" in m for lv, m in said), said

@@ -126,3 +126,26 @@ def test_pooled_features_matches_numpy():
     np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"\[B, C, \*S\].*\(3, 5\)"):
         pooled_features(torch.randn(3, 5))
+
+
+def test_modality_router_names_its_columns_and_round_trips():
+    from cfseg.continual.router import ModalityRouter
+    from cfseg.data.transforms import neutral_view
+
+    g = torch.Generator().manual_seed(0)
+    ct, mri = torch.randn(20, 6, generator=g) + 2.0, torch.randn(20, 6, generator=g) - 2.0
+    r = ModalityRouter(6, neutral_view((2.0, 2.0, 2.0)).to_dict(), gamma=0.01)
+    r.update(ct[:10], "ct")
+    r.update(mri[:10], "mri")
+    r.update(ct[10:], "ct")  # a known name accumulates into its own column
+    assert r.names == ["ct", "mri"] and r.ridge.n_samples == [20, 10]
+    assert max(r.scores(ct[:3]).items(), key=lambda kv: kv[1])[0] == "ct"
+    assert max(r.scores(mri[10:]).items(), key=lambda kv: kv[1])[0] == "mri"
+    back = ModalityRouter.from_state(r.state())
+    assert back.names == r.names and back.view == r.view and back.scores(mri) == r.scores(mri)
+    bad = r.state()
+    bad["names"] = ["ct"]
+    with pytest.raises(ValueError, match="2 statistics columns"):
+        ModalityRouter.from_state(bad)
+    with pytest.raises(ValueError, match="modality 'neutral'"):
+        ModalityRouter(6, {"modality": "ct"})

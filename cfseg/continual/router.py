@@ -10,6 +10,12 @@ targets do, so the solution after stage ``t`` equals the joint ridge solution on
 Features: ``phi(x) = [relu(x @ R), 1]`` with a fixed random expansion ``R`` ``[in_features,
 random_features]`` (``random_features > 0``) or ``phi(x) = [x, 1]`` (``random_features == 0``); the constant
 last column is the bias, so ``E = (random_features or in_features) + 1``. All statistics are float64 on CPU.
+
+:class:`ModalityRouter` asks the same kind of ridge classifier which modality an image is. Each modality has its
+own intensity preprocessing (CT window, MRI z-score), so features of a preprocessed image already presuppose the
+answer; the modality router reads the frozen network's features of a *modality-neutral view* instead (the raw
+intensities' 0.5th-99.5th percentiles mapped to [0, 1], one spacing and orientation for all), which exists before
+the modality is known.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RidgeRouter", "pooled_features", "ridge_solution"]
+__all__ = ["ModalityRouter", "RidgeRouter", "pooled_features", "ridge_solution"]
 
 
 def pooled_features(acts: Tensor) -> Tensor:
@@ -188,4 +194,62 @@ class RidgeRouter:
         router = cls.__new__(cls)
         router._setup(f, float(state["gamma"]), r, state["seed"], state["projection"].clone())
         router.G, router.Q, router.n_samples = state["G"].clone(), state["Q"].clone(), list(counts)
+        return router
+
+
+class ModalityRouter:
+    """Which modality an image is: a :class:`RidgeRouter` over modality names, fitted on the modality-neutral view.
+
+    Args:
+        in_features: width of the pooled features.
+        view: the neutral view's preprocessing (:meth:`cfseg.data.transforms.Preprocessing.to_dict` with
+            ``modality="neutral"``): every image is resampled and scaled this way before its features are taken.
+        gamma: ridge regularisation.
+    """
+
+    def __init__(self, in_features: int, view: dict[str, Any], gamma: float = 1.0) -> None:
+        if not isinstance(view, dict) or view.get("modality") != "neutral":
+            raise ValueError(f"the modality router's view must be a preprocessing dict with modality 'neutral', "
+                             f"got {view!r}")
+        self.ridge = RidgeRouter(in_features, gamma=gamma)
+        self.names: list[str] = []
+        self.view = dict(view)
+
+    def update(self, x: Tensor, modality: str) -> None:
+        """Accumulate ``[N, in_features]`` window features of images of ``modality`` (a new name is appended)."""
+        if not isinstance(modality, str) or not modality:
+            raise ValueError(f"modality must be a non-empty string, got {modality!r}")
+        if modality not in self.names:
+            self.ridge.update(x, len(self.names))
+            self.names.append(modality)
+        else:
+            self.ridge.update(x, self.names.index(modality))
+
+    def scores(self, x: Tensor) -> dict[str, float]:
+        """Mean ridge score per modality over the ``[N_windows, in_features]`` windows of one volume."""
+        if x.dim() != 2 or x.shape[0] == 0:
+            raise ValueError(f"expected [N_windows >= 1, {self.ridge.in_features}] features, got {tuple(x.shape)}")
+        mean = self.ridge.scores(x).mean(dim=0)
+        return {name: float(v) for name, v in zip(self.names, mean, strict=True)}
+
+    def state(self) -> dict[str, Any]:
+        """Plain state loadable with ``torch.load(weights_only=True)``."""
+        return {"ridge": self.ridge.state(), "names": list(self.names), "view": dict(self.view)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> ModalityRouter:
+        """Rebuild from :meth:`state`.
+
+        Raises:
+            ValueError: missing keys, or names that do not match the statistics' columns.
+        """
+        if not isinstance(state, dict) or not {"ridge", "names", "view"} <= set(state):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"modality router state needs keys ['names', 'ridge', 'view'], got {got}")
+        ridge = RidgeRouter.from_state(state["ridge"])
+        names = state["names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(names) != ridge.n_experts:
+            raise ValueError(f"damaged modality router state: {ridge.n_experts} statistics columns, names {names!r}")
+        router = cls(ridge.in_features, dict(state["view"]), ridge.gamma)
+        router.ridge, router.names = ridge, list(names)
         return router

@@ -237,8 +237,24 @@ class ClassIndicesd(mt.MapTransform):
         return d
 
 
+#: Percentiles of the raw intensities that the modality-neutral view maps to 0 and 1 (clipped outside).
+NEUTRAL_PERCENTILES = (0.5, 99.5)
+
+
+def neutral_view(spacing: Sequence[float], orientation: str = "RAS") -> Preprocessing:
+    """The modality-neutral view (``modality="neutral"``): an image of any modality resampled to ``spacing`` and
+    its intensities' :data:`NEUTRAL_PERCENTILES` mapped to [0, 1]: what a question about the modality is asked
+    of, since it presupposes no CT window or MRI normalisation (:class:`cfseg.continual.router.ModalityRouter`)."""
+    return Preprocessing(modality="neutral", spacing=tuple(float(s) for s in spacing), orientation=orientation)
+
+
 def intensity_transform(pre: Preprocessing, key: str = "image") -> mt.Transform:
-    """The modality's intensity normalisation: CT window to [0, 1]; MRI z-score over foreground."""
+    """The modality's intensity normalisation: CT window to [0, 1]; MRI z-score over foreground; the neutral view's
+    percentile scaling (:func:`neutral_view`)."""
+    if pre.modality == "neutral":
+        lo, hi = NEUTRAL_PERCENTILES
+        return mt.ScaleIntensityRangePercentilesd(key, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True,
+                                                  channel_wise=True)
     if pre.modality == "ct":
         lo, hi = pre.ct_window
         return mt.ScaleIntensityRanged(key, a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)

@@ -232,7 +232,7 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     assert seen["annotated"][:, 5:].all() and seen["annotated"][:, 0].all()
     assert logged["train/pseudo_voxels"] == pytest.approx(((t != label) & (t > 0)).float().mean().item())
     assert m._hist_batches == 1 and m._entropy_hist.sum() == (label == 0).sum()
-    # pseudo-labels enter the cross-entropy only; the Dice keeps the batch's own labels (no dilution of new classes)
+    # pseudo-labels enter the cross-entropy only; the Dice keeps the batch's own labels
     assert torch.equal(seen["dice"][0], label) and torch.equal(seen["dice"][1], batch["annotated"].bool())
     lg, head = seen["logits"].detach(), m.head
     ce = head.loss(lg, t, seen["annotated"], dice_weight=0.0, ignore_index=seen["ignore"], batch_dice=True)
@@ -341,7 +341,7 @@ def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):
 
 def test_pseudo_dice_weight_adds_a_dice_of_the_pseudo_labelled_classes(stage0_ckpt):
     """``pseudo_dice_weight``: the stage's Dice stays on its own labels and a second Dice, over the pseudo-labelled
-    classes only, is its own term, so neither mean dilutes the other."""
+    classes only, is its own term, leaving the weight of the stage classes' Dice unchanged."""
     from cfseg.continual.distill import pseudo_dice_labels
 
     m = _stage_module(stage0_ckpt, pseudo_label=True, pseudo_dice_weight=0.5, pseudo_entropy_floor=0.5)

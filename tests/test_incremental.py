@@ -362,5 +362,8 @@ def test_pseudo_dice_weight_adds_a_dice_of_the_pseudo_labelled_classes(stage0_ck
     assert logged["train/pseudo_dice"] == pytest.approx(seen["terms"]["pseudo_dice"].item())
     with pytest.raises(ValueError, match="set one of the two"):
         _stage_module(stage0_ckpt, pseudo_dice_weight=1.0, pseudo_label_dice=True)
+    # the default resolves to 0.1, or 0 where pseudo_label_dice already puts the pseudo-labels in the Dice
+    assert _stage_module(stage0_ckpt).hparams.pseudo_dice_weight == 0.1
+    assert _stage_module(stage0_ckpt, pseudo_label_dice=True).hparams.pseudo_dice_weight == 0.0
     with pytest.raises(ValueError, match="pseudo_dice_weight must be"):
         _stage_module(stage0_ckpt, pseudo_dice_weight=-1.0)

@@ -175,8 +175,8 @@ class CFSegModule(L.LightningModule):
             pseudo-labels, uncertain voxels ignored; :func:`cfseg.continual.distill.pseudo_dice_labels`), beside the
             Dice of the stage's own classes, whose weight it leaves unchanged. 0: off. None (default): 0.1, or 0
             with ``pseudo_label_dice=True``. Chosen on the OpenKBP v2 validation cases (two seeds): 0.1 gives
-            0.436 (test 0.458, BWT -0.100, every organ learnt), 1.0 0.378 (the stage-2 organs at 0), 0 0.304
-            (the stage-0 brainstem and spinal cord at 0).
+            0.436 (test 0.458, BWT -0.100, every organ learnt), 0.3 0.427 (esophagus at 0), 1.0 0.378 (the stage-2
+            organs at 0), 0 0.304 (the stage-0 brainstem and spinal cord at 0).
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution

@@ -202,8 +202,9 @@ class CFSegModule(L.LightningModule):
             each in the modality-neutral view; with two or more modalities it answers ``cfseg-segment`` without
             ``--modality``.
         router_modality_gamma: ridge ``gamma`` of the modality router. Its rows are whole-volume windows, far
-            fewer than the expert router's crops: at gamma 1 the tiny phantoms' CT and MRI scores differed by
-            0.01-0.08, at 0.01 by 0.4-0.85.
+            fewer than the expert router's crops; with the test suite's tiny phantoms (two training cases per
+            modality) gamma 1 left CT and MRI scores close together and 0.01 separated them; on the synthetic
+            protocol every gamma from 1 to 0.001 answers every volume (benchmarks/README.md).
         ewc_lambda: ``strategy="ewc"`` (reference baseline, Kirkpatrick et al. 2017): the penalty
             ``lambda / 2 * sum_i F_i (theta_i - theta*_i)^2`` towards the previous checkpoint's weights ``theta*``
             with its accumulated diagonal Fisher ``F`` (see :mod:`cfseg.continual.ewc` for the units).
@@ -631,7 +632,7 @@ class CFSegModule(L.LightningModule):
 
     def modality_scores(self, view: torch.Tensor) -> dict[str, float]:
         """Mean modality-router score per modality for one volume in the modality-neutral view [1, C, *S]
-        (:func:`cfseg.inference.modality_view`); the highest names the modality."""
+        (:func:`cfseg.segmentation.modality_view`); the highest names the modality."""
         if self.modality_router is None:
             raise ValueError("this checkpoint has no modality router statistics")
         return self.modality_router.scores(self._window_features(view))
@@ -642,22 +643,19 @@ class CFSegModule(L.LightningModule):
         from cfseg.data.transforms import Preprocessing, deterministic_transforms, neutral_view
 
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        datasets = [d for d in getattr(dm, "datasets", []) if not d.config.val_only and d.split.get("train")]
+        datasets = [(d, items) for d in getattr(dm, "datasets", []) if (items := dm.items(d, "train"))]
         if not datasets:
             return
         if self.modality_router is not None:
             view = Preprocessing.from_dict(self.modality_router.view)
         else:
-            first = dm.preprocessing(datasets[0].info.modality)
+            first = dm.preprocessing(datasets[0][0].info.modality)
             view = neutral_view(first.spacing, first.orientation)
         load = mt.Compose(deterministic_transforms(view, labeled=False))
-        for d in datasets:
-            cases = d.split["train"]
-            k = min(self.hparams.router_batches, len(cases))  # k cases spread evenly over the training cases
-            for i in sorted({round(j * (len(cases) - 1) / max(1, k - 1)) for j in range(k)}):
-                case = cases[i]
-                item = load({"image": [str(p) for p in case.images] if len(case.images) > 1 else str(case.images[0])})
-                feats = self._window_features(item["image"][None])
+        for d, items in datasets:
+            k = min(self.hparams.router_batches, len(items))  # k cases spread evenly over the training cases
+            for i in sorted({round(j * (len(items) - 1) / max(1, k - 1)) for j in range(k)}):
+                feats = self._window_features(load({"image": items[i]["image"]})["image"][None])
                 if self.modality_router is None:  # the feature width comes from the first case
                     self.modality_router = ModalityRouter(feats.shape[1], view.to_dict(),
                                                           gamma=self.hparams.router_modality_gamma)

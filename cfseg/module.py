@@ -145,6 +145,8 @@ class CFSegModule(L.LightningModule):
             per-voxel *sum* over the n_old+1 teacher classes; MiB's ``UnbiasedKnowledgeDistillationLoss`` divides
             that sum by n_old+1. So ``kd_weight = w`` equals MiB's ``loss_kd = w * (n_old + 1)``, and MiB's
             default ``loss_kd=10`` is ``kd_weight = 10 / (n_old + 1)`` (2.5 with 3 old organs, 1.67 with 5).
+            Default 1: 2.5 kept more of OpenKBP v2's old organs but halved the synthetic protocol's MRI stage
+            (benchmarks/openkbp/README.md, benchmarks/README.md).
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).
         feat_weight: weight of the feature distillation (MSE of normalised voxel features).

@@ -166,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             protocol[0].terminate()  # only reached when the joint part failed
 
 
+def _last_callback_is_checkpoint(config: Path) -> bool:
+    """Whether the config's last trainer callback is a ModelCheckpoint (the one a command-line override reaches)."""
+    import yaml
+
+    callbacks = ((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
+    last = callbacks[-1] if isinstance(callbacks, list) and callbacks else {}
+    return isinstance(last, dict) and str(last.get("class_path", "")).endswith("ModelCheckpoint")
+
+
 def _joint_then_protocol(a: argparse.Namespace, paths: list[Path], protocol, t0: float) -> int:
     train_paths, test_path = paths[:2], paths[2]
     print("\nWhat the data layer reads:\n")
@@ -178,6 +187,8 @@ def _joint_then_protocol(a: argparse.Namespace, paths: list[Path], protocol, t0:
     args = ["fit", "--config", str(a.config), f"--trainer.default_root_dir={a.out}",
             f"--data.datasets={json.dumps(datasets)}", f"--trainer.logger.init_args.save_dir={a.out}",
             f"--seed_everything={a.seed}"]
+    if _last_callback_is_checkpoint(a.config):  # its folder follows --out (two demos side by side do not collide)
+        args.append(f"--trainer.callbacks.init_args.dirpath={a.out / 'checkpoints'}")
     if a.max_epochs is not None:
         args.append(f"--trainer.max_epochs={a.max_epochs}")
     print(f"\nTraining: cfseg {' '.join(args)}\n")

@@ -41,6 +41,7 @@ from cfseg.data.transforms import (
     CT_WINDOW,
     CheckedCompose,
     Preprocessing,
+    augment_level,
     build_transforms,
     deterministic_transforms,
     hierarchical_transforms,
@@ -409,7 +410,10 @@ class SegDataModule(L.LightningDataModule):
             centred on that class; ``crop`` and ``class_ratios`` are then unused for labelled data. A pass has as
             many draws as ``"cases"`` has items (training cases x ``train_repeats``). With one dataset (OpenKBP)
             it reduces to class-balanced crops over the annotated classes (no crops centred on background).
-        augment: random intensity augmentation.
+        augment: training augmentation, one of :data:`cfseg.data.transforms.AUGMENT_LEVELS`: ``"intensity"`` (the
+            default; also ``true``), ``"none"`` (also ``false``), ``"spatial"`` (+ rotation and scaling) or
+            ``"strong"`` (nnU-Net-style: + noise, blur, low resolution, gamma);
+            :func:`cfseg.data.transforms.augmentation`.
         ct_window: HU window for CT datasets.
         orientation: axis codes (default RAS).
         cache: ``"memory"`` (MONAI CacheDataset), ``"disk"`` (PersistentDataset under ``cache_dir``) or
@@ -434,7 +438,7 @@ class SegDataModule(L.LightningDataModule):
         crop: str = "class_balanced",
         class_ratios: list[float] | str | None = None,
         sampling: str = "cases",
-        augment: bool = True,
+        augment: bool | str = True,
         ct_window: tuple[float, float] = CT_WINDOW,
         orientation: str = "RAS",
         cache: str = "memory",
@@ -449,6 +453,7 @@ class SegDataModule(L.LightningDataModule):
             raise ValueError("data.datasets is empty: list at least one dataset folder")
         if isinstance(class_ratios, str) and class_ratios != "inverse_frequency":
             raise ValueError(f"class_ratios must be a list of K+1 numbers or 'inverse_frequency', got {class_ratios!r}")
+        augment_level(augment)  # a bad level fails here, not at the first training batch
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
         if cache not in ("memory", "disk", "none"):

@@ -130,3 +130,70 @@ def test_class_indices_match_a_scan_and_thin_only_large_classes():
     assert 500 < len(idx[0]) <= 1000 and (flat[idx[0]] == 0).all()  # background thinned, still background
     gaps = np.diff(idx[0])
     assert gaps.min() > 0 and np.flatnonzero(flat == 0)[-1] - idx[0][-1] < 2 * gaps.max()  # spread over the volume
+
+
+def _box_item(shape=(40, 36, 32)):
+    """An image equal to its label (two boxes), so any misalignment of image and label shows."""
+    from monai.data import MetaTensor
+
+    lab = torch.zeros((1, *shape), dtype=torch.uint8)
+    lab[0, 4:14, 6:16, 5:12] = 1
+    lab[0, 22:34, 18:30, 15:28] = 2
+    return {"image": MetaTensor(lab.float()), "label": MetaTensor(lab.clone()),
+            "annotated": torch.ones(3, dtype=torch.bool)}
+
+
+@pytest.mark.parametrize("level", ["none", "intensity", "spatial", "strong"])
+def test_augment_levels_give_aligned_patches_of_the_patch_size(level):
+    from cfseg.data.transforms import CheckedCompose, random_transforms
+
+    tf = CheckedCompose(random_transforms((16, 16, 16), 3, samples_per_volume=4, augment=level))
+    tf.set_random_state(0)
+    for _ in range(6):
+        for s in tf(_box_item()):
+            assert s["image"].shape == (1, 16, 16, 16) and s["label"].shape == (1, 16, 16, 16)
+            assert s["label"].dtype == torch.uint8 and s["image"].dtype == torch.float32
+            assert set(torch.unique(s["label"]).tolist()) <= {0, 1, 2}
+            if level in ("none", "spatial"):  # no intensity change beyond scale/shift: the boxes still match
+                img = s["image"][0]
+                inside, outside = img[s["label"][0] == 2], img[s["label"][0] == 0]
+                if len(inside) > 50 and len(outside) > 50:
+                    assert inside.median() > outside.median()
+
+
+def test_strong_augmentation_is_seeded_and_differs_from_the_light_one():
+    from cfseg.data.transforms import CheckedCompose, random_transforms
+
+    def run(level, seed):
+        tf = CheckedCompose(random_transforms((16, 16, 16), 3, samples_per_volume=2, augment=level))
+        tf.set_random_state(seed)
+        return [s["image"] for _ in range(8) for s in tf(_box_item())]
+
+    a, b = run("strong", 3), run("strong", 3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, run("strong", 4), strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, run("intensity", 3), strict=True))
+
+
+def test_spatial_crop_centres_cover_the_volume_as_a_plain_crop():
+    """The enlarged crop is cut from the volume padded by the margin: a patch centred on an organ in a corner still
+    holds it (a patch-plus-margin crop of the unpadded volume would sit near the centre)."""
+    from cfseg.data.transforms import CheckedCompose, crop_margin, crop_size, random_transforms
+
+    assert crop_size((48, 48, 48), "spatial") == (60, 60, 60) and crop_margin((48, 48, 48), True) == (0, 0, 0)
+    item = _box_item((40, 40, 40))
+    item["label"][:] = 0
+    item["label"][0, 1:4, 1:4, 1:4] = 1  # a corner organ
+    tf = CheckedCompose(random_transforms((32, 32, 32), 3, samples_per_volume=1, augment="spatial",
+                                          class_ratios=[0.0, 1.0, 0.0]))
+    tf.set_random_state(0)
+    counts = [int((tf(dict(item))[0]["label"] == 1).sum()) for _ in range(20)]
+    assert sum(c == 27 for c in counts) >= 10, counts  # whole whenever not rotated (70 % of the patches)
+
+
+def test_bad_augment_level_is_an_error():
+    from cfseg.data.transforms import augment_level
+
+    assert augment_level(True) == "intensity" and augment_level(False) == "none"
+    with pytest.raises(ValueError, match="augment must be"):
+        augment_level("heavy")

@@ -320,10 +320,58 @@ def test_pseudo_label_auto_on_in_a_class_stage_off_in_a_domain_stage(stage0_ckpt
     ct, mri = tiny_phantoms[0], tiny_phantoms[1]  # the MRI site with the classes it annotates (None)
     assert pseudo_logged(tmp_path / "ct", ct, STAGE1) == (True, True)
     assert pseudo_logged(tmp_path / "ct_off", ct, STAGE1, "--model.pseudo_label=false") == (False, True)
-    assert pseudo_logged(tmp_path / "mri", mri, None) == (False, True)
-    assert pseudo_logged(tmp_path / "mri_on", mri, None, "--model.pseudo_label=true")[0]
+    # (distillation forced on the MRI images: without image-only data the default distils nothing there)
+    assert pseudo_logged(tmp_path / "mri", mri, None, "--model.distill_labeled=true") == (False, True)
+    assert pseudo_logged(tmp_path / "mri_on", mri, None, "--model.pseudo_label=true", "--model.distill_labeled=true")[0]
     with pytest.raises(ValueError, match="pseudo_label must be"):
         _stage_module(stage0_ckpt, pseudo_label="yes")
+
+
+def test_distill_labeled_false_distils_only_on_image_only_batches(stage0_ckpt):
+    """``distill_labeled=False``: no teacher pass and no distillation on the labelled images; the image-only batch
+    of the stage is still distilled. True (the default): both."""
+    teacher_saw = {}
+
+    def run(setting, with_unlabeled):
+        m = _stage_module(stage0_ckpt, distill_labeled=setting, pseudo_label=False)
+        logged = {}
+        m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
+        seen = []
+        real_terms, real_teacher = m.distillation_terms, m.teacher_outputs
+        m.distillation_terms = lambda x, *a, **k: seen.append(x) or real_terms(x, *a, **k)
+        batch = _stage_batch()
+        m.teacher_outputs = lambda x: teacher_saw.setdefault(setting, []).append(x is batch["image"]) or real_teacher(x)
+        unlabeled = {"image": torch.randn(2, 1, 16, 16, 16)}
+        m.training_step({"labeled": batch, "unlabeled": unlabeled} if with_unlabeled else batch, 0)
+        return [x is unlabeled["image"] for x in seen], logged["train/distill"]
+
+    assert run(True, True)[0] == [False, True]
+    assert run("auto", True)[0] == [False, True]  # outside a fit, "auto" resolves to on (a trainer's stage decides)
+    off, kd = run(False, True)
+    assert off == [True] and kd > 0
+    assert run(False, False) == ([], 0.0)
+    assert not any(teacher_saw[False]) and any(teacher_saw[True])  # no teacher pass on labelled images when off
+    with pytest.raises(ValueError, match="distill_labeled must be"):
+        _stage_module(stage0_ckpt, distill_labeled="sometimes")
+    # the documented defaults of strategy distill (cfseg/module.py, README: chosen on validation cases)
+    assert _stage_module(stage0_ckpt).hparams.distill_labeled == "auto"
+    assert _stage_module(stage0_ckpt).hparams.kd_weight == 2.5
+
+
+def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_phantoms, tmp_path):
+    """``distill_labeled="auto"``: a CT stage after a CT teacher distils on its labelled images; an MRI stage
+    without image-only data distils nothing and says so."""
+    import csv
+
+    def distill_logged(out, data, classes):
+        fit(out, [ds(data, classes)], f"--model.previous_checkpoint={stage0_ckpt}", "--trainer.max_steps=2",
+            "--trainer.max_epochs=5", "--model.distill_labeled=auto")
+        rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
+        return [float(r["train/distill_step"]) for r in rows if r.get("train/distill_step")]
+
+    assert all(v > 0 for v in distill_logged(tmp_path / "ct", tiny_phantoms[0], STAGE1))
+    with pytest.warns(UserWarning, match="nothing is distilled"):
+        assert all(v == 0 for v in distill_logged(tmp_path / "mri", tiny_phantoms[1], None))
 
 
 def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):

@@ -191,12 +191,12 @@ class CFSegModule(L.LightningModule):
             class-incremental stages distil on the new stage's images). ``"auto"``: as ``pseudo_label="auto"``, on
             when every labelled training dataset of the stage is of a domain the teacher trained on, off in a
             domain step, where the labels supervise the old classes on images the teacher never saw and its
-            outputs there are what the stage must change; the stage then distils on its image-only datasets of
-            the old domains only (default; with none it warns that nothing is distilled). False: never on
-            labelled images. On the synthetic protocol's MRI stage (seeds 0-1) ``"auto"`` lets the stage learn
-            the MRI organs about as far as joint training does (0.59 vs 0.50 with True; joint 0.61) and loses
-            more of the CT organs at ``kd_weight`` 1 (BWT -0.095 vs -0.057), which a KD weight of 2.5 on the CT
-            images wins back (seeds 0-2: BWT -0.052, average 0.556 vs 0.530; benchmarks/README.md).
+            outputs there are what the stage must change; the stage then distils only on its image-only datasets
+            (list the earlier domains' images there; with none it warns that nothing is distilled). Default.
+            False: never on labelled images. On the synthetic protocol's MRI stage (seeds 0-1) ``"auto"`` lets
+            the stage learn the MRI organs about as far as joint training does (0.59 vs 0.50 with True; joint
+            0.61) and loses more of the CT organs at ``kd_weight`` 1 (BWT -0.095 vs -0.057), which a KD weight of
+            2.5 on the CT images wins back (seeds 0-2: BWT -0.052, average 0.556 vs 0.530; benchmarks/README.md).
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution
@@ -724,15 +724,15 @@ class CFSegModule(L.LightningModule):
         """Whether this stage distils on its labelled images: ``distill_labeled`` itself, or for ``"auto"``: every
         labelled training dataset of the stage in a domain the teacher trained on."""
         h = self.hparams
-        setting = h.get("distill_labeled", True)  # checkpoints from before the setting distilled on labelled images
+        setting = h.get("distill_labeled", "auto")
         if setting != "auto" or self.teacher is None:
             return bool(setting)
         on = self._teacher_knows_stage_domains("distill_labeled")
         dm = getattr(self.trainer, "datamodule", None)
         if not on and not any(not d.config.labeled for d in getattr(dm, "datasets", [])):
             warnings.warn("distill_labeled='auto' is off in this domain step and the stage has no image-only "
-                          "(unlabeled) dataset of an old domain: nothing is distilled, the stage fine-tunes; list "
-                          "the earlier stages' images under the stage's `unlabeled`", stacklevel=2)
+                          "(unlabeled) dataset: nothing is distilled, the stage fine-tunes; list the earlier stages' "
+                          "images under the stage's `unlabeled` (or set model.distill_labeled: true)", stacklevel=2)
         return on
 
     def _teacher_knows_stage_domains(self, setting: str) -> bool:

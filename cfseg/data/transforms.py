@@ -387,10 +387,10 @@ def augmentation(augment: bool | str = "intensity", patch_size: Sequence[int] | 
     ``"spatial"`` and ``"strong"`` take an item of :func:`crop_size` and return one of ``patch_size``: a random
     rotation (up to 15 degrees about each axis) and scaling (0.85-1.15) about the crop's centre with probability
     0.3 (otherwise the centre patch), image trilinear and label nearest. ``"spatial"`` adds the light scale/shift;
-    ``"strong"`` adds per image, each with its own probability, Gaussian
-    noise (std up to 0.03 in normalised units: 22 HU in a 750 HU CT window), Gaussian blur (sigma 0.5-1 voxel),
-    simulated low resolution (down by up to 2x and back), gamma 0.7-1.5, and the light scale/shift. Rates follow
-    nnU-Net's defaults, the ranges are milder (CPU budgets see few steps).
+    ``"strong"`` adds per image, each with its own probability, Gaussian noise (std up to 0.03 in normalised
+    units: 13 HU in the default 425 HU CT window, 22 HU in OpenKBP's 750 HU one), Gaussian blur (sigma 0.5-1
+    voxel), simulated low resolution (down by up to 2x and back), gamma 0.7-1.5, and the light scale/shift. Rates
+    follow nnU-Net's defaults, the ranges are milder (CPU budgets see few steps).
     """
     level = augment_level(augment)
     if level == "none":

@@ -192,6 +192,38 @@ def main(args: list[str] | None = None) -> CFSegCLI:
     )
 
 
+class _ParseOnlyCLI(CFSegCLI):
+    """Parses a ``cfseg fit`` command line (defaults, config files, links) and instantiates nothing."""
+
+    def _set_seed(self) -> None:
+        pass
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def after_instantiate_classes(self) -> None:
+        pass
+
+
+def resolve_fit_config(args: list[str]) -> dict[str, Any]:
+    """The configuration ``cfseg fit <args>`` would train with, as plain data; nothing is built or read beyond
+    the config files.
+
+    Args:
+        args: ``cfseg fit`` arguments without the ``fit`` subcommand (``--config``, ``--model.x=y``, ...).
+
+    Returns:
+        ``{"model": {...}, "data": {...}, "trainer": {...}, "seed_everything": ...}`` with every default filled in
+        (class specs as ``{"class_path", "init_args"}`` dicts).
+    """
+    import json
+
+    cli = _ParseOnlyCLI(CFSegModule, SegDataModule, args=list(args), run=False, save_config_callback=None)
+    cfg = cli.config.clone()
+    cfg.pop("config", None)
+    return json.loads(json.dumps(cfg.as_dict(), default=str))
+
+
 def run(args: list[str] | None = None) -> int:
     """Console entry point (``cfseg ...``): 0 on success, 2 with one line on a user error."""
     try:

@@ -68,6 +68,35 @@ EXPERT_INITS = ("previous", "zero")
 #: per-channel mean and spread of a block's output are normalised away and cannot tell one scanner from another
 DEFAULT_ROUTER_LAYER = DEFAULT_BOTTLENECK_LAYER  # r"model(\.1\.submodule)*\.conv" (dynamic heads: DEFAULT_POOLED_LAYER)
 DEFAULT_PSEUDO_DICE_WEIGHT = 0.1  # pseudo_dice_weight's default (OpenKBP v2, chosen on validation)
+
+#: hyper-parameters that act only in an incremental stage (one with a previous checkpoint) of the named strategy
+STRATEGY_SETTINGS: dict[str, frozenset[str]] = {
+    "distill": frozenset({"kd_weight", "kd_temperature", "sim_weight", "feat_weight", "pseudo_label",
+                          "pseudo_entropy_floor", "pseudo_entropy_cap", "pseudo_threshold_batches",
+                          "pseudo_ignore_uncertain", "pseudo_label_dice", "pseudo_dice_weight", "distill_labeled",
+                          "pod_weight", "pod_layers", "pod_scales"}),
+    "experts": frozenset({"expert_layers", "expert_rank", "expert_alpha", "expert_init", "expert_projection"}),
+    "ewc": frozenset({"ewc_lambda"}),
+}
+
+
+def settings_without_effect(strategy: str, incremental: bool) -> frozenset[str]:
+    """Hyper-parameters that cannot change a run of ``strategy``: the other strategies' :data:`STRATEGY_SETTINGS`,
+    and in a first stage (``incremental`` False: no previous checkpoint) every strategy's and
+    ``incremental_lr_factor``. (Router and Fisher settings act in every stage: stage 0 stores both.)"""
+    unused = [names for name, names in STRATEGY_SETTINGS.items() if name != strategy or not incremental]
+    return frozenset().union(*unused, () if incremental else ("incremental_lr_factor",))
+
+
+def resolve_defaults(hparams: dict[str, Any]) -> dict[str, Any]:
+    """``hparams`` with the defaults :class:`CFSegModule` resolves when built (``backbone``, ``pseudo_dice_weight``)
+    filled in as a checkpoint records them."""
+    out = dict(hparams)
+    out["backbone"] = out.get("backbone") or DEFAULT_BACKBONE
+    if out.get("pseudo_dice_weight") is None:
+        out["pseudo_dice_weight"] = 0.0 if out.get("pseudo_label_dice") else DEFAULT_PSEUDO_DICE_WEIGHT
+    return out
+
 PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
 ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 
@@ -345,9 +374,10 @@ class CFSegModule(L.LightningModule):
         if bank_state is None and not class_names and not previous_checkpoint:
             raise ValueError("class_names is empty: give model.class_names or link it from the data module")
         self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state"])
-        self.hparams["backbone"] = backbone = backbone or DEFAULT_BACKBONE
-        if pseudo_dice_weight is None:  # the default, resolved so that a checkpoint records what ran
-            self.hparams["pseudo_dice_weight"] = 0.0 if pseudo_label_dice else DEFAULT_PSEUDO_DICE_WEIGHT
+        resolved = resolve_defaults({"backbone": backbone, "pseudo_dice_weight": pseudo_dice_weight,
+                                     "pseudo_label_dice": pseudo_label_dice})  # a checkpoint records what ran
+        self.hparams["backbone"] = backbone = resolved["backbone"]
+        self.hparams["pseudo_dice_weight"] = resolved["pseudo_dice_weight"]
         teacher = load_checkpoint(previous_checkpoint, trusted_modules=trusted_modules) if previous_checkpoint else None
         if prototypes not in PROTOTYPE_METHODS:
             raise ValueError(f"prototypes must be one of {PROTOTYPE_METHODS}, got {prototypes!r}")

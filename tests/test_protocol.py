@@ -122,6 +122,34 @@ def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
         assert s["wall_time_s"] > 0
     rows = [summary["strategies"][n]["per_seed"]["0"]["matrix"][0] for n in ("finetune", "joint")]
     assert rows[0] == rows[1]  # both strategies start from the same stage-0 model of a seed
+    # a finished run is reused only for the settings it was trained with (not only the same budget and lr)
+    record = json.loads((out / "seed0" / "runs" / "finetune_stage1" / "final.json").read_text())
+    assert record["config"]["model"]["strategy"] == "finetune" and record["config"]["trainer"]["max_steps"] == 2
+    spec = load_protocol(spec_path)
+    spec["fit_args"] = [*spec["fit_args"], "--model.weight_decay=0.001"]  # acts in every run, stage 0 included
+    with pytest.raises(ValueError, match=r"stage0/final.ckpt was trained with other settings.*"
+                                         r"model.weight_decay: trained with 1e-05, now 0.001"):
+        run_protocol(spec, ["finetune"], seeds=[0])
+    spec = load_protocol(spec_path)
+    spec["strategies"] = [{"name": "finetune", "strategy": "finetune", "fit_args": ["--data.batch_size=1"]}]
+    with pytest.raises(ValueError, match=r"finetune_stage1/final.ckpt.*data.batch_size: trained with 2, now 1"):
+        run_protocol(spec, ["finetune"], seeds=[0])
+    # a distillation setting cannot change stage 0 or a finetune stage: both stay reusable
+    spec = load_protocol(spec_path)
+    spec["fit_args"] = [*spec["fit_args"], "--model.kd_weight=7.0", "--model.pseudo_label=true"]
+    assert run_protocol(spec, ["finetune"], seeds=[0])[0]["finetune"]["R"] == \
+        summary["strategies"]["finetune"]["per_seed"]["0"]["matrix"]
+
+
+def test_settings_without_effect_follow_the_strategy_and_the_stage():
+    from cfseg.module import STRATEGY_SETTINGS, settings_without_effect
+
+    first = settings_without_effect("distill", incremental=False)
+    assert STRATEGY_SETTINGS["distill"] <= first and "incremental_lr_factor" in first and "lr" not in first
+    distill = settings_without_effect("distill", incremental=True)
+    assert not distill & (STRATEGY_SETTINGS["distill"] | {"incremental_lr_factor"})
+    assert STRATEGY_SETTINGS["ewc"] | STRATEGY_SETTINGS["experts"] <= distill
+    assert "router_batches" not in first | distill  # router statistics are taken in every stage
 
 
 def test_validation_only_datasets_add_cases_not_classes(boxes):

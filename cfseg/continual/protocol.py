@@ -209,26 +209,66 @@ def _val_args(spec: dict[str, Any], steps: int) -> list[str]:
             f"--trainer.val_check_interval={steps if every == 'end' else every}"]
 
 
+#: settings that say where a run lives, not how it trains: a run copied into another output folder stays reusable
+RUN_LOCATION_KEYS = frozenset({"model.previous_checkpoint", "data.previous_checkpoint", "trainer.default_root_dir",
+                               "trainer.logger", "trainer.callbacks", "trainer.enable_progress_bar"})
+
+
+def settings_mismatch(ckpt: Path, record: dict, config: dict) -> list[str]:
+    """How the resolved ``cfseg fit`` ``config`` (:func:`cfseg.cli.resolve_fit_config`) differs from the finished
+    run ``ckpt`` was trained with: its model and data hyper-parameters (stored in the checkpoint) and, for runs
+    recorded with their configuration (``record["config"]``), its trainer settings and seed.
+
+    Not compared: a setting only one side knows (an option added since the run), :data:`RUN_LOCATION_KEYS`, and
+    model settings without effect on the run (:func:`cfseg.module.settings_without_effect`: a stage 0 shared by
+    every strategy stays reusable when a distillation default changes). A default changed in code since the run
+    counts wherever the checkpoint stored the old value.
+
+    Returns:
+        One ``"section.key: trained with A, now B"`` line per difference (empty: the run is what the protocol asks).
+    """
+    import torch
+
+    from cfseg.module import resolve_defaults, settings_without_effect
+
+    def plain(v: Any) -> Any:
+        return json.loads(json.dumps(v, default=str))
+
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    recorded = record.get("config") or {}
+    model = plain(resolve_defaults(config.get("model", {})))
+    unused = settings_without_effect(str(model.get("strategy")), model.get("previous_checkpoint") is not None)
+    sides = [("model", model, stored.get("hyper_parameters") or {}),
+             ("data", config.get("data", {}), stored.get("datamodule_hyper_parameters") or {}),
+             ("trainer", config.get("trainer", {}), recorded.get("trainer") or {})]
+    diffs = []
+    for section, new, old in sides:
+        for key, now in sorted(new.items()):
+            if f"{section}.{key}" in RUN_LOCATION_KEYS or key not in old or key.startswith("_") or (
+                    section == "model" and key in unused):
+                continue
+            if plain(old[key]) != now:
+                diffs.append(f"{section}.{key}: trained with {plain(old[key])!r}, now {now!r}")
+    if "seed_everything" in recorded and recorded["seed_everything"] != config.get("seed_everything"):
+        diffs.append(f"seed_everything: trained with {recorded['seed_everything']!r}, now "
+                     f"{config.get('seed_everything')!r}")
+    return diffs
+
+
 def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous: Path | None, strategy: str,
                 steps: int, lr: float | None, seed: int, extra: list[str] | None = None) -> tuple[Path, float]:
     """One ``cfseg fit`` run of ``steps`` steps at learning rate ``lr`` under ``out/runs/tag``.
 
     Returns:
         (checkpoint path, training wall time in s). A finished run of the same tag is reused (its recorded
-        wall time is returned); one recorded with another budget is refused.
+        wall time is returned); one trained with another budget or other settings (:func:`settings_mismatch`:
+        fit arguments, base config, defaults) is refused.
     """
     from cfseg.cli import main as cli
+    from cfseg.cli import resolve_fit_config
 
     run_dir = out / "runs" / tag
     done, record = run_dir / "final.ckpt", run_dir / "final.json"
-    if done.is_file():
-        info = json.loads(record.read_text()) if record.is_file() else {}
-        if info and (info.get("steps"), info.get("lr")) != (steps, lr):
-            raise ValueError(f"{done} was trained with max_steps={info.get('steps')}, lr={info.get('lr')}, but the "
-                             f"protocol now asks for max_steps={steps}, lr={lr}: delete {run_dir} or use another "
-                             "output folder")
-        print(f"[{tag}] reusing {done}")
-        return done, float(info.get("wall_time_s", 0.0))
     names: set[str] = set()
     for d in datasets:  # distinct dataset names (the same folder may appear as labelled and image-only)
         base = d.get("name") or Path(d["path"]).name
@@ -245,6 +285,18 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
     if previous is not None:
         args.append(f"--model.previous_checkpoint={previous}")
     args += list(spec.get("fit_args", [])) + list(extra or [])
+    if done.is_file():
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        if info and (info.get("steps"), info.get("lr")) != (steps, lr):
+            raise ValueError(f"{done} was trained with max_steps={info.get('steps')}, lr={info.get('lr')}, but the "
+                             f"protocol now asks for max_steps={steps}, lr={lr}: delete {run_dir} or use another "
+                             "output folder")
+        diffs = settings_mismatch(done, info, resolve_fit_config(args[1:]))
+        if diffs:
+            raise ValueError(f"{done} was trained with other settings than the protocol now asks for ("
+                             + "; ".join(diffs) + f"): delete {run_dir} or use another output folder")
+        print(f"[{tag}] reusing {done}")
+        return done, float(info.get("wall_time_s", 0.0))
     t0 = time.time()
     print(f"[{tag}] cfseg {' '.join(args)}", flush=True)
     run = cli(args)
@@ -254,7 +306,8 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
     record.write_text(json.dumps({"tag": tag, "steps": steps, "lr": lr, "seed": seed, "wall_time_s": wall,
                                   "global_step": run.trainer.global_step,
                                   "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-                                  "total_params": sum(p.numel() for p in params), "args": args[1:]}, indent=2))
+                                  "total_params": sum(p.numel() for p in params), "args": args[1:],
+                                  "config": resolve_fit_config(args[1:])}, indent=2))
     print(f"[{tag}] trained in {wall:.0f} s -> {done}", flush=True)
     return done, wall
 

@@ -34,7 +34,9 @@ forward transfer, e.g. a stage-0 model on a new scanner's images before it learn
 still use R[T][j <= T] and the diagonal; a later stage whose classes the model does not know yet scores NaN.
 With ``score_val: true`` the same matrix is also computed on the stages' validation cases (``R_val``,
 ``average_dice_val``, ``bwt_val``): the numbers to choose settings on, never the test cases.
-A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again.
+A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again, and only if it was trained with
+the settings the protocol now asks for (budget, lr, and the resolved fit configuration: :func:`settings_mismatch`);
+stage 0 and joint runs copied into another output folder stay reusable.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@
    configs/demo.yaml``);
 3. segment the held-out cases, print a per-class Dice table, write ``results/demo/metrics.json`` and
    ``results/demo/demo.png`` (image, ground truth, prediction, one class's similarity map);
-4. run the synthetic continual-learning protocol (``configs/incremental/synthetic.yaml``: distill / finetune /
+4. run the synthetic continual-learning protocol (``configs/incremental/synthetic_v2.yaml``: distill / finetune /
    joint on the cumulative budget) and write ``results/demo/incremental/summary.json``.
 
 Both jobs share the machine: the protocol starts in a background process as soon as the data is written
@@ -28,7 +28,7 @@ from cfseg.data.synthetic import PRESETS, make_datasets
 from cfseg.metrics import DICE_CONVENTION, dice_table
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-PROTOCOL = Path(__file__).resolve().parents[1] / "configs" / "incremental" / "synthetic.yaml"
+PROTOCOL = Path(__file__).resolve().parents[1] / "configs" / "incremental" / "synthetic_v2.yaml"
 
 
 def ensure_datasets(out: Path, preset: str, seed: int = 0) -> list[Path]:
@@ -89,8 +89,8 @@ def plot_case(vol: dict, out: dict, names: list[str], cls: str, path: Path) -> N
     plt.close(fig)
 
 
-#: the protocol rows ``make demo`` runs (the synthetic protocol's ablation and reference rows, experts_all, replay
-#: and ewc, run with ``cfseg-protocol --config configs/incremental/synthetic.yaml``; benchmarks/README.md)
+#: the protocol rows ``make demo`` runs (the synthetic protocol's KD and reference rows, replay and ewc, run with
+#: ``cfseg-protocol --config configs/incremental/synthetic_v2.yaml``; benchmarks/README.md)
 DEMO_STRATEGIES = ("joint", "distill", "finetune", "experts")  # the longest (joint) starts first
 
 

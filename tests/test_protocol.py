@@ -244,3 +244,27 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     assert set(f0) == {n for n, _ in ewc.net.named_parameters()}
     assert all((ewc.ewc_fisher[n] >= f0[n]).all() for n in f0) and any((ewc.ewc_fisher[n] > f0[n]).any() for n in f0)
     assert "train/ewc_step" in _metrics_columns(run / "ewc_stage1")
+
+
+def test_joint_diagnostic_scales_the_last_joint_budget(boxes, tmp_path):
+    """benchmarks/openkbp/joint_diagnostic.py: the protocol's last joint run with its steps scaled, scored per stage."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "openkbp" / "joint_diagnostic.py"
+    spec = importlib.util.spec_from_file_location("joint_diagnostic", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    spec_path = write_spec(
+        tmp_path, strategies=["joint"], lr=0.01, fit_args=FAST,
+        stages=[{"name": "s0", "max_steps": 2, "datasets": [box(boxes, ["liver", "spleen"], val=0.34)]},
+                {"name": "s1", "max_steps": 2, "classes": ["aorta"], "datasets": [box(boxes, val=0.34)]}])
+    res = mod.main(["--config", str(spec_path), "--steps", "1.5", "--lr-factor", "0.5", "--tag", "jd"])
+    run = tmp_path / "out" / "seed0" / "runs" / "jd"
+    ckpt = torch.load(run / "final.ckpt", weights_only=True)
+    assert (res["steps"], res["lr"]) == (6, 0.005) == (ckpt["global_step"], ckpt["hyper_parameters"]["lr"])
+    assert ckpt["hyper_parameters"]["class_names"] == ["liver", "spleen", "aorta"]  # every stage's classes at once
+    saved = json.loads((run / "diagnostic.json").read_text())
+    for split in ("test", "val"):
+        assert len(saved[split]["row"]) == 2 and all(0 <= v <= 1 for v in saved[split]["row"])
+        assert saved[split]["average_dice"] == pytest.approx(statistics.fmean(saved[split]["row"]))
+        assert set(saved[split]["per_class"]) == {"s0", "s1"}

@@ -211,9 +211,12 @@ def _val_args(spec: dict[str, Any], steps: int) -> list[str]:
             f"--trainer.val_check_interval={steps if every == 'end' else every}"]
 
 
-#: settings that say where a run lives, not how it trains: a run copied into another output folder stays reusable
-RUN_LOCATION_KEYS = frozenset({"model.previous_checkpoint", "data.previous_checkpoint", "trainer.default_root_dir",
-                               "trainer.logger", "trainer.callbacks", "trainer.enable_progress_bar"})
+#: settings that say where a run lives, how its data is held or what it logs, not how it trains: a run copied
+#: into another output folder (or run with another cache) stays reusable
+RUN_LOCATION_KEYS = frozenset({"model.previous_checkpoint", "data.previous_checkpoint", "data.cache", "data.cache_dir",
+                               "trainer.default_root_dir", "trainer.logger", "trainer.callbacks",
+                               "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                               "trainer.log_every_n_steps"})
 
 
 def settings_mismatch(ckpt: Path, record: dict, config: dict) -> list[str]:

@@ -68,6 +68,8 @@ EXPERT_INITS = ("previous", "zero")
 #: per-channel mean and spread of a block's output are normalised away and cannot tell one scanner from another
 DEFAULT_ROUTER_LAYER = DEFAULT_BOTTLENECK_LAYER  # r"model(\.1\.submodule)*\.conv" (dynamic heads: DEFAULT_POOLED_LAYER)
 DEFAULT_PSEUDO_DICE_WEIGHT = 0.1  # pseudo_dice_weight's default (OpenKBP v2, chosen on validation)
+PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
+ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 
 #: hyper-parameters that act only in an incremental stage (one with a previous checkpoint) of the named strategy
 STRATEGY_SETTINGS: dict[str, frozenset[str]] = {
@@ -96,9 +98,6 @@ def resolve_defaults(hparams: dict[str, Any]) -> dict[str, Any]:
     if out.get("pseudo_dice_weight") is None:
         out["pseudo_dice_weight"] = 0.0 if out.get("pseudo_label_dice") else DEFAULT_PSEUDO_DICE_WEIGHT
     return out
-
-PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
-ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
 
 
 class CFSegModule(L.LightningModule):

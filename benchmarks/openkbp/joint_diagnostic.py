@@ -21,7 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from cfseg.continual.protocol import _stage_datasets, evaluate_stage_tests, load_protocol, train_stage
+from cfseg.continual.protocol import evaluate_stage_tests, joint_datasets, load_protocol, train_stage
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,8 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = round(a.steps * sum(spec["stage_steps"]))
     lr = spec["stage_lr"][0] * a.lr_factor
     out = Path(spec["output"]) / f"seed{a.seed}"
-    datasets = [d for st in stages for d in _stage_datasets(st)]
-    ckpt, wall = train_stage(spec, out, a.tag, datasets, None, "joint", steps, lr, a.seed,
+    ckpt, wall = train_stage(spec, out, a.tag, joint_datasets(stages), None, "joint", steps, lr, a.seed,
                              stages[0]["fit_args"] + list(a.fit_args))
     result = {"steps": steps, "lr": lr, "seed": a.seed, "fit_args": a.fit_args, "train_wall_s": wall}
     for split in ("test", "val"):

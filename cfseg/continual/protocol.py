@@ -183,6 +183,11 @@ def _stage_datasets(stage: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def joint_datasets(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The labelled datasets of ``stages`` (each with its own annotated classes): a joint run's training data."""
+    return [d for st in stages for d in _stage_datasets(st)]
+
+
 def _unlabeled(stage: dict[str, Any]) -> list[dict[str, Any]]:
     """Image-only entries (their own split settings keep earlier stages' test cases out)."""
     return [{**_entry(d), "labeled": False, "name": f"unlabeled_{i}_" + Path(_entry(d)["path"]).name}
@@ -455,7 +460,7 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
         params = [_params(out / "runs" / "stage0")]
         for i in range(1, len(stages)):
             if strategy == "joint":
-                datasets = [d for j in range(i + 1) for d in _stage_datasets(stages[j])]
+                datasets = joint_datasets(stages[: i + 1])
                 budget.append(sum(steps[: i + 1]))
                 ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, None, "joint", budget[-1], lrs[0],
                                       seed, stages[0]["fit_args"] + entry["fit_args"])

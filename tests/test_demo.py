@@ -1,5 +1,6 @@
 """cfseg-demo's command-line plumbing (the demo itself runs in `make demo`, not in the test suite)."""
 
+import json
 from pathlib import Path
 
 from cfseg.demo import CONFIG, _last_callback_is_checkpoint
@@ -15,3 +16,61 @@ def test_demo_checkpoint_folder_follows_out(tmp_path):
     other.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                      "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n")
     assert not _last_callback_is_checkpoint(other)
+
+
+def _demo_check():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_check", ROOT / "benchmarks" / "synthetic" / "demo_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_demo_check_sites_are_the_held_out_scanner_on_other_cases(tmp_path):
+    """The validation and oracle sites: the held-out site's scanner and classes, none of its cases."""
+    import nibabel as nib
+    import numpy as np
+
+    from cfseg.data.synthetic import ORGANS, PRESETS, site_for_run, write_nnunet_dataset
+
+    mod = _demo_check()
+    site = mod.held_out_site()
+    assert site.name == "test_ct" and set(site.classes) == set(ORGANS)
+    val, oracle = mod.main(["sites", "--out", str(tmp_path), "--n-oracle", "3", "--shape", "16", "16", "16",
+                            "--train-cases", "22"])
+    test = write_nnunet_dataset(tmp_path / "t", site_for_run(site, 0, (16, 16, 16)), 3)
+
+    def image(root, case):
+        return np.asarray(nib.load(next((root / "imagesTr").glob(f"*_{case:03d}_0000.nii.gz"))).dataobj)
+
+    assert len(list((oracle / "labelsTr").glob("*.nii.gz"))) == 3
+    assert len(list((val / "labelsTr").glob("*.nii.gz"))) == site.n_cases
+    for root in (val, oracle):
+        labels = json.loads((root / "dataset.json").read_text())["labels"]
+        assert set(ORGANS) <= set(labels)  # fully annotated, as the held-out site
+        assert not np.array_equal(image(root, 0), image(test, 0))
+    assert not np.array_equal(image(val, 0), image(oracle, 0))
+    # more training cases: make demo's own cases first, the held-out site unchanged
+    more = sorted((tmp_path / "train22").glob("Dataset*"))
+    assert [p.name for p in more] == ["Dataset001_site_a_ct", "Dataset002_site_b_ct", "Dataset003_test_ct"]
+    assert len(list((more[0] / "labelsTr").glob("*.nii.gz"))) == 22
+    demo_a = write_nnunet_dataset(tmp_path / "a", site_for_run(PRESETS["demo"][0], 0, (16, 16, 16)), 1)
+    assert np.array_equal(image(more[0], 19), image(demo_a, 19))
+    assert np.array_equal(image(more[2], 0), image(test, 0))
+
+
+def test_demo_check_scores_each_checkpoint_on_both_sites(box_model, boxes, tmp_path):
+    from cfseg.data.datamodule import DatasetConfig
+    from cfseg.evaluation import evaluate_datasets
+    from cfseg.module import load_checkpoint
+
+    mod = _demo_check()
+    out = tmp_path / "check"
+    res = mod.main(["score", "--run", f"tiny={box_model}", "--val", str(boxes), "--test", str(boxes),
+                    "--out", str(out)])
+    ref = evaluate_datasets(load_checkpoint(str(box_model)), [DatasetConfig(str(boxes))], split="all")
+    assert res["tiny"]["val"]["mean_dice"] == res["tiny"]["test"]["mean_dice"] == ref["mean_dice"]
+    assert res["tiny"]["steps"] == 40
+    assert json.loads(out.with_suffix(".json").read_text()) == res
+    assert f"| tiny | 40 | {ref['mean_dice']:.3f} |" in out.with_suffix(".md").read_text()

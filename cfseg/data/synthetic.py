@@ -51,6 +51,7 @@ __all__ = [
     "SiteSpec",
     "generate_phantom",
     "make_datasets",
+    "site_for_run",
     "main",
     "write_msd_dataset",
     "write_nnunet_dataset",
@@ -849,7 +850,7 @@ def write_msd_dataset(out_root: Path | str, site: SiteSpec, task_id: int, *, ove
     return target
 
 
-def _site_for_run(site: SiteSpec, seed: int, shape: tuple[int, int, int] | None) -> SiteSpec:
+def site_for_run(site: SiteSpec, seed: int, shape: Sequence[int] | None = None) -> SiteSpec:
     """The preset site with a run-specific seed and, when given, a new shape with the same field of view."""
     site_seed = int(np.random.SeedSequence([int(seed), site.seed]).generate_state(1)[0])
     if shape is None:
@@ -896,7 +897,7 @@ def make_datasets(
         raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}.")
     start = PRESET_FIRST_ID[preset] if first_id is None else first_id
     out_root = Path(out_root)
-    sites = [_site_for_run(s, seed, shape) for s in PRESETS[preset]]
+    sites = [site_for_run(s, seed, shape) for s in PRESETS[preset]]
     writer = write_nnunet_dataset if fmt == "nnunet" else write_msd_dataset
     hi = 999 if fmt == "nnunet" else 99
     ids = [_check_id(start + k, "first_id + site index", hi) for k in range(len(sites))]

@@ -181,14 +181,16 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def main(args: list[str] | None = None) -> CFSegCLI:
-    """Run the CLI (``args`` default to ``sys.argv[1:]``)."""
+def main(args: list[str] | None = None, callbacks: list | None = None) -> CFSegCLI:
+    """Run the CLI (``args`` default to ``sys.argv[1:]``); ``callbacks`` are added to the config's (Python callers:
+    objects no config file can describe, e.g. one that watches a process)."""
     keep_freed_memory()
     return CFSegCLI(
         CFSegModule,
         SegDataModule,
         args=args,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
     )
 
 

@@ -1,4 +1,5 @@
-"""cfseg-demo's command-line plumbing (the demo itself runs in `make demo`, not in the test suite)."""
+"""cfseg-demo's command-line plumbing and benchmarks/synthetic/demo_check.py (the demo itself runs in `make demo`,
+not in the test suite)."""
 
 import json
 from pathlib import Path
@@ -74,3 +75,44 @@ def test_demo_check_scores_each_checkpoint_on_both_sites(box_model, boxes, tmp_p
     assert res["tiny"]["steps"] == 40
     assert json.loads(out.with_suffix(".json").read_text()) == res
     assert f"| tiny | 40 | {ref['mean_dice']:.3f} |" in out.with_suffix(".md").read_text()
+
+
+class _Process:
+    """Stands in for the protocol's process: alive for the first ``alive_for`` checks."""
+
+    def __init__(self, alive_for: int) -> None:
+        self.checks, self.alive_for = 0, alive_for
+
+    def is_alive(self) -> bool:
+        self.checks += 1
+        return self.checks <= self.alive_for
+
+
+def test_training_takes_the_threads_once_the_protocol_has_ended(boxes, tmp_path):
+    """cfseg-demo's ThreadsAfterProcess, passed through cfseg.cli.main beside the config's callbacks."""
+    import torch
+    from lightning.pytorch import Callback
+
+    from cfseg.cli import main as cli
+    from cfseg.demo import ThreadsAfterProcess
+
+    seen = []
+
+    class Record(Callback):
+        def on_train_batch_end(self, *args) -> None:
+            seen.append(torch.get_num_threads())
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        process = _Process(alive_for=2)
+        run = cli(["fit", "--config", str(ROOT / "tests" / "configs" / "tiny.yaml"),
+                   f"--data.datasets={json.dumps([{'path': str(boxes), 'val_fraction': 0.34}])}",
+                   f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
+                   "--data.spacing=[4.0, 4.0, 4.0]", "--trainer.limit_val_batches=0", "--trainer.max_epochs=10"],
+                  [ThreadsAfterProcess(process, 3), Record()])
+        assert seen == [1, 1, 3, 3]  # the third step finds the process ended
+        assert process.checks == 3  # and stops asking
+        assert any(type(c).__name__ == "ModelCheckpoint" for c in run.trainer.callbacks)  # the config's stay
+    finally:
+        torch.set_num_threads(before)

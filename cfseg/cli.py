@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningCLI
 
 from cfseg.builder import UntrustedSpecError, check_spec
@@ -181,7 +181,7 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def main(args: list[str] | None = None, callbacks: list | None = None) -> CFSegCLI:
+def main(args: list[str] | None = None, callbacks: list[Callback] | None = None) -> CFSegCLI:
     """Run the CLI (``args`` default to ``sys.argv[1:]``); ``callbacks`` are added to the config's (Python callers:
     objects no config file can describe, e.g. one that watches a process)."""
     keep_freed_memory()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import sys
 import time
 from pathlib import Path
@@ -97,7 +98,7 @@ class ThreadsAfterProcess(Callback):
     the training takes the whole machine (``make demo`` on 2 cores: its last 4 minutes; 10.6 instead of 12.8 in all).
     """
 
-    def __init__(self, process, threads: int) -> None:
+    def __init__(self, process: multiprocessing.process.BaseProcess, threads: int) -> None:
         self.process, self.threads = process, int(threads)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: D102
@@ -120,9 +121,7 @@ def _protocol_job(spec: dict, seed: int, workers: int, log: str) -> None:
 
 
 def start_protocol(a: argparse.Namespace):
-    """Write the protocol's datasets and start it in a background process; returns (process, spec, t_start)."""
-    import multiprocessing
-
+    """Write the protocol's datasets and start it in a background process; returns (process, spec, seed, t_start)."""
     from cfseg.continual.protocol import load_protocol
 
     ensure_datasets(a.data, "incremental", a.seed)

@@ -51,8 +51,8 @@ __all__ = [
     "SiteSpec",
     "generate_phantom",
     "make_datasets",
-    "site_for_run",
     "main",
+    "site_for_run",
     "write_msd_dataset",
     "write_nnunet_dataset",
 ]

@@ -25,7 +25,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from cfseg.data.synthetic import PRESETS, site_for_run, write_nnunet_dataset
+from cfseg.data.synthetic import PRESET_FIRST_ID, PRESETS, site_for_run, write_nnunet_dataset
 
 #: dataset ids of the two sites (outside every preset's range)
 VAL_ID, ORACLE_ID = 61, 62
@@ -57,7 +57,8 @@ def write_more_training_cases(out: Path, n_cases: int, shape: tuple[int, int, in
     """
     sites = PRESETS["demo"]
     wider = [replace(s, n_cases=n_cases) for s in sites[:-1]] + [sites[-1]]
-    return [write_nnunet_dataset(out, site_for_run(s, 0, shape), k + 1, overwrite=True)
+    first = PRESET_FIRST_ID["demo"]  # make_datasets' ids, so the folder names are make demo's
+    return [write_nnunet_dataset(out, site_for_run(s, 0, shape), first + k, overwrite=True)
             for k, s in enumerate(wider)]
 
 

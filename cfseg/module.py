@@ -76,7 +76,7 @@ STRATEGY_SETTINGS: dict[str, frozenset[str]] = {
     "distill": frozenset({"kd_weight", "kd_temperature", "sim_weight", "feat_weight", "pseudo_label",
                           "pseudo_entropy_floor", "pseudo_entropy_cap", "pseudo_threshold_batches",
                           "pseudo_ignore_uncertain", "pseudo_label_dice", "pseudo_dice_weight", "distill_labeled",
-                          "pod_weight", "pod_layers", "pod_scales"}),
+                          "distill_new_voxels", "pod_weight", "pod_layers", "pod_scales"}),
     "experts": frozenset({"expert_layers", "expert_rank", "expert_alpha", "expert_init", "expert_projection"}),
     "ewc": frozenset({"ewc_lambda"}),
 }
@@ -225,6 +225,11 @@ class CFSegModule(L.LightningModule):
             the stage learn the MRI organs about as far as joint training does (0.59 vs 0.50 with True; joint
             0.61) and loses more of the CT organs at ``kd_weight`` 1 (BWT -0.095 vs -0.057), which a KD weight of
             2.5 on the CT images wins back (seeds 0-2: BWT -0.052, average 0.556 vs 0.530; benchmarks/README.md).
+        distill_new_voxels: whether the voxel-wise distillation terms (output, similarity maps, features) also run
+            on the voxels the stage labels with one of its new classes. True (MiB, PLOP): every voxel. False: those
+            voxels are left out of the terms' means, since there the teacher (which calls them background or an
+            old class) is known to be wrong; the pooled Local POD term is unchanged. Image-only batches have no
+            labels and are distilled everywhere.
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution
@@ -309,6 +314,7 @@ class CFSegModule(L.LightningModule):
         pseudo_label_dice: bool = False,
         pseudo_dice_weight: float | None = None,
         distill_labeled: bool | str = "auto",
+        distill_new_voxels: bool = True,
         pod_weight: float = 0.0,
         pod_layers: list[str] | None = None,
         pod_scales: tuple[int, ...] = (1, 2, 4),
@@ -985,22 +991,26 @@ class CFSegModule(L.LightningModule):
 
     def distillation_terms(self, x: torch.Tensor, student_logits: torch.Tensor,
                            student_feats: torch.Tensor | None = None, teacher_out: dict[str, Any] | None = None,
-                           student_acts: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                           student_acts: list[torch.Tensor] | None = None,
+                           keep: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Weighted distillation terms of the teacher on images ``x`` [B, C, *S] ({} without a teacher).
 
         Keys: ``kd`` (MiB), ``sim``, ``feat``, ``pod`` (those with a positive weight and their inputs given).
         ``teacher_out`` reuses :meth:`teacher_outputs`; ``student_acts`` are the student's POD layer outputs.
+        ``keep`` [B, *S] bool: the voxels the voxel-wise terms (kd, sim, feat) average over (None: all).
         """
         if self.teacher is None:
             return {}
         h = self.hparams
         t = teacher_out if teacher_out is not None else self.teacher_outputs(x)
-        terms = {"kd": h.kd_weight * mib_distillation(student_logits, t["logits"], self.n_old, h.kd_temperature)}
+        terms = {"kd": h.kd_weight * mib_distillation(student_logits, t["logits"], self.n_old, h.kd_temperature,
+                                                      mask=keep)}
         if h.sim_weight > 0 and self.head.has_similarity:
             s_sim = self.head.similarity(student_logits[:, : self.n_old + 1])
-            terms["sim"] = h.sim_weight * similarity_distillation(s_sim, self.teacher.head.similarity(t["logits"]))
+            terms["sim"] = h.sim_weight * similarity_distillation(s_sim, self.teacher.head.similarity(t["logits"]),
+                                                                  mask=keep)
         if h.feat_weight > 0 and student_feats is not None:
-            terms["feat"] = h.feat_weight * feature_distillation(student_feats, t["feats"], normalize=True)
+            terms["feat"] = h.feat_weight * feature_distillation(student_feats, t["feats"], mask=keep, normalize=True)
         if h.pod_weight > 0 and student_acts is not None and t["acts"] is not None:
             terms["pod"] = h.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(h.pod_scales))
         return terms
@@ -1045,6 +1055,8 @@ class CFSegModule(L.LightningModule):
         teacher_on_x = self.teacher is not None and (self._distill_labeled_on or (self.n_old > 0 and self._pseudo_on))
         teacher_out = self.teacher_outputs(x) if teacher_on_x else None
         target, annotated, ignore = batch["label"][:, 0].long(), batch["annotated"].bool(), None
+        # voxels labelled with a new class are left out of the distillation (distill_new_voxels=False)
+        keep = None if h.get("distill_new_voxels", True) else target <= self.n_old
         dice_labels = None
         if teacher_out is not None and self.n_old > 0 and self._pseudo_on:
             old_target = target
@@ -1064,7 +1076,8 @@ class CFSegModule(L.LightningModule):
             if name in supervised:
                 self.log(f"train/{name}", supervised[name], on_step=True, on_epoch=True, batch_size=bs)
         if self.teacher is not None:
-            terms = self.distillation_terms(x, logits, feats, teacher_out, acts) if self._distill_labeled_on else {}
+            terms = (self.distillation_terms(x, logits, feats, teacher_out, acts, keep) if self._distill_labeled_on
+                     else {})
             if unlabeled is not None:
                 u_feats, u_ctx, u_acts = self._student_features(unlabeled["image"])
                 for k, v in self.distillation_terms(unlabeled["image"], self._logits(u_feats, u_ctx), u_feats,

@@ -415,3 +415,40 @@ def test_pseudo_dice_weight_adds_a_dice_of_the_pseudo_labelled_classes(stage0_ck
     assert _stage_module(stage0_ckpt, pseudo_label_dice=True).hparams.pseudo_dice_weight == 0.0
     with pytest.raises(ValueError, match="pseudo_dice_weight must be"):
         _stage_module(stage0_ckpt, pseudo_dice_weight=-1.0)
+
+
+def test_distill_new_voxels_false_leaves_the_new_class_voxels_out_of_the_distillation(stage0_ckpt):
+    """``distill_new_voxels=False``: the voxel-wise terms average over the voxels not labelled with a new class,
+    so they give no gradient at the new-class voxels; True (the default) distils every voxel."""
+    batch = _stage_batch()
+    new = batch["label"][:, 0] == 5
+    grads, terms = {}, {}
+    for setting in (True, False):
+        m = _stage_module(stage0_ckpt, distill_new_voxels=setting, pseudo_label=False, feat_weight=1.0)
+        m.log = lambda *a, **k: None
+        with torch.no_grad():
+            t = m.teacher_outputs(batch["image"])
+            feats, ctx = m.net.encode(batch["image"])
+        feats = (feats + 0.1 * torch.randn_like(feats)).requires_grad_()  # a student that differs from its teacher
+        logits = m._logits(feats, ctx)
+        keep = None if setting else batch["label"][:, 0].long() <= m.n_old
+        terms[setting] = m.distillation_terms(batch["image"], logits, feats, t, keep=keep)
+        assert set(terms[setting]) == {"kd", "sim", "feat"}
+        sum(terms[setting].values()).backward()
+        grads[setting] = feats.grad.abs().sum(1)  # [B, *S]
+    assert grads[True][new].sum() > 0 and grads[False][new].sum() == 0  # nothing pulls the new voxels back
+    assert grads[False][~new].sum() > 0
+    assert all(terms[True][k].item() != pytest.approx(terms[False][k].item()) for k in terms[True])
+    # in a training step the mask comes from the batch's labels (before pseudo-labelling)
+    m = _stage_module(stage0_ckpt, distill_new_voxels=False, pseudo_label=True, pseudo_entropy_floor=0.5)
+    m.log = lambda *a, **k: None
+    seen, real = [], m.distillation_terms
+
+    def spy(x, logits, feats=None, teacher_out=None, acts=None, keep=None):
+        seen.append(keep)
+        return real(x, logits, feats, teacher_out, acts, keep)
+
+    m.distillation_terms = spy
+    m.training_step(batch, 0)
+    assert len(seen) == 1 and torch.equal(seen[0], ~new)
+    assert _stage_module(stage0_ckpt).hparams.distill_new_voxels is True

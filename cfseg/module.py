@@ -229,7 +229,10 @@ class CFSegModule(L.LightningModule):
             on the voxels the stage labels with one of its new classes. True (MiB, PLOP): every voxel. False: those
             voxels are left out of the terms' means, since there the teacher (which calls them background or an
             old class) is known to be wrong; the pooled Local POD term is unchanged. Image-only batches have no
-            labels and are distilled everywhere.
+            labels and are distilled everywhere. Measured with ``kd_weight`` 5 (OpenKBP v2, two seeds): False holds
+            the old organs a little better (test BWT -0.043 vs -0.053) but loses the esophagus (0.00 / 0.01 vs
+            0.20 / 0.04) and scores lower on validation (0.436 vs 0.458); on the synthetic protocol (three seeds)
+            it changes nothing (validation 0.588 vs 0.590 at ``kd_weight`` 2.5). So the default stays True.
         pod_weight: weight of Local POD (PLOP) on intermediate backbone activations (0: off).
         pod_layers: regular expressions (full match) of the backbone's module names whose outputs POD compares;
             default: MONAI UNet's encoder and decoder blocks at every resolution

@@ -73,7 +73,8 @@ ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find
 
 #: hyper-parameters that act only in an incremental stage (one with a previous checkpoint) of the named strategy
 STRATEGY_SETTINGS: dict[str, frozenset[str]] = {
-    "distill": frozenset({"kd_weight", "kd_temperature", "sim_weight", "feat_weight", "pseudo_label",
+    "distill": frozenset({"kd_weight", "kd_ramp_steps", "kd_ramp_start", "kd_temperature", "sim_weight",
+                          "feat_weight", "pseudo_label",
                           "pseudo_entropy_floor", "pseudo_entropy_cap", "pseudo_threshold_batches",
                           "pseudo_ignore_uncertain", "pseudo_label_dice", "pseudo_dice_weight", "distill_labeled",
                           "distill_new_voxels", "pod_weight", "pod_layers", "pod_scales"}),
@@ -182,6 +183,11 @@ class CFSegModule(L.LightningModule):
             thinnest new organs (benchmarks/openkbp/README.md, benchmarks/README.md). Until 2026-11-26 the default
             was 1, at which 2.5 halved the synthetic MRI stage because it also tied the student to the teacher's
             outputs on the MRI images (see ``distill_labeled``).
+        kd_ramp_steps: 0 (default): the output distillation weighs ``kd_weight`` from the stage's first step. N > 0:
+            its weight rises linearly from ``kd_ramp_start`` at the stage's step 0 to ``kd_weight`` at step N and
+            stays there (logged as ``train/kd_weight``): the new classes start under a looser tie to the teacher,
+            and the full weight later pulls the old classes' outputs back towards it.
+        kd_ramp_start: the output distillation's weight at the stage's first step when ``kd_ramp_steps`` > 0.
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).
         feat_weight: weight of the feature distillation (MSE of normalised voxel features).
@@ -306,6 +312,8 @@ class CFSegModule(L.LightningModule):
         strategy: str = "distill",
         new_classes: list[str] | None = None,
         kd_weight: float = 2.5,
+        kd_ramp_steps: int = 0,
+        kd_ramp_start: float = 1.0,
         kd_temperature: float = 1.0,
         sim_weight: float = 1.0,
         feat_weight: float = 0.0,
@@ -347,6 +355,10 @@ class CFSegModule(L.LightningModule):
                              f"has one sigmoid per class: use strategy 'finetune' (or 'ewc')")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if not (isinstance(kd_ramp_steps, int) and kd_ramp_steps >= 0 and math.isfinite(kd_ramp_start)
+                and kd_ramp_start >= 0):
+            raise ValueError(f"need an integer kd_ramp_steps >= 0 and kd_ramp_start >= 0, got {kd_ramp_steps!r}, "
+                             f"{kd_ramp_start!r}")
         for name, w in (("exclusion_weight", exclusion_weight), ("entropy_weight", entropy_weight)):
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
@@ -1006,8 +1018,8 @@ class CFSegModule(L.LightningModule):
             return {}
         h = self.hparams
         t = teacher_out if teacher_out is not None else self.teacher_outputs(x)
-        terms = {"kd": h.kd_weight * mib_distillation(student_logits, t["logits"], self.n_old, h.kd_temperature,
-                                                      mask=keep)}
+        terms = {"kd": self.kd_weight_now() * mib_distillation(student_logits, t["logits"], self.n_old,
+                                                               h.kd_temperature, mask=keep)}
         if h.sim_weight > 0 and self.head.has_similarity:
             s_sim = self.head.similarity(student_logits[:, : self.n_old + 1])
             terms["sim"] = h.sim_weight * similarity_distillation(s_sim, self.teacher.head.similarity(t["logits"]),
@@ -1017,6 +1029,16 @@ class CFSegModule(L.LightningModule):
         if h.pod_weight > 0 and student_acts is not None and t["acts"] is not None:
             terms["pod"] = h.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(h.pod_scales))
         return terms
+
+    def kd_weight_now(self) -> float:
+        """The output distillation's weight at this step of the stage: ``kd_weight``, or on its linear ramp from
+        ``kd_ramp_start`` over the stage's first ``kd_ramp_steps`` steps."""
+        h = self.hparams
+        ramp = h.get("kd_ramp_steps", 0)
+        if ramp <= 0:
+            return h.kd_weight
+        f = min(1.0, self.global_step / ramp)
+        return h.kd_ramp_start + f * (h.kd_weight - h.kd_ramp_start)
 
     def _student_features(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor],
                                                           list[torch.Tensor] | None]:
@@ -1088,6 +1110,8 @@ class CFSegModule(L.LightningModule):
                     terms[k] = terms.get(k, 0) + v
             kd = sum(terms.values(), logits.new_zeros(()).float())
             self.log("train/distill", kd, on_step=True, on_epoch=True, batch_size=bs)
+            if h.get("kd_ramp_steps", 0) > 0:
+                self.log("train/kd_weight", self.kd_weight_now(), on_step=True, on_epoch=False, batch_size=bs)
             if "pod" in terms:
                 self.log("train/pod", terms["pod"], on_step=True, on_epoch=True, batch_size=bs)
             loss = loss + kd

@@ -5,6 +5,7 @@ The multi-stage protocol (cfseg-protocol) is tested in test_protocol.py.
 
 import json
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -452,3 +453,27 @@ def test_distill_new_voxels_false_leaves_the_new_class_voxels_out_of_the_distill
     m.training_step(batch, 0)
     assert len(seen) == 1 and torch.equal(seen[0], ~new)
     assert _stage_module(stage0_ckpt).hparams.distill_new_voxels is True
+
+
+def test_kd_ramp_raises_the_output_distillation_weight_linearly_over_the_stage(stage0_ckpt):
+    """``kd_ramp_steps``: the KD term weighs ``kd_ramp_start`` at step 0, ``kd_weight`` from step N on; 0 (default)
+    is ``kd_weight`` throughout."""
+    batch = _stage_batch()
+    m = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_start=1.0, pseudo_label=False)
+    flat = _stage_module(stage0_ckpt, kd_weight=5.0, pseudo_label=False)
+    flat.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        t = m.teacher_outputs(batch["image"])
+        feats, ctx = m.net.encode(batch["image"])
+        logits = m._logits(feats, ctx) + 0.5 * torch.randn(2, 7, 16, 16, 16)  # a student unlike its teacher
+    kd_full = flat.distillation_terms(batch["image"], logits, teacher_out=t)["kd"].item()
+    assert kd_full > 0
+    for step, weight in ((0, 1.0), (50, 3.0), (100, 5.0), (400, 5.0)):
+        # the trainer's step, without a trainer
+        with mock.patch.object(CFSegModule, "global_step", new_callable=mock.PropertyMock, return_value=step):
+            assert m.kd_weight_now() == pytest.approx(weight)
+            kd = m.distillation_terms(batch["image"], logits, teacher_out=t)["kd"].item()
+        assert kd == pytest.approx(kd_full * weight / 5.0, rel=1e-5)
+    assert flat.kd_weight_now() == 5.0
+    with pytest.raises(ValueError, match="kd_ramp_steps"):
+        _stage_module(stage0_ckpt, kd_ramp_steps=-1)

@@ -4,6 +4,8 @@ not in the test suite)."""
 import json
 from pathlib import Path
 
+import torch
+
 from cfseg.demo import CONFIG, _last_callback_is_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,3 +118,21 @@ def test_training_takes_the_threads_once_the_protocol_has_ended(boxes, tmp_path)
         assert any(type(c).__name__ == "ModelCheckpoint" for c in run.trainer.callbacks)  # the config's stay
     finally:
         torch.set_num_threads(before)
+
+
+def test_largest_component_check_keeps_one_piece_per_class():
+    """benchmarks/synthetic/largest_component.py: all but each class's largest 26-connected piece become background."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "benchmarks" / "synthetic" / "largest_component.py"
+    spec = importlib.util.spec_from_file_location("largest_component", path)
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    labels = torch.zeros(8, 8, 8, dtype=torch.uint8)
+    labels[0:3, 0:3, 0:3] = 1  # 27 voxels
+    labels[6:8, 6:8, 6:8] = 1  # 8 voxels, apart
+    labels[4, 4, 4] = 2  # one piece only
+    labels[3, 3, 3] = 1  # touches the big piece at a corner: 26-connected, kept
+    out = lc.keep_largest_components(labels, 3)
+    assert (out[6:8, 6:8, 6:8] == 0).all() and (out[0:3, 0:3, 0:3] == 1).all() and out[3, 3, 3] == 1
+    assert out[4, 4, 4] == 2 and int((out == 1).sum()) == 28

@@ -74,10 +74,10 @@ ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find
 #: hyper-parameters that act only in an incremental stage (one with a previous checkpoint) of the named strategy
 STRATEGY_SETTINGS: dict[str, frozenset[str]] = {
     "distill": frozenset({"kd_weight", "kd_ramp_steps", "kd_ramp_start", "kd_temperature", "sim_weight",
-                          "feat_weight", "pseudo_label",
-                          "pseudo_entropy_floor", "pseudo_entropy_cap", "pseudo_threshold_batches",
-                          "pseudo_ignore_uncertain", "pseudo_label_dice", "pseudo_dice_weight", "distill_labeled",
-                          "distill_new_voxels", "pod_weight", "pod_layers", "pod_scales"}),
+                          "feat_weight", "pseudo_label", "pseudo_entropy_floor", "pseudo_entropy_cap",
+                          "pseudo_threshold_batches", "pseudo_ignore_uncertain", "pseudo_label_dice",
+                          "pseudo_dice_weight", "distill_labeled", "distill_new_voxels", "pod_weight", "pod_layers",
+                          "pod_scales"}),
     "experts": frozenset({"expert_layers", "expert_rank", "expert_alpha", "expert_init", "expert_projection"}),
     "ewc": frozenset({"ewc_lambda"}),
 }

@@ -189,7 +189,9 @@ class CFSegModule(L.LightningModule):
             and the full weight later pulls the old classes' outputs back towards it. KD 1 -> 5 over each stage's
             first half: synthetic protocol (three seeds) the best on validation (0.601 vs 0.590 for the default,
             test BWT -0.030 vs -0.047); OpenKBP v2 (two seeds) the best test average (0.479) but behind on
-            validation (0.433 vs 0.440). Off by default, as the two protocols disagree.
+            validation (0.433 vs 0.440). KD 1 -> 10: the best on validation on both (OpenKBP 0.460, test 0.482,
+            BWT -0.040; synthetic 0.602, BWT -0.014), but the OpenKBP esophagus at 0.02 on one seed of two. Off by
+            default: no ramp kept every new organ learnt on every seed with the old ones held better than 2.5.
         kd_ramp_start: the output distillation's weight at the stage's first step when ``kd_ramp_steps`` > 0.
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).

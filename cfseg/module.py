@@ -191,7 +191,8 @@ class CFSegModule(L.LightningModule):
             test BWT -0.030 vs -0.047); OpenKBP v2 (two seeds) the best test average (0.479) but behind on
             validation (0.433 vs 0.440). KD 1 -> 10: the best on validation on both (OpenKBP 0.460, test 0.482,
             BWT -0.040; synthetic 0.602, BWT -0.014), but the OpenKBP esophagus at 0.02 on one seed of two. Off by
-            default: no ramp kept every new organ learnt on every seed with the old ones held better than 2.5.
+            default: the ramp to 5 kept every new organ but was behind on OpenKBP's validation cases, the ramp to 10
+            lost the esophagus on one seed.
         kd_ramp_start: the output distillation's weight at the stage's first step when ``kd_ramp_steps`` > 0.
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ def evaluate_datasets(
     seed: int = 0,
     device: str = "cpu",
     keep_first: bool = False,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Dice per class on a split of ``datasets``, predicted with ``module``.
 
@@ -37,6 +38,8 @@ def evaluate_datasets(
         seed: split seed (the same as in training, so test cases are the held-out ones).
         device: where the network runs.
         keep_first: also return the first case's volume and prediction (for plots).
+        postprocess: applied to each case's predicted labels [*S] before they are scored (e.g. keeping each
+            class's largest connected component); None scores the prediction as it is.
 
     Returns:
         ``{"per_class_dice": {name: mean}, "mean_dice": float, "n_cases": int, "dice_convention": str}``
@@ -45,7 +48,7 @@ def evaluate_datasets(
         their own dataset's domain.
     """
     return evaluate_groups(module, [(datasets, classes)], split=split, seed=seed, device=device,
-                           keep_first=keep_first)[0]
+                           keep_first=keep_first, postprocess=postprocess)[0]
 
 
 def evaluate_groups(
@@ -55,6 +58,7 @@ def evaluate_groups(
     seed: int = 0,
     device: str = "cpu",
     keep_first: bool = False,
+    postprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[dict[str, Any]]:
     """:func:`evaluate_datasets` for several (datasets, classes) groups, each case predicted once.
 
@@ -102,7 +106,8 @@ def evaluate_groups(
                 if len(groups) > 1:  # kept only where a later group may score the same case
                     predictions[key] = labels
                 ks = [k for k in torch.nonzero(vol["annotated"]).flatten().tolist() if k in wanted]
-                dices = dice_per_class(labels, vol["label"][0].long(), ks).tolist()
+                scored = labels if postprocess is None else postprocess(labels)
+                dices = dice_per_class(scored, vol["label"][0].long(), ks).tolist()
                 for k, d in zip(ks, dices, strict=True):
                     scores[names[k]].append(d)
                 n_cases += 1

@@ -21,13 +21,18 @@ def test_demo_checkpoint_folder_follows_out(tmp_path):
     assert not _last_callback_is_checkpoint(other)
 
 
-def _demo_check():
+def _benchmark(name: str):
+    """benchmarks/synthetic/<name>.py as a module."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("demo_check", ROOT / "benchmarks" / "synthetic" / "demo_check.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "synthetic" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _demo_check():
+    return _benchmark("demo_check")
 
 
 def test_demo_check_sites_are_the_held_out_scanner_on_other_cases(tmp_path):
@@ -92,7 +97,6 @@ class _Process:
 
 def test_training_takes_the_threads_once_the_protocol_has_ended(boxes, tmp_path):
     """cfseg-demo's ThreadsAfterProcess, passed through cfseg.cli.main beside the config's callbacks."""
-    import torch
     from lightning.pytorch import Callback
 
     from cfseg.cli import main as cli
@@ -122,12 +126,7 @@ def test_training_takes_the_threads_once_the_protocol_has_ended(boxes, tmp_path)
 
 def test_largest_component_check_keeps_one_piece_per_class():
     """benchmarks/synthetic/largest_component.py: all but each class's largest 26-connected piece become background."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "benchmarks" / "synthetic" / "largest_component.py"
-    spec = importlib.util.spec_from_file_location("largest_component", path)
-    lc = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(lc)
+    lc = _benchmark("largest_component")
     labels = torch.zeros(8, 8, 8, dtype=torch.uint8)
     labels[0:3, 0:3, 0:3] = 1  # 27 voxels
     labels[6:8, 6:8, 6:8] = 1  # 8 voxels, apart
@@ -136,3 +135,18 @@ def test_largest_component_check_keeps_one_piece_per_class():
     out = lc.keep_largest_components(labels, 3)
     assert (out[6:8, 6:8, 6:8] == 0).all() and (out[0:3, 0:3, 0:3] == 1).all() and out[3, 3, 3] == 1
     assert out[4, 4, 4] == 2 and int((out == 1).sum()) == 28
+
+
+def test_evaluate_datasets_scores_the_postprocessed_labels(box_model, boxes):
+    """``postprocess`` acts on each case's labels before scoring: the identity scores as without it, an empty
+    prediction scores 0."""
+    from cfseg.data.datamodule import DatasetConfig
+    from cfseg.evaluation import evaluate_datasets
+    from cfseg.module import load_checkpoint
+
+    module, data = load_checkpoint(str(box_model)), [DatasetConfig(str(boxes))]
+    ref = evaluate_datasets(module, data, split="all")
+    assert ref["mean_dice"] > 0
+    assert evaluate_datasets(module, data, split="all", postprocess=lambda x: x.clone())["per_class_dice"] == \
+        ref["per_class_dice"]
+    assert evaluate_datasets(module, data, split="all", postprocess=torch.zeros_like)["mean_dice"] == 0.0

@@ -246,6 +246,32 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     assert "train/ewc_step" in _metrics_columns(run / "ewc_stage1")
 
 
+def test_stage_fit_args_reach_one_stage_of_one_row(boxes, tmp_path):
+    """A row's stage_fit_args go to the named incremental stage only, after its fit_args; bad entries are named."""
+    stages = [{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
+              {"name": "s1", "datasets": [box(boxes, ["aorta"])]},
+              {"name": "s2", "datasets": [box(boxes, ["liver", "spleen"])]}]
+    row = {"name": "sched", "strategy": "distill", "fit_args": ["--model.kd_weight=2.0"],
+           "stage_fit_args": {"s1": ["--model.kd_weight=0.0"]}}
+    spec = load_protocol(write_spec(tmp_path, strategies=["distill", row], max_steps=1, lr=0.01, fit_args=FAST,
+                                    stages=stages))
+    assert spec["strategies"][0]["stage_fit_args"] == {}  # the other rows keep their settings
+    res = run_protocol(spec, ["sched"])[0]["sched"]
+    run = tmp_path / "out" / "seed0" / "runs"
+    kd = [load_checkpoint(str(run / f"sched_stage{i}" / "final.ckpt")).hparams.kd_weight for i in (1, 2)]
+    assert kd == [0.0, 2.0]  # s1: its stage_fit_args after the row's fit_args; s2: the row's fit_args
+    assert res["stage_fit_args"] == {"s1": ["--model.kd_weight=0.0"]}
+    for bad, match in ((["--model.kd_weight=0"], "maps an incremental stage's name"),
+                       ({"s0": ["--model.kd_weight=0"]}, "'s0' is not an incremental stage"),
+                       ({"s1": ["--model.lr=0.1"]}, r"stage_fit_args.s1.*lr / lr_factor")):
+        with pytest.raises(ValueError, match=match):
+            load_protocol(write_spec(tmp_path, stages=stages, max_steps=2,
+                                     strategies=[{**row, "stage_fit_args": bad}]))
+    with pytest.raises(ValueError, match="joint trains one model per stage"):
+        load_protocol(write_spec(tmp_path, stages=stages, max_steps=2,
+                                 strategies=[{"name": "j", "strategy": "joint", "stage_fit_args": {"s1": []}}]))
+
+
 def test_joint_diagnostic_scales_the_last_joint_budget(boxes, tmp_path):
     """benchmarks/openkbp/joint_diagnostic.py: the protocol's last joint run with its steps scaled, scored per stage."""
     import importlib.util

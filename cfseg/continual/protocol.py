@@ -20,9 +20,11 @@ Budgets: every stage trains ``max_steps`` steps (per stage, else the protocol's 
 config's ``trainer.max_steps``) at ``lr * lr_factor`` (``lr``: the protocol's, else the base config's
 ``model.lr``, else 2e-3; ``model.incremental_lr_factor`` in a strategy's ``fit_args`` would multiply on top).
 Free-form ``fit_args`` (top level, per stage, per strategy entry ``{name, strategy, fit_args}``) go to ``cfseg
-fit`` after the protocol's own arguments. Stage 0 is the same training for every strategy and runs once per seed. In an
-incremental stage the validation cases of the earlier stages join as validation-only datasets, so the
-validation metrics (``val/dice_<class>``) score every class seen so far.
+fit`` after the protocol's own arguments; a strategy entry's ``stage_fit_args`` (``{stage name: [...]}``) go to
+one incremental stage of that row only, after the rest (a distillation schedule that differs between stages).
+Stage 0 is the same training for every strategy and runs once per seed. In an incremental stage the validation
+cases of the earlier stages join as validation-only datasets, so the validation metrics (``val/dice_<class>``)
+score every class seen so far.
 
 Each seed runs under ``<output>/seed<N>/`` with ``--seed_everything=N --data.seed=N`` (the same crops for every
 strategy of a seed). After every stage the model is scored on the test cases of every stage so far, on that
@@ -82,8 +84,27 @@ def _fit_args(value: Any, key: str) -> list[str]:
     return list(value)
 
 
-def _strategies(value: Any, path: Path) -> list[dict[str, Any]]:
-    """Normalise ``strategies``: names or ``{name, strategy, fit_args}`` entries -> list of such dicts."""
+def _stage_fit_args(value: Any, key: str, stage_names: list[str], strategy: str) -> dict[str, list[str]]:
+    """Check a row's ``stage_fit_args`` (``{stage name: fit_args}``, incremental stages only) -> that dict."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key}: stage_fit_args maps an incremental stage's name to its fit_args, e.g. "
+                         f"{{{stage_names[-1]}: ['--model.kd_weight=5.0']}}")
+    if strategy == "joint":
+        raise ValueError(f"{key}: joint trains one model per stage on the stages so far; give it fit_args, not "
+                         "stage_fit_args")
+    for name in value:
+        if name not in stage_names[1:]:
+            raise ValueError(f"{key}: {name!r} is not an incremental stage (stage 0 is shared by every row); "
+                             f"choose from {stage_names[1:]}")
+    return {name: _fit_args(args, f"{key}.{name}") for name, args in value.items()}
+
+
+def _strategies(value: Any, path: Path, stage_names: list[str]) -> list[dict[str, Any]]:
+    """Normalise ``strategies``: names or ``{name, strategy, fit_args, stage_fit_args}`` entries -> list of such
+    dicts (``fit_args`` go to every incremental stage of the row, ``stage_fit_args[stage name]`` after them to
+    that stage only)."""
     out = []
     for i, s in enumerate(value):
         entry = {"name": s, "strategy": s} if isinstance(s, str) else dict(s or {})
@@ -95,6 +116,9 @@ def _strategies(value: Any, path: Path) -> list[dict[str, Any]]:
         if not str(entry["name"]).replace("_", "").replace("-", "").isalnum():
             raise ValueError(f"{path}: strategies[{i}].name {entry['name']!r}: letters, digits, '_' or '-' only")
         entry["fit_args"] = _fit_args(entry.get("fit_args"), f"{path}: strategies[{i}].fit_args")
+        entry["stage_fit_args"] = _stage_fit_args(entry.get("stage_fit_args"),
+                                                  f"{path}: strategies[{i}].stage_fit_args", stage_names,
+                                                  entry["strategy"])
         out.append(entry)
     names = [e["name"] for e in out]
     if len(set(names)) != len(names):
@@ -156,7 +180,8 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
         st.setdefault("name", f"stage{i}")
         st["fit_args"] = _fit_args(st.get("fit_args"), f"{path}: stages[{i}].fit_args")
     spec["fit_args"] = _fit_args(spec.get("fit_args"), f"{path}: fit_args")
-    spec["strategies"] = _strategies(spec.get("strategies", DEFAULT_STRATEGIES), path)
+    spec["strategies"] = _strategies(spec.get("strategies", DEFAULT_STRATEGIES), path,
+                                     [st["name"] for st in spec["stages"]])
     spec.setdefault("output", "results/protocol")
     seeds = spec.get("seeds", [spec.get("seed", 0)])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
@@ -469,7 +494,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
                     + (_replayed(spec, stages[:i]) if strategy == "replay" else _val_only(stages[:i]))
                 budget.append(steps[i])
                 ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, MODULE_STRATEGY[strategy],
-                                      steps[i], lrs[i], seed, stages[i]["fit_args"] + entry["fit_args"])
+                                      steps[i], lrs[i], seed, stages[i]["fit_args"] + entry["fit_args"]
+                                      + entry["stage_fit_args"].get(names[i], []))
             train_s += t
             params.append(_params(ckpt.parent))
             t0 = time.time()
@@ -485,7 +511,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
         res = {"strategy": name, "base_strategy": strategy, "seed": seed, "stages": names, "R": R,
                "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
                "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
-               "fit_args": entry["fit_args"], "wall_time_s": round(train_s, 1),
+               "fit_args": entry["fit_args"], **({"stage_fit_args": entry["stage_fit_args"]}
+                                                 if entry["stage_fit_args"] else {}), "wall_time_s": round(train_s, 1),
                "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION, "params": params}
         if any(v is not None for r in routing for v in (r or [])):  # experts: routing accuracy per stage's cases
             res["routing_accuracy"] = [None, *routing]

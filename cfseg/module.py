@@ -73,8 +73,8 @@ ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find
 
 #: hyper-parameters that act only in an incremental stage (one with a previous checkpoint) of the named strategy
 STRATEGY_SETTINGS: dict[str, frozenset[str]] = {
-    "distill": frozenset({"kd_weight", "kd_ramp_steps", "kd_ramp_start", "kd_temperature", "sim_weight",
-                          "feat_weight", "pseudo_label", "pseudo_entropy_floor", "pseudo_entropy_cap",
+    "distill": frozenset({"kd_weight", "kd_ramp_steps", "kd_ramp_fraction", "kd_ramp_start", "kd_temperature",
+                          "sim_weight", "feat_weight", "pseudo_label", "pseudo_entropy_floor", "pseudo_entropy_cap",
                           "pseudo_threshold_batches", "pseudo_ignore_uncertain", "pseudo_label_dice",
                           "pseudo_dice_weight", "distill_labeled", "distill_new_voxels", "pod_weight", "pod_layers",
                           "pod_scales"}),
@@ -193,7 +193,10 @@ class CFSegModule(L.LightningModule):
             BWT -0.040; synthetic 0.602, BWT -0.014), but the OpenKBP esophagus at 0.02 on one seed of two. Off by
             default: the ramp to 5 kept every new organ but was behind on OpenKBP's validation cases, the ramp to 10
             lost the esophagus on one seed.
-        kd_ramp_start: the output distillation's weight at the stage's first step when ``kd_ramp_steps`` > 0.
+        kd_ramp_fraction: the same ramp over a fraction of the stage's training steps (0 < f <= 1; the trainer's
+            ``estimated_stepping_batches``), so one setting fits stages of any length: KD 1 -> 10 over each stage's
+            first half is ``kd_weight=10, kd_ramp_fraction=0.5``. 0 (default): off; not both with ``kd_ramp_steps``.
+        kd_ramp_start: the output distillation's weight at the stage's first step when a ramp is on.
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).
         feat_weight: weight of the feature distillation (MSE of normalised voxel features).
@@ -319,6 +322,7 @@ class CFSegModule(L.LightningModule):
         new_classes: list[str] | None = None,
         kd_weight: float = 2.5,
         kd_ramp_steps: int = 0,
+        kd_ramp_fraction: float = 0.0,
         kd_ramp_start: float = 1.0,
         kd_temperature: float = 1.0,
         sim_weight: float = 1.0,
@@ -365,6 +369,11 @@ class CFSegModule(L.LightningModule):
                 and kd_ramp_start >= 0):
             raise ValueError(f"need an integer kd_ramp_steps >= 0 and kd_ramp_start >= 0, got {kd_ramp_steps!r}, "
                              f"{kd_ramp_start!r}")
+        if not (isinstance(kd_ramp_fraction, (int, float)) and 0 <= kd_ramp_fraction <= 1):
+            raise ValueError(f"kd_ramp_fraction is a fraction of the stage's steps in [0, 1], got {kd_ramp_fraction!r}")
+        if kd_ramp_fraction > 0 and kd_ramp_steps > 0:
+            raise ValueError(f"give the KD ramp's length once: kd_ramp_steps={kd_ramp_steps} or kd_ramp_fraction="
+                             f"{kd_ramp_fraction}, not both")
         for name, w in (("exclusion_weight", exclusion_weight), ("entropy_weight", entropy_weight)):
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
@@ -1036,11 +1045,26 @@ class CFSegModule(L.LightningModule):
             terms["pod"] = h.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(h.pod_scales))
         return terms
 
+    def kd_ramp_length(self) -> int:
+        """Steps of the KD ramp in this stage: ``kd_ramp_steps``, or ``kd_ramp_fraction`` of the stage's training
+        steps (the trainer's estimate); 0: no ramp."""
+        h = self.hparams
+        if h.get("kd_ramp_steps", 0) > 0:
+            return int(h.kd_ramp_steps)
+        fraction = h.get("kd_ramp_fraction", 0.0)
+        if fraction <= 0:
+            return 0
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("kd_ramp_fraction needs a stage of known length (trainer.max_steps or max_epochs); "
+                             "give kd_ramp_steps instead")
+        return max(1, round(fraction * total))
+
     def kd_weight_now(self) -> float:
         """The output distillation's weight at this step of the stage: ``kd_weight``, or on its linear ramp from
-        ``kd_ramp_start`` over the stage's first ``kd_ramp_steps`` steps."""
+        ``kd_ramp_start`` over the stage's first :meth:`kd_ramp_length` steps."""
         h = self.hparams
-        ramp = h.get("kd_ramp_steps", 0)
+        ramp = self.kd_ramp_length()
         if ramp <= 0:
             return h.kd_weight
         f = min(1.0, self.global_step / ramp)
@@ -1116,7 +1140,7 @@ class CFSegModule(L.LightningModule):
                     terms[k] = terms.get(k, 0) + v
             kd = sum(terms.values(), logits.new_zeros(()).float())
             self.log("train/distill", kd, on_step=True, on_epoch=True, batch_size=bs)
-            if h.get("kd_ramp_steps", 0) > 0:
+            if h.get("kd_ramp_steps", 0) > 0 or h.get("kd_ramp_fraction", 0) > 0:
                 self.log("train/kd_weight", self.kd_weight_now(), on_step=True, on_epoch=False, batch_size=bs)
             if "pod" in terms:
                 self.log("train/pod", terms["pod"], on_step=True, on_epoch=True, batch_size=bs)

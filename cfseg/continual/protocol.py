@@ -495,7 +495,7 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
                 budget.append(steps[i])
                 ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, MODULE_STRATEGY[strategy],
                                       steps[i], lrs[i], seed, stages[i]["fit_args"] + entry["fit_args"]
-                                      + entry["stage_fit_args"].get(names[i], []))
+                                      + entry.get("stage_fit_args", {}).get(names[i], []))
             train_s += t
             params.append(_params(ckpt.parent))
             t0 = time.time()
@@ -511,8 +511,9 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
         res = {"strategy": name, "base_strategy": strategy, "seed": seed, "stages": names, "R": R,
                "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
                "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
-               "fit_args": entry["fit_args"], **({"stage_fit_args": entry["stage_fit_args"]}
-                                                 if entry["stage_fit_args"] else {}), "wall_time_s": round(train_s, 1),
+               "fit_args": entry["fit_args"],
+               **({"stage_fit_args": entry["stage_fit_args"]} if entry.get("stage_fit_args") else {}),
+               "wall_time_s": round(train_s, 1),
                "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION, "params": params}
         if any(v is not None for r in routing for v in (r or [])):  # experts: routing accuracy per stage's cases
             res["routing_accuracy"] = [None, *routing]

@@ -195,7 +195,8 @@ class CFSegModule(L.LightningModule):
             lost the esophagus on one seed.
         kd_ramp_fraction: the same ramp over a fraction of the stage's training steps (0 < f <= 1; the trainer's
             ``estimated_stepping_batches``), so one setting fits stages of any length: KD 1 -> 10 over each stage's
-            first half is ``kd_weight=10, kd_ramp_fraction=0.5``. 0 (default): off; not both with ``kd_ramp_steps``.
+            first half is ``kd_weight=10, kd_ramp_fraction=0.5``. 0 (default): off. ``kd_ramp_steps`` > 0 takes
+            precedence. Outside a fit (no trainer, no stage length) there is no ramp: ``kd_weight``.
         kd_ramp_start: the output distillation's weight at the stage's first step when a ramp is on.
         kd_temperature: distillation temperature.
         sim_weight: weight of the similarity-map distillation over old classes (MSE of cosine maps).
@@ -371,9 +372,6 @@ class CFSegModule(L.LightningModule):
                              f"{kd_ramp_start!r}")
         if not (isinstance(kd_ramp_fraction, (int, float)) and 0 <= kd_ramp_fraction <= 1):
             raise ValueError(f"kd_ramp_fraction is a fraction of the stage's steps in [0, 1], got {kd_ramp_fraction!r}")
-        if kd_ramp_fraction > 0 and kd_ramp_steps > 0:
-            raise ValueError(f"give the KD ramp's length once: kd_ramp_steps={kd_ramp_steps} or kd_ramp_fraction="
-                             f"{kd_ramp_fraction}, not both")
         for name, w in (("exclusion_weight", exclusion_weight), ("entropy_weight", entropy_weight)):
             if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
@@ -1052,7 +1050,7 @@ class CFSegModule(L.LightningModule):
         if h.get("kd_ramp_steps", 0) > 0:
             return int(h.kd_ramp_steps)
         fraction = h.get("kd_ramp_fraction", 0.0)
-        if fraction <= 0:
+        if fraction <= 0 or self._trainer is None:
             return 0
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total):

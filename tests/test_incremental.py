@@ -480,12 +480,14 @@ def test_kd_ramp_raises_the_output_distillation_weight_linearly_over_the_stage(s
     # kd_ramp_fraction: the same ramp over a fraction of the stage's steps, whatever the stage's length
     for total, step, weight in ((200, 50, 3.0), (200, 100, 5.0), (400, 100, 3.0), (400, 300, 5.0)):
         frac = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_fraction=0.5, kd_ramp_start=1.0, pseudo_label=False)
-        trainer = mock.Mock(estimated_stepping_batches=total)
-        with mock.patch.object(CFSegModule, "trainer", new_callable=mock.PropertyMock, return_value=trainer), \
-                mock.patch.object(CFSegModule, "global_step", new_callable=mock.PropertyMock, return_value=step):
+        frac._trainer = mock.Mock(estimated_stepping_batches=total)  # a stage of `total` steps
+        with mock.patch.object(CFSegModule, "global_step", new_callable=mock.PropertyMock, return_value=step):
             assert frac.kd_ramp_length() == total // 2
             assert frac.kd_weight_now() == pytest.approx(weight)
-    with pytest.raises(ValueError, match="not both"):
-        _stage_module(stage0_ckpt, kd_ramp_steps=10, kd_ramp_fraction=0.5)
+    both = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_fraction=0.5)
+    both._trainer = mock.Mock(estimated_stepping_batches=400)
+    assert both.kd_ramp_length() == 100  # kd_ramp_steps takes precedence
+    frac._trainer = None
+    assert frac.kd_ramp_length() == 0 and frac.kd_weight_now() == 5.0  # outside a fit: no stage length, no ramp
     with pytest.raises(ValueError, match="kd_ramp_fraction"):
         _stage_module(stage0_ckpt, kd_ramp_fraction=1.5)

@@ -271,7 +271,7 @@ def test_cli_stage_with_pseudo_labels_and_pod(stage0_ckpt, tiny_phantoms, tmp_pa
 
     fit(tmp_path, [ds(tiny_phantoms[0], STAGE1)], f"--model.previous_checkpoint={stage0_ckpt}",
         "--model.pseudo_label=true", "--model.pod_weight=1.0", "--model.incremental_lr_factor=0.5",
-        "--trainer.max_steps=2", "--trainer.max_epochs=5")
+        "--model.kd_ramp_fraction=0", "--trainer.max_steps=2", "--trainer.max_epochs=5")  # KD from the first step
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     steps = [r for r in rows if r.get("train/pod_step")]
     assert len(steps) == 2
@@ -356,7 +356,8 @@ def test_distill_labeled_false_distils_only_on_image_only_batches(stage0_ckpt):
         _stage_module(stage0_ckpt, distill_labeled="sometimes")
     # the documented defaults of strategy distill (cfseg/module.py, README: chosen on validation cases)
     assert _stage_module(stage0_ckpt).hparams.distill_labeled == "auto"
-    assert _stage_module(stage0_ckpt).hparams.kd_weight == 2.5
+    h = _stage_module(stage0_ckpt).hparams
+    assert (h.kd_weight, h.kd_ramp_steps, h.kd_ramp_fraction, h.kd_ramp_start) == (10.0, 0, 0.5, 0.0)
 
 
 def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_phantoms, tmp_path):
@@ -366,7 +367,7 @@ def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_ph
 
     def distill_logged(out, data, classes):
         fit(out, [ds(data, classes)], f"--model.previous_checkpoint={stage0_ckpt}", "--trainer.max_steps=2",
-            "--trainer.max_epochs=5", "--model.distill_labeled=auto")
+            "--trainer.max_epochs=5", "--model.distill_labeled=auto", "--model.kd_ramp_fraction=0")  # KD at step 0
         rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
         return [float(r["train/distill_step"]) for r in rows if r.get("train/distill_step")]
 
@@ -453,6 +454,17 @@ def test_distill_new_voxels_false_leaves_the_new_class_voxels_out_of_the_distill
     m.training_step(batch, 0)
     assert len(seen) == 1 and torch.equal(seen[0], ~new)
     assert _stage_module(stage0_ckpt).hparams.distill_new_voxels is True
+
+
+def test_default_kd_ramp_in_a_fit_starts_at_zero_and_reaches_kd_weight_halfway(stage0_ckpt, tiny_phantoms, tmp_path):
+    """distill's defaults in a real stage: KD 0 at the first step, ``kd_weight`` (10) from half the stage on."""
+    import csv
+
+    fit(tmp_path, [ds(tiny_phantoms[0], STAGE1)], f"--model.previous_checkpoint={stage0_ckpt}",
+        "--trainer.max_steps=4", "--trainer.max_epochs=10", "--trainer.log_every_n_steps=1")
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    weights = [(int(r["step"]), float(r["train/kd_weight"])) for r in rows if r.get("train/kd_weight")]
+    assert weights == [(0, 0.0), (1, 5.0), (2, 10.0), (3, 10.0)]
 
 
 def test_kd_ramp_raises_the_output_distillation_weight_linearly_over_the_stage(stage0_ckpt):

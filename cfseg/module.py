@@ -179,7 +179,7 @@ class CFSegModule(L.LightningModule):
             default ``loss_kd=10`` is ``kd_weight = 10 / (n_old + 1)`` (2.5 with 3 old organs, 1.67 with 5).
             Default 10, reached by a ramp from 0 over the stage's first half (``kd_ramp_fraction``,
             ``kd_ramp_start``; since 2026-11-27). Chosen on validation cases: OpenKBP v2 (two seeds) 0.474 against
-            0.472-0.440 for every other setting (KD 2.5 flat, the default before: 0.440), test 0.489 = 1.12 x
+            0.472 or less for every other setting (KD 2.5 flat, the default before: 0.440), test 0.489 = 1.12 x
             joint with BWT -0.043 (KD 2.5: 0.468, -0.065), the esophagus 0.33 / 0.09 (KD 2.5: 0.26 / 0.08); a
             flat KD 5 or a ramp from 1 lost the seed-1 esophagus (0.02-0.04): the first steps of a stage without a
             tie to the teacher are what lets the thinnest new organ start. On the synthetic protocol the same

@@ -468,8 +468,9 @@ def test_default_kd_ramp_in_a_fit_starts_at_zero_and_reaches_kd_weight_halfway(s
 
 
 def test_kd_ramp_raises_the_output_distillation_weight_linearly_over_the_stage(stage0_ckpt):
-    """``kd_ramp_steps``: the KD term weighs ``kd_ramp_start`` at step 0, ``kd_weight`` from step N on; 0 (default)
-    is ``kd_weight`` throughout."""
+    """``kd_ramp_steps``: the KD term weighs ``kd_ramp_start`` at step 0, ``kd_weight`` from step N on; without a
+    ramp (here: the default ``kd_ramp_fraction`` outside a fit, which has no stage length) ``kd_weight`` throughout.
+    ``kd_ramp_fraction``: the same over a fraction of the stage's steps."""
     batch = _stage_batch()
     m = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_start=1.0, pseudo_label=False)
     flat = _stage_module(stage0_ckpt, kd_weight=5.0, pseudo_label=False)

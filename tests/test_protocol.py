@@ -117,6 +117,7 @@ def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
             assert [len(r) for r in v["matrix_val"]] == [1, 2]
             assert v["average_dice_val"] == pytest.approx(statistics.fmean(v["matrix_val"][1]))
             assert v["bwt_val"] == pytest.approx(v["matrix_val"][1][0] - v["matrix_val"][0][0])
+            assert set(v["per_class_dice_val"]["s1"]) == {"aorta"}  # per class on validation, after the last stage
         assert s["average_dice_val"] == pytest.approx(statistics.fmean(v["average_dice_val"]
                                                                        for v in s["per_seed"].values()))
         assert s["wall_time_s"] > 0

@@ -45,7 +45,9 @@ def fake_result(name: str, seed: int) -> dict:
             "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
             "stage_steps": steps, "stage_lr": [2e-3, 1e-3, 1e-3], "fit_args": [],
             "wall_time_s": 600.0 + 60 * seed + 10 * len(name), "eval_time_s": 5.0, "dice_convention": DICE_CONVENTION,
-            "R_val": R_val, "average_dice_val": average_after_last(R_val), "bwt_val": backward_transfer(R_val)}
+            "R_val": R_val, "average_dice_val": average_after_last(R_val), "bwt_val": backward_transfer(R_val),
+            "per_class_dice_val": {"s0": {"a": last_val[0], "b": last_val[0]}, "s1": {"c": last_val[1]},
+                                   "s2": {"d": last_val[2], "e": NAN}}}
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +130,20 @@ def test_report_numbers_plots_and_validation_choice(summary_path, tmp_path):
         assert (out / f"mean_matrix_{name}.png").stat().st_size > 5000
     assert (out / "per_class_final.png").stat().st_size > 5000
     assert "NaN" not in (out / "report.json").read_text()  # strict JSON: missing values are null
+
+
+def test_report_lists_the_ablation_rows_per_class_validation_dice_per_seed(summary_path, tmp_path):
+    """What the esophagus-on-validation figures in the READMEs are read from: one row per setting, seeds joined."""
+    mod = load_script()
+    out = tmp_path / "report"
+    assert mod.main(["--summary", str(summary_path), "--out", str(out), "--ablation", "distill", "distill_plop",
+                     "--json"]) == 0
+    pcv = json.loads((out / "report.json").read_text())["ablation"]["per_class_val"]
+    assert pcv["columns"] == ["a", "b", "c", "d"]  # e has no validation value in any row: no column
+    assert pcv["rows"]["distill"][3] == [LAST["distill"][s][1][2] for s in (0, 1)]
+    md = (out / "report.md").read_text().split("on the validation cases, seeds 0 / 1:")[1]
+    assert md_table_row(md, "distill_plop")[1:] == ["0.400 / 0.400", "0.400 / 0.400", "0.450 / 0.450",
+                                                    "0.550 / 0.540"]
 
 
 def test_report_compares_on_common_seeds_only(summary_path, tmp_path):

@@ -12,7 +12,8 @@ Writes into ``--out``:
   to the ``--baseline``'s average Dice, training wall time, steps per stage), computed on the seeds common to the
   compared strategies (extra seeds in their own table); the accuracy matrices (mean over each strategy's seeds,
   and per seed); per-class Dice after the last stage; with ``--ablation``, the ablation table with the
-  validation numbers (what settings are chosen on) beside the test numbers, the best on validation marked; which
+  validation numbers (what settings are chosen on) beside the test numbers, the best on validation marked, and
+  the ablation rows' per-class Dice on the validation cases after the last stage, per seed; which
   seeds each strategy ran on;
 * ``mean_matrix_<strategy>.png`` (heatmap of the mean matrix) and ``per_class_final.png`` (per-class Dice after
   the last stage, one bar per strategy);
@@ -275,13 +276,30 @@ def build_report(summary: dict[str, Any], baseline: str = "joint", main: list[st
         best = max(scored, key=lambda n: a_rows[n]["average_dice_val"]["mean"]) if scored else None
         abl = {"names": present, "missing": [n for n in ablation if n not in strategies], "seeds": a_seeds,
                "rows": a_rows, "best_on_val": best,
-               "not_chosen_from": [n for n in present if n not in scored]}
+               "not_chosen_from": [n for n in present if n not in scored],
+               "per_class_val": _per_class_val(strategies, present, a_seeds)}
 
     return {"stages": stages, "last_stage": T, "dice_convention": summary.get("dice_convention"),
             "sources": summary.get("sources", []), "baseline": baseline if baseline in strategies else None,
             "baseline_requested": baseline, "strategy_seeds": {n: strategies[n]["seeds"] for n in names},
             "main": {"strategies": main_names, "seeds": seeds, "rows": rows, "extra_seeds": extra},
             "matrices": matrices, "per_class": per_class, "ablation": abl}
+
+
+def _per_class_val(strategies: dict[str, Any], names: list[str], seeds: list[int]) -> dict[str, Any] | None:
+    """Per-class Dice on the validation cases after the last stage, per seed, of the ablation rows (from the
+    summaries' ``per_class_dice_val``; None where no row has it)."""
+    cols: list[tuple[str, str]] = []
+    for n in names:
+        for k in seeds:
+            for st, classes in (strategies[n]["per_seed"][str(k)].get("per_class_dice_val") or {}).items():
+                cols += [(st, c) for c, v in classes.items() if v is not None and (st, c) not in cols]
+    if not cols:
+        return None
+    unique = len({c for _, c in cols}) == len(cols)
+    rows = {n: [[_num(((strategies[n]["per_seed"][str(k)].get("per_class_dice_val") or {}).get(st) or {}).get(c))
+                 for k in seeds] for st, c in cols] for n in names}
+    return {"columns": [c if unique else f"{c} ({st})" for st, c in cols], "seeds": seeds, "rows": rows}
 
 
 # ---------------------------------------------------------------------------------------------------- markdown
@@ -444,6 +462,13 @@ def render_markdown(rep: dict[str, Any], title: str, command: str) -> str:
         if abl["missing"]:
             md.append(f"Not in the summary (not run yet): {', '.join(abl['missing'])}.")
         md.append("")
+        pcv = abl["per_class_val"]
+        if pcv:
+            seeds_txt = " / ".join(map(str, pcv["seeds"]))
+            md += [f"Per-class Dice after stage {T} on the validation cases, seeds {seeds_txt}:", ""]
+            md += _table(["setting", *pcv["columns"]], ["---", *["---:"] * len(pcv["columns"])],
+                         [[n, *[" / ".join(_fmt(v) for v in cell) for cell in pcv["rows"][n]]] for n in abl["names"]])
+            md.append("")
     return "\n".join(md)
 
 

@@ -473,13 +473,13 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
     upto = (lambda i: last) if spec.get("full_matrix") else (lambda i: i)  # full_matrix: later stages' tests too
     row0, classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed)
     score_val = bool(spec.get("score_val", False))
-    val0 = evaluate_stage_tests(stage0, spec, upto(0), seed, "val")[0] if score_val else None
+    val0, val_classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed, "val") if score_val else (None, {})
     results: dict[str, Any] = {}
     for entry in strategies:
         name, strategy = entry["name"], entry["strategy"]
         train_s, eval_s = t_stage0, 0.0
         R, per_class, prev = [row0], classes0, stage0
-        R_val = [val0]
+        R_val, per_class_val = [val0], val_classes0
         budget = [steps[0]]
         routing: list[list[float | None]] = []
         params = [_params(out / "runs" / "stage0")]
@@ -503,7 +503,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
             row, per_class = evaluate_stage_tests(ckpt, spec, upto(i), seed, details=info)
             routing.append(info.get("routing_accuracy"))
             if score_val:
-                R_val.append(evaluate_stage_tests(ckpt, spec, upto(i), seed, "val")[0])
+                row_val, per_class_val = evaluate_stage_tests(ckpt, spec, upto(i), seed, "val")
+                R_val.append(row_val)
             eval_s += time.time() - t0
             R.append(row)
             prev = ckpt
@@ -518,7 +519,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
         if any(v is not None for r in routing for v in (r or [])):  # experts: routing accuracy per stage's cases
             res["routing_accuracy"] = [None, *routing]
         if score_val:  # the validation cases' matrix: what settings are chosen on (never the test cases)
-            res.update(R_val=R_val, average_dice_val=average_after_last(R_val), bwt_val=backward_transfer(R_val))
+            res.update(R_val=R_val, average_dice_val=average_after_last(R_val), bwt_val=backward_transfer(R_val),
+                       per_class_dice_val=per_class_val)
         results[name] = res
         (out / f"{name}_matrix.json").write_text(json.dumps(_finite(res), indent=2))
         with open(out / f"{name}_matrix.csv", "w", newline="") as f:
@@ -628,7 +630,8 @@ def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any
     Returns:
         ``{"seeds", "stages", "dice_convention", "strategies": {name: {"average_dice", "bwt" (means over
         seeds), "average_dice_sd", "bwt_sd", "seeds", "per_seed": {seed: {"average_dice", "bwt", "matrix",
-        "per_class_dice", "wall_time_s"}}, "per_class_dice" (mean over seeds), "stage_steps", "stage_lr",
+        "per_class_dice", "wall_time_s"; with score_val also "average_dice_val", "bwt_val", "matrix_val",
+        "per_class_dice_val"}}, "per_class_dice" (mean over seeds), "stage_steps", "stage_lr",
         "wall_time_s" (mean over seeds, training incl. stage 0)}}}``.
     """
     files: dict[str, dict[int, dict]] = {}
@@ -655,6 +658,8 @@ def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any
                                   "per_class_dice": r["per_class_dice"], "wall_time_s": r["wall_time_s"],
                                   **({"average_dice_val": r["average_dice_val"], "bwt_val": r["bwt_val"],
                                       "matrix_val": r["R_val"]} if "R_val" in r else {}),
+                                  **({"per_class_dice_val": r["per_class_dice_val"]}
+                                     if "per_class_dice_val" in r else {}),
                                   **{k: r[k] for k in ("routing_accuracy", "params") if k in r}}
                          for s, r in runs.items()},
             "per_class_dice": per_class,

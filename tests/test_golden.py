@@ -70,10 +70,9 @@ def checkpoint_fingerprint(path: Path, root: str) -> dict[str, str]:
 
 def record(tmp: Path) -> dict[str, Any]:
     """Run the golden protocol and segmentations under ``tmp``; return every fingerprint."""
-    from tests.conftest import make_boxes
-
     from cfseg.continual.protocol import load_protocol, run_protocol
     from cfseg.segmentation import main as segment
+    from tests.conftest import make_boxes
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

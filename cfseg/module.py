@@ -27,6 +27,7 @@ from monai import transforms as mt
 from monai.inferers import sliding_window_inference
 from torch import nn
 
+from cfseg.bank import PROTOTYPE_METHODS, PrototypeBank
 from cfseg.builder import UntrustedSpecError, build_network, check_spec, resolve_class
 from cfseg.continual import distill, experts
 from cfseg.continual.distill import (
@@ -47,7 +48,7 @@ from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottlen
 from cfseg.losses import ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import Segmenter, segmenter
-from cfseg.prototypes import PROTOTYPE_METHODS, PrototypeBank, build_encoder
+from cfseg.text.encoders import build_encoder
 from cfseg.vocab import Vocabulary
 
 log = logging.getLogger(__name__)
@@ -118,10 +119,10 @@ class CFSegModule(L.LightningModule):
             spec leaves out are filled where the head takes them: ``feature_channels``, ``num_classes`` (K+1),
             ``embed_dim`` (prototype width), ``text_dim`` (text-embedding width), ``bottleneck_channels`` (from the
             backbone layer the head names), ``temperature``, ``learnable_temperature``, ``hidden_channels``.
-        encoder: text encoder spec for the prototypes (see :func:`cfseg.prototypes.build_encoder`):
+        encoder: text encoder spec for the prototypes (see :func:`cfseg.text.encoders.build_encoder`):
             ``"minilm"`` (offline default), ``"open_clip:ViT-B-32:/path/weights.bin"``, ``"bank:/path.json"``.
         prompt_modality: prompt template set (``"ct"``, ``"mri"``, ``"generic"``).
-        prototypes: how class prototypes are made (:meth:`cfseg.prototypes.PrototypeBank.build`): ``"text"``
+        prototypes: how class prototypes are made (:meth:`cfseg.bank.PrototypeBank.build`): ``"text"``
             (default: Gram-Schmidt on the class text embeddings), ``"random"`` (seeded random orthonormal vectors:
             what the text contributes, by ablation) or ``"text_no_gs"`` (the normalised text embeddings, not
             orthogonal). The prototypes are stored in the checkpoint, so it reloads bit-identically. Only

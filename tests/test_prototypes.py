@@ -1,4 +1,4 @@
-"""Tests for cfseg.prototypes: prompts, Gram-Schmidt, encoders, caching, bank files and the prototype bank."""
+"""Tests for cfseg.text and cfseg.bank: prompts, encoders, caching, bank files, Gram-Schmidt and the prototype bank."""
 
 from __future__ import annotations
 
@@ -11,22 +11,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cfseg import prototypes as P
-from cfseg.prototypes import (
-    BACKGROUND_PROMPTS,
-    PROMPT_TEMPLATES,
+from cfseg.apps import bank_export
+from cfseg.bank import GS_COSINE_WARNING, PrototypeBank, PrototypeDriftWarning, gram_schmidt, gram_schmidt_drift
+from cfseg.text.bank_file import save_bank_file
+from cfseg.text.cache import class_embeddings, clear_memory_cache
+from cfseg.text.encoders import (
     EncoderWeightsError,
     OpenClipTextEncoder,
     PrecomputedTextEncoder,
-    PrototypeBank,
     SentenceTransformerTextEncoder,
     TextEncoder,
     build_encoder,
-    class_embeddings,
-    gram_schmidt,
-    prompts_for,
-    save_bank_file,
 )
+from cfseg.text.prompts import BACKGROUND_PROMPTS, PROMPT_TEMPLATES, prompts_for
 
 
 class FakeEncoder(TextEncoder):
@@ -55,9 +52,9 @@ class FakeEncoder(TextEncoder):
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("CFSEG_CACHE_DIR", str(tmp_path / "cfseg_cache"))
-    P.clear_memory_cache()
+    clear_memory_cache()
     yield
-    P.clear_memory_cache()
+    clear_memory_cache()
 
 
 def _orth_err(Q: torch.Tensor) -> float:
@@ -306,7 +303,7 @@ def test_open_clip_tag_unavailable_offline_says_what_to_provide(monkeypatch, tmp
     msg = str(info.value)
     assert "laion2b_s34b_b79k" in msg and "cannot download" in msg
     assert "pretrained=/path/to/open_clip_model.bin" in msg
-    assert "python -m cfseg.prototypes export-bank --encoder open_clip:ViT-B-32:laion2b_s34b_b79k" in msg
+    assert "python -m cfseg.apps.bank_export export-bank --encoder open_clip:ViT-B-32:laion2b_s34b_b79k" in msg
 
 
 def test_export_bank_cli_with_tiny_clip(tiny_clip, tmp_path):
@@ -315,7 +312,7 @@ def test_export_bank_cli_with_tiny_clip(tiny_clip, tmp_path):
     weights = tmp_path / "tiny.bin"
     torch.save(open_clip.create_model("cfseg-tiny-clip").state_dict(), weights)
     out = tmp_path / "bank.json"
-    rc = P.main(
+    rc = bank_export.main(
         ["export-bank", "--encoder", f"open_clip:cfseg-tiny-clip:{weights}", "--classes", "liver", "Right Kidney"]
         + ["--modality", "ct", "--out", str(out)]
     )
@@ -351,7 +348,7 @@ def test_disk_cache_is_hit_on_second_call(tmp_path):
     names = ["liver", "spleen", "kidney_left"]
     first = class_embeddings(enc, names, "ct", cache_dir=cache)
     assert enc.calls == 1 and len(list(cache.glob("*.npy"))) == 3
-    P.clear_memory_cache()
+    clear_memory_cache()
     second = class_embeddings(enc, names, "ct", cache_dir=cache)
     assert enc.calls == 1  # served from disk
     assert torch.equal(first, second)
@@ -513,19 +510,19 @@ PAIR = ["liver", "kidney_left", "kidney_right"]
 
 
 def test_gram_schmidt_drift_warns_naming_the_class_its_cosine_and_who_took_it(caplog):
-    with pytest.warns(P.PrototypeDriftWarning) as record, caplog.at_level("WARNING", logger="cfseg.prototypes"):
+    with pytest.warns(PrototypeDriftWarning) as record, caplog.at_level("WARNING", logger="cfseg.bank"):
         bank = PrototypeBank.build(PAIR, PairEncoder())
     messages = [str(w.message) for w in record]
     assert len(messages) == 1
     cos = float(bank.prototypes[3] @ bank.embeddings[3])
-    assert cos < P.GS_COSINE_WARNING
+    assert cos < GS_COSINE_WARNING
     assert "'kidney_right'" in messages[0] and f"cosine {cos:.2f}" in messages[0]
     assert "earlier class 'kidney_left'" in messages[0]
     assert messages[0] in caplog.text  # the logger too
-    rows = P.gram_schmidt_drift(bank.embeddings, bank.prototypes, bank.names)
+    rows = gram_schmidt_drift(bank.embeddings, bank.prototypes, bank.names)
     assert [r["taken_by"] for r in rows] == [None, "background", "background", "kidney_left"]
     # another order moves the loss to the other kidney
-    with pytest.warns(P.PrototypeDriftWarning, match="'kidney_left'.*earlier class 'kidney_right'"):
+    with pytest.warns(PrototypeDriftWarning, match="'kidney_left'.*earlier class 'kidney_right'"):
         PrototypeBank.build(PAIR, PairEncoder(), order="reversed")
 
 
@@ -533,14 +530,14 @@ def test_no_drift_warning_for_well_separated_classes():
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("error", P.PrototypeDriftWarning)
+        warnings.simplefilter("error", PrototypeDriftWarning)
         PrototypeBank.build(["liver", "spleen"], PairEncoder())
         PrototypeBank.build(PAIR, PairEncoder(), method="random")  # no text semantics to lose: no warning
 
 
 def test_extend_warns_about_a_new_class_taken_by_an_old_one():
     bank = PrototypeBank.build(["liver", "kidney_left"], PairEncoder())
-    with pytest.warns(P.PrototypeDriftWarning, match="'kidney_right'.*earlier class 'kidney_left'"):
+    with pytest.warns(PrototypeDriftWarning, match="'kidney_right'.*earlier class 'kidney_left'"):
         bank.extend(["kidney_right"], PairEncoder())
 
 
@@ -627,7 +624,7 @@ def test_minilm_openkbp_bank_warns_about_the_second_parotid(minilm):
 
     names = Vocabulary(["brainstem", "spinal_cord", "parotid_gland_right", "parotid_gland_left", "esophagus",
                         "larynx", "mandible"]).classes
-    with pytest.warns(P.PrototypeDriftWarning) as record:
+    with pytest.warns(PrototypeDriftWarning) as record:
         PrototypeBank.build(names, minilm, modality="ct")
     assert len(record) == 1
     assert "'parotid_gland_left'" in str(record[0].message) and "'parotid_gland_right'" in str(record[0].message)

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cfseg.bank import PrototypeBank
 from cfseg.losses import ambiguous_entropy, ambiguous_voxels, exclusion_loss, partial_label_loss
-from cfseg.prototypes import PrototypeBank, TextEncoder
+from cfseg.text.encoders import TextEncoder
 
 BIG = 1e4  # logits this far apart give exactly one-hot float32 softmax
 

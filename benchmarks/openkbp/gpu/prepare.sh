@@ -32,6 +32,6 @@ partial = json.loads((src / "partial_labels.json").read_text())
 Path(".gpu/split_device.json").write_text(json.dumps({"train": split["train"], "val": split["val"], "test": []}))
 print(f"{len(ids)} cases copied")
 P
-$PY -m cfseg.prototypes export-bank --encoder minilm --modality ct --out $G/bank_minilm_ct.json \
+$PY -m cfseg.apps.bank_export export-bank --encoder minilm --modality ct --out $G/bank_minilm_ct.json \
   --classes brainstem spinal_cord parotid_gland_right parotid_gland_left esophagus larynx mandible
 du -sh $G

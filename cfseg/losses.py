@@ -56,7 +56,7 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _as_compute_dtype(x: Tensor, name: str) -> Tensor:
+def as_compute_dtype(x: Tensor, name: str) -> Tensor:
     """Return ``x`` as float32/float64 (half precision is upcast); reject non-floating tensors."""
     if not torch.is_floating_point(x):
         raise ValueError(
@@ -67,7 +67,7 @@ def _as_compute_dtype(x: Tensor, name: str) -> Tensor:
     return x.float()
 
 
-def _check_class_tensor(x: Tensor, name: str) -> None:
+def check_class_tensor(x: Tensor, name: str) -> None:
     if x.ndim < 3:
         raise ValueError(
             f"{name} must have shape [B, C, *S] with at least one spatial dimension, got shape "
@@ -94,7 +94,7 @@ def _check_annotated(annotated: Tensor, logits: Tensor) -> Tensor:
     return ann
 
 
-def _check_mask(
+def check_mask(
     mask: Tensor | None, shape: tuple[int, ...], ref_name: str, ref_shape: tuple[int, ...]
 ) -> None:
     if mask is None:
@@ -111,8 +111,8 @@ def _check_mask(
 
 def _check_logits_and_target(logits: Tensor, target: Tensor) -> Tensor:
     """Check the shapes and dtypes of ``logits`` [B, K+1, *S] and ``target`` [B, *S]; logits in a compute dtype."""
-    _check_class_tensor(logits, "logits")
-    x = _as_compute_dtype(logits, "logits")
+    check_class_tensor(logits, "logits")
+    x = as_compute_dtype(logits, "logits")
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(target.shape) != expected:
         raise ValueError(
@@ -172,7 +172,7 @@ def _prepare_partial(
     return x, t, valid, ann
 
 
-def _masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
+def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
     """Mean of ``values`` [B, *S] over ``valid`` voxels; 0 (graph kept) when no voxel is valid."""
     if valid is None:
         return values.mean()
@@ -206,7 +206,7 @@ def _ce_from_log_probs(logp: Tensor, t: Tensor, valid: Tensor | None, ann: Tenso
         log_bg = logp[:, 0]
     picked = logp.gather(1, t.unsqueeze(1)).squeeze(1)
     nll = -torch.where(t == 0, log_bg, picked)
-    return _masked_mean(nll, valid)
+    return masked_mean(nll, valid)
 
 
 def _dice_from_probs(probs: Tensor, t: Tensor, valid: Tensor | None, ann: Tensor, smooth: float,
@@ -414,8 +414,8 @@ def merged_background_log_probs(logits: Tensor, annotated: Tensor) -> Tensor:
     Raises:
         ValueError: on non-floating logits, a non-bool ``annotated`` or one whose shape is not [B, K+1].
     """
-    _check_class_tensor(logits, "logits")
-    x = _as_compute_dtype(logits, "logits")
+    check_class_tensor(logits, "logits")
+    x = as_compute_dtype(logits, "logits")
     ann = _check_annotated(annotated, logits)
     return _merge_log_probs(F.log_softmax(x, dim=1), ann)
 
@@ -743,4 +743,4 @@ def ambiguous_entropy(
     # p log p with 0 log 0 = 0 (exp(-inf) * -inf would be nan)
     plogp = torch.where(logp > -math.inf, logp.exp() * logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
     entropy = -plogp.sum(1)  # [B, *S]
-    return _masked_mean(entropy, ambiguous_voxels(t, ann, valid))
+    return masked_mean(entropy, ambiguous_voxels(t, ann, valid))

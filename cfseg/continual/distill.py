@@ -24,28 +24,29 @@ as constants (detached) in all distillation terms.
 from __future__ import annotations
 
 import math
-import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Any
+import warnings
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 
-from cfseg.losses import _as_compute_dtype, _check_class_tensor, _check_mask, _masked_mean
+from cfseg.continual.pod import DEFAULT_POD_LAYERS, capture_activations, local_pod, resolve_layers
+from cfseg.continual.strategy import StepContext, Strategy
+from cfseg.losses import as_compute_dtype, check_class_tensor, check_mask, masked_mean
+
+if TYPE_CHECKING:  # the module holds the strategy; annotations only
+    from cfseg.module import CFSegModule
 
 __all__ = [
-    "DEFAULT_POD_LAYERS",
-    "capture_activations",
+    "Distill",
     "entropy_histogram",
     "feature_distillation",
-    "local_pod",
     "median_thresholds",
     "mib_distillation",
     "normalized_entropy",
     "pseudo_label",
-    "resolve_layers",
     "similarity_distillation",
 ]
 
@@ -56,8 +57,8 @@ __all__ = [
 
 
 def _check_student_teacher(student: Tensor, teacher: Tensor, s_name: str, t_name: str) -> None:
-    _check_class_tensor(student, s_name)
-    _check_class_tensor(teacher, t_name)
+    check_class_tensor(student, s_name)
+    check_class_tensor(teacher, t_name)
     if student.shape[0] != teacher.shape[0] or student.shape[2:] != teacher.shape[2:]:
         raise ValueError(
             f"{s_name} has shape {tuple(student.shape)} and {t_name} has shape {tuple(teacher.shape)}; batch "
@@ -121,17 +122,17 @@ def mib_distillation(
             f"channels (background + old classes)."
         )
     expected_mask = (student_logits.shape[0], *student_logits.shape[2:])
-    _check_mask(mask, expected_mask, "student_logits", tuple(student_logits.shape))
+    check_mask(mask, expected_mask, "student_logits", tuple(student_logits.shape))
 
-    s = _as_compute_dtype(student_logits, "student_logits") / temperature
-    t = _as_compute_dtype(teacher_logits, "teacher_logits").detach().to(s.dtype) / temperature
+    s = as_compute_dtype(student_logits, "student_logits") / temperature
+    t = as_compute_dtype(teacher_logits, "teacher_logits").detach().to(s.dtype) / temperature
     q = torch.softmax(t, dim=1)
     log_norm = torch.logsumexp(s, dim=1)  # [B, *S]
     bg_and_new = torch.cat([s[:, :1], s[:, n_old + 1 :]], dim=1)
     log_bg = torch.logsumexp(bg_and_new, dim=1) - log_norm
     log_old = s[:, 1 : n_old + 1] - log_norm.unsqueeze(1)
     per_voxel = -(q[:, 0] * log_bg + (q[:, 1:] * log_old).sum(dim=1))
-    loss = _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
+    loss = masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
     if scale_by_t2:
         loss = loss * temperature**2
     return loss
@@ -154,11 +155,11 @@ def similarity_distillation(student_sim: Tensor, teacher_sim: Tensor, mask: Tens
             named), or a bad mask.
     """
     _check_student_teacher(student_sim, teacher_sim, "student_sim", "teacher_sim")
-    _check_mask(mask, (student_sim.shape[0], *student_sim.shape[2:]), "student_sim", tuple(student_sim.shape))
-    s = _as_compute_dtype(student_sim, "student_sim")[:, : teacher_sim.shape[1]]
-    t = _as_compute_dtype(teacher_sim, "teacher_sim").detach().to(s.dtype)
+    check_mask(mask, (student_sim.shape[0], *student_sim.shape[2:]), "student_sim", tuple(student_sim.shape))
+    s = as_compute_dtype(student_sim, "student_sim")[:, : teacher_sim.shape[1]]
+    t = as_compute_dtype(teacher_sim, "teacher_sim").detach().to(s.dtype)
     per_voxel = (s - t).pow(2).mean(dim=1)
-    return _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
+    return masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
 
 
 def feature_distillation(
@@ -185,23 +186,23 @@ def feature_distillation(
     Raises:
         ValueError: on differing shapes (both named) or a bad mask.
     """
-    _check_class_tensor(student_feat, "student_feat")
+    check_class_tensor(student_feat, "student_feat")
     if student_feat.shape != teacher_feat.shape:
         raise ValueError(
             f"student_feat has shape {tuple(student_feat.shape)} but teacher_feat has shape "
             f"{tuple(teacher_feat.shape)}; they must be equal (project the student's features first if "
             f"widths differ)."
         )
-    _check_mask(
+    check_mask(
         mask, (student_feat.shape[0], *student_feat.shape[2:]), "student_feat", tuple(student_feat.shape)
     )
-    s = _as_compute_dtype(student_feat, "student_feat")
-    t = _as_compute_dtype(teacher_feat, "teacher_feat").detach().to(s.dtype)
+    s = as_compute_dtype(student_feat, "student_feat")
+    t = as_compute_dtype(teacher_feat, "teacher_feat").detach().to(s.dtype)
     if normalize:
         s = F.normalize(s, dim=1, eps=eps)
         t = F.normalize(t, dim=1, eps=eps)
     per_voxel = (s - t).pow(2).mean(dim=1)
-    return _masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
+    return masked_mean(per_voxel, None if mask is None else mask.to(per_voxel.device))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,10 +219,10 @@ def normalized_entropy(logits: Tensor) -> Tensor:
     Raises:
         ValueError: on non-floating logits or fewer than 2 channels.
     """
-    _check_class_tensor(logits, "logits")
+    check_class_tensor(logits, "logits")
     if logits.shape[1] < 2:
         raise ValueError(f"logits need at least 2 channels for an entropy, got shape {tuple(logits.shape)}.")
-    x = _as_compute_dtype(logits, "logits").detach()
+    x = as_compute_dtype(logits, "logits").detach()
     logp = F.log_softmax(x, dim=1)
     return -(logp.exp() * logp).sum(dim=1) / math.log(logits.shape[1])
 
@@ -311,7 +312,7 @@ def pseudo_label(
     Returns:
         ``(target, annotated)``: new tensors (int64 [B, *S], bool [B, K+1]); the inputs are not modified.
     """
-    _check_class_tensor(teacher_logits, "teacher_logits")
+    check_class_tensor(teacher_logits, "teacher_logits")
     c = teacher_logits.shape[1]
     expected = (teacher_logits.shape[0], *teacher_logits.shape[2:])
     if tuple(target.shape) != expected:
@@ -382,184 +383,298 @@ def pseudo_dice_labels(pseudo_target: Tensor, pseudo_annotated: Tensor, stage_an
 
 # ----------------------------------------------------------------------------------------------------------
 # Local POD (PLOP): multi-scale pooled feature distillation
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the strategy
 # ----------------------------------------------------------------------------------------------------------
 
-#: Encoder and decoder blocks at each resolution of ``monai.networks.nets.UNet`` (``model.0``, ``model.2``,
-#: ``model.1.submodule.0``, ``model.1.submodule.2``, ...); the bottleneck feeds the deepest decoder block.
-DEFAULT_POD_LAYERS: tuple[str, ...] = (r"model(\.1\.submodule)*\.[02]",)
+PSEUDO_IGNORE = -1  # label of uncertain voxels under pseudo-labelling (excluded from the partial-label loss)
+ENTROPY_BINS = 100  # histogram bins of the pseudo-label thresholds (PLOP's find_median)
+DEFAULT_PSEUDO_DICE_WEIGHT = 0.1  # pseudo_dice_weight when pseudo-labels stay out of the stage's Dice
 
 
-def resolve_layers(module: nn.Module, patterns: Sequence[str], setting: str = "pod_layers",
-                   names: Sequence[str] | None = None, what: str = "module") -> list[str]:
-    """Names of ``module``'s submodules (or of ``names``) that fully match any regular expression in ``patterns``.
-
-    Args:
-        setting: the option the patterns come from, named in errors (``pod_layers``, ``expert_layers``).
-        names: the candidate names (default: every named submodule).
-        what: what the candidates are, named in errors.
-
-    Raises:
-        ValueError: a pattern that is not a valid regex or matches nothing (some module names are listed).
-    """
-    names = [n for n, _ in module.named_modules() if n] if names is None else list(names)
-    out: list[str] = []
-    for p in patterns:
-        try:
-            rx = re.compile(p)
-        except re.error as e:
-            raise ValueError(f"{setting} pattern {p!r} is not a regular expression: {e}") from None
-        hits = [n for n in names if rx.fullmatch(n)]
-        if not hits:
-            raise ValueError(
-                f"{setting} pattern {p!r} matches no {what} of {type(module).__name__}; "
-                f"names look like {names[:8]} (set model.{setting} to regexes of module names)"
-            )
-        out += [n for n in hits if n not in out]
-    return out
-
-
-@contextmanager
-def capture_activations(module: nn.Module, names: Sequence[str]) -> Iterator[list[Tensor]]:
-    """Collect the outputs of ``module``'s submodules ``names`` during the forward passes in the block.
-
-    The yielded list is filled, in the order of ``names``, when the block exits; the hooks are removed.
-    """
-    mods = dict(module.named_modules())
-    store: dict[str, Tensor] = {}
-
-    def hook(name: str):
-        def fn(_m: nn.Module, _i: Any, out: Any) -> None:
-            store[name] = out[0] if isinstance(out, (tuple, list)) else out
-        return fn
-
-    handles = [mods[n].register_forward_hook(hook(n)) for n in names]
-    acts: list[Tensor] = []
-    try:
-        yield acts
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in store]
-    if missing:
-        raise ValueError(f"modules {missing} did not run in the forward pass; choose other pod_layers")
-    acts.extend(store[n] for n in names)
-
-
-def _pod_embedding(x: Tensor, scale: int, normalize: bool, eps: float) -> Tensor | None:
-    """[B, C, *S] -> [B, scale^d, L] window embeddings (None when a side is shorter than ``scale``)."""
-    b, c, *sizes = x.shape
-    d = len(sizes)
-    ks = [n // scale for n in sizes]
-    if min(ks) == 0:
-        return None
-    if any(scale * k != n for k, n in zip(ks, sizes, strict=True)):
-        x = x[(..., *[slice(0, scale * k) for k in ks])]
-    view = [b, c]
-    for k in ks:
-        view += [scale, k]
-    x = x.reshape(view)  # [B, C, s, k1, .., s, kd]: a view of a contiguous map, windows interleaved
-    win_dims = [2 + 2 * i for i in range(d)]
-    k_dims = [3 + 2 * i for i in range(d)]
-    profiles = []
-    for i in range(d):  # pool along every other spatial axis: one 1D profile per axis and window
-        others = [k_dims[j] for j in range(d) if j != i]
-        p = x.mean(dim=others, keepdim=True) if others else x
-        profiles.append(p.permute(0, *win_dims, 1, *k_dims).reshape(b, scale**d, -1))  # small: [B, W, C*k_i]
-    emb = torch.cat(profiles, dim=-1)
-    return F.normalize(emb, dim=-1, eps=eps) if normalize else emb
-
-
-def _pod_embeddings_nested(x: Tensor, scales: Sequence[int], normalize: bool, eps: float) -> list[Tensor]:
-    """Fast path of :func:`_pod_embedding` for every scale at once when all scales divide ``m = max(scales)``
-    and ``m`` divides every side: one reduction of the full map per axis (block means on the m-grid), the
-    coarser windows averaged from those small profiles."""
-    b, c, *sizes = x.shape
-    d = len(sizes)
-    m = max(scales)
-    view = [b, c]
-    for n in sizes:
-        view += [m, n // m]
-    xv = x.reshape(view)
-    k_dims = [3 + 2 * i for i in range(d)]
-    grids = [xv.mean(dim=[k_dims[j] for j in range(d) if j != i], keepdim=True) if d > 1 else xv
-             for i in range(d)]  # grids[i]: [B, C, m, 1|k_i, ...], k kept on axis i only
-    out = []
-    for s in scales:
-        profiles = []
-        for i, g in enumerate(grids):
-            shape = [b, c]
-            for j, n in enumerate(sizes):
-                shape += [s, m // s, n // m if j == i else 1]
-            g = g.reshape(shape)  # [B, C, (s, m/s, k|1) per axis]
-            others = [2 + 3 * j + 1 for j in range(d) if j != i]
-            g = g.mean(dim=others, keepdim=True) if others else g
-            win = [2 + 3 * j for j in range(d)]
-            rest = [dim for j in range(d) for dim in (3 + 3 * j, 4 + 3 * j)]
-            profiles.append(g.permute(0, *win, 1, *rest).reshape(b, s**d, -1))  # [B, W, C * n_i / s]
-        emb = torch.cat(profiles, dim=-1)
-        out.append(F.normalize(emb, dim=-1, eps=eps) if normalize else emb)
-    return out
-
-
-def _pod_all_scales(x: Tensor, scales: Sequence[int], normalize: bool, eps: float) -> list[Tensor]:
-    """Window embeddings [B, s^d, L] of every scale that fits ``x`` [B, C, *S]."""
-    m = max(scales)
-    if all(m % s == 0 for s in scales) and all(n % m == 0 for n in x.shape[2:]):
-        return _pod_embeddings_nested(x, scales, normalize, eps)
-    return [e for s in scales if (e := _pod_embedding(x, s, normalize, eps)) is not None]
-
-
-def local_pod(
-    student_feats: Sequence[Tensor],
-    teacher_feats: Sequence[Tensor],
-    scales: Sequence[int] = (1, 2, 4),
-    *,
-    square: bool = True,
-    normalize: bool = True,
-    eps: float = 1e-8,
-) -> Tensor:
-    """Local POD distillation (PLOP, Douillard et al., CVPR 2021), in 3D (any number of spatial axes).
-
-    For every feature map and scale ``s`` the volume is split into ``s^d`` windows (sides ``n // s``, the
-    remainder dropped as in the reference code; a scale larger than a side is skipped for that map). In each
-    window the (squared, as PLOP's ``pow``) activations are averaged over all spatial axes but one, giving one
-    1D profile per axis; the profiles are concatenated and L2-normalised per window. Per sample the distance is
-    ``sqrt(mean_scales mean_windows ||e_student - e_teacher||^2)`` (in [0, 2] when normalised); the loss is its
-    mean over the batch and the maps.
+class Distill(Strategy):
+    """The previous stage's model is a frozen teacher; the student learns the new data and keeps the teacher's
+    outputs on the old classes (cfseg's method). The reasons for each default: docs/decisions.md.
 
     Args:
-        student_feats: feature maps [B, C_l, *S_l], one per layer.
-        teacher_feats: the teacher's maps of the same shapes; treated as constants (detached).
-        scales: window counts per axis (1: whole volume, 2: halves, 4: quarters).
-        square: square the activations first (PLOP's default ``pod_prepro="pow"``).
-        normalize: L2-normalise each window's embedding (scale-free; the reference leaves it unnormalised).
-
-    Returns:
-        Scalar tensor (float32 for half inputs), 0 for identical maps, with finite gradients there.
-
-    Raises:
-        ValueError: different numbers of maps, a shape mismatch (both named), no maps or a bad scale.
+        kd_weight: weight of the output distillation (:func:`mib_distillation`: teacher distribution over
+            background + old classes, the student's new-class mass folded into background). Units: the mean over
+            voxels of the per-voxel *sum* over the n_old + 1 teacher classes, so ``kd_weight = w`` is MiB's
+            ``loss_kd = w * (n_old + 1)``.
+        kd_ramp_steps: N > 0: the weight rises linearly from ``kd_ramp_start`` at the stage's step 0 to
+            ``kd_weight`` at step N (logged as ``train/kd_weight``); takes precedence over ``kd_ramp_fraction``.
+        kd_ramp_fraction: the ramp over a fraction of the stage's training steps (0 < f <= 1, from the trainer's
+            ``estimated_stepping_batches``); 0: ``kd_weight`` from the first step. Outside a fit: no ramp.
+        kd_ramp_start: the weight at the stage's first step when a ramp is on.
+        kd_temperature: distillation temperature.
+        sim_weight: weight of the similarity-map distillation over the old classes (heads with similarity maps).
+        feat_weight: weight of the feature distillation (MSE of L2-normalised voxel features).
+        pseudo_label: PLOP pseudo-labels (:func:`pseudo_label`): on the stage's images, voxels labelled 0 where the
+            teacher predicts an old class with normalised entropy below that class's threshold take the class.
+            ``"auto"``: on when every labelled training dataset of the stage is of a domain the teacher trained
+            on (a class-incremental stage), off in a domain step.
+        pseudo_entropy_floor: lowest per-class threshold (entropy / log(n_old + 1)).
+        pseudo_entropy_cap: highest per-class threshold (1: no cap).
+        pseudo_threshold_batches: the thresholds are the per-class median entropies of the stage's first N
+            training batches (a running histogram, then frozen).
+        pseudo_ignore_uncertain: in a case that gained a pseudo-labelled class, leave the label-0 voxels where the
+            teacher is not confident out of the loss (PLOP's label 255).
+        pseudo_label_dice: pseudo-labelled classes enter the stage's Dice term too (otherwise the cross-entropy
+            only, plus ``pseudo_dice_weight``).
+        pseudo_dice_weight: weight of a Dice of its own over the pseudo-labelled classes
+            (:func:`pseudo_dice_labels`); None: 0.1, or 0 with ``pseudo_label_dice``.
+        distill_labeled: whether the distillation terms run on the stage's labelled images too (True), only on its
+            image-only datasets (False), or ``"auto"``: as ``pseudo_label="auto"``.
+        distill_new_voxels: whether the voxel-wise terms also run on voxels labelled with a new class.
+        pod_weight: weight of Local POD on intermediate backbone activations (0: off).
+        pod_layers: regular expressions (full match) of the backbone modules POD compares (default
+            :data:`cfseg.continual.pod.DEFAULT_POD_LAYERS`, MONAI UNet's blocks).
+        pod_scales: windows per axis of Local POD.
     """
-    if len(student_feats) != len(teacher_feats) or not student_feats:
-        raise ValueError(f"need the same non-zero number of student and teacher maps, got {len(student_feats)} "
-                         f"and {len(teacher_feats)}.")
-    if not scales or any(int(s) != s or s < 1 for s in scales):
-        raise ValueError(f"scales must be positive integers, got {tuple(scales)}; e.g. (1, 2, 4).")
-    total = None
-    for i, (s, t) in enumerate(zip(student_feats, teacher_feats, strict=True)):
-        _check_class_tensor(s, f"student_feats[{i}]")
-        if s.shape != t.shape:
-            raise ValueError(f"student_feats[{i}] has shape {tuple(s.shape)} but teacher_feats[{i}] has shape "
-                             f"{tuple(t.shape)}; the maps must match layer by layer.")
-        sx = _as_compute_dtype(s, f"student_feats[{i}]")
-        tx = _as_compute_dtype(t, f"teacher_feats[{i}]").detach().to(sx.dtype)
-        if square:
-            sx, tx = sx * sx, tx * tx
-        sc = [int(v) for v in scales]
-        diffs = [(es - et).flatten(1) / math.sqrt(es.shape[1])
-                 for es, et in zip(_pod_all_scales(sx, sc, normalize, eps), _pod_all_scales(tx, sc, normalize, eps),
-                                   strict=True)]
-        d = torch.cat(diffs, dim=1) / math.sqrt(len(diffs))  # scale 1 always fits
-        layer = torch.linalg.vector_norm(d, dim=1).mean()
-        total = layer if total is None else total + layer
-    return total / len(student_feats)
+
+    short_name = "distill"
+    softmax_only = True
+    uses_unlabeled = True
+
+    def __init__(self, kd_weight: float = 10.0, kd_ramp_steps: int = 0, kd_ramp_fraction: float = 0.5,
+                 kd_ramp_start: float = 0.0, kd_temperature: float = 1.0, sim_weight: float = 1.0,
+                 feat_weight: float = 0.0, pseudo_label: bool | str = "auto", pseudo_entropy_floor: float = 0.001,
+                 pseudo_entropy_cap: float = 1.0, pseudo_threshold_batches: int = 10,
+                 pseudo_ignore_uncertain: bool = True, pseudo_label_dice: bool = False,
+                 pseudo_dice_weight: float | None = None, distill_labeled: bool | str = "auto",
+                 distill_new_voxels: bool = True, pod_weight: float = 0.0, pod_layers: list[str] | None = None,
+                 pod_scales: tuple[int, ...] = (1, 2, 4)):
+        if not (isinstance(kd_ramp_steps, int) and kd_ramp_steps >= 0 and math.isfinite(kd_ramp_start)
+                and kd_ramp_start >= 0):
+            raise ValueError(f"need an integer kd_ramp_steps >= 0 and kd_ramp_start >= 0, got {kd_ramp_steps!r}, "
+                             f"{kd_ramp_start!r}")
+        if not (isinstance(kd_ramp_fraction, (int, float)) and 0 <= kd_ramp_fraction <= 1):
+            raise ValueError(f"kd_ramp_fraction is a fraction of the stage's steps in [0, 1], got {kd_ramp_fraction!r}")
+        if not 0 <= pseudo_entropy_floor <= pseudo_entropy_cap <= 1:
+            raise ValueError(f"need 0 <= pseudo_entropy_floor <= pseudo_entropy_cap <= 1 (normalised entropy), got "
+                             f"{pseudo_entropy_floor} and {pseudo_entropy_cap}")
+        if pseudo_label not in (True, False, "auto"):
+            raise ValueError(f"pseudo_label must be true, false or 'auto', got {pseudo_label!r}")
+        if pseudo_dice_weight is not None and not (isinstance(pseudo_dice_weight, (int, float))
+                                                   and math.isfinite(pseudo_dice_weight) and pseudo_dice_weight >= 0):
+            raise ValueError(f"pseudo_dice_weight must be a finite number >= 0 (0: off), got {pseudo_dice_weight!r}")
+        if pseudo_dice_weight is not None and pseudo_dice_weight > 0 and pseudo_label_dice:
+            raise ValueError("pseudo_dice_weight > 0 is a separate Dice over the pseudo-labelled classes; "
+                             "pseudo_label_dice=true already puts them in the stage's Dice: set one of the two")
+        if pseudo_threshold_batches < 1:
+            raise ValueError(f"pseudo_threshold_batches must be >= 1, got {pseudo_threshold_batches}")
+        if pod_weight < 0 or not pod_scales or any(int(s) != s or s < 1 for s in pod_scales):
+            raise ValueError(f"need pod_weight >= 0 and positive integer pod_scales, got {pod_weight}, {pod_scales}")
+        if not (isinstance(distill_labeled, bool) or distill_labeled == "auto"):
+            raise ValueError(f"distill_labeled must be true, false or 'auto', got {distill_labeled!r}")
+        self.kd_weight, self.kd_ramp_steps, self.kd_ramp_fraction = kd_weight, kd_ramp_steps, kd_ramp_fraction
+        self.kd_ramp_start, self.kd_temperature = kd_ramp_start, kd_temperature
+        self.sim_weight, self.feat_weight = sim_weight, feat_weight
+        self.pseudo_label, self.pseudo_entropy_floor, self.pseudo_entropy_cap = (pseudo_label, pseudo_entropy_floor,
+                                                                                  pseudo_entropy_cap)
+        self.pseudo_threshold_batches, self.pseudo_ignore_uncertain = pseudo_threshold_batches, pseudo_ignore_uncertain
+        self.pseudo_label_dice = pseudo_label_dice
+        self.pseudo_dice_weight = (pseudo_dice_weight if pseudo_dice_weight is not None
+                                   else 0.0 if pseudo_label_dice else DEFAULT_PSEUDO_DICE_WEIGHT)
+        self.distill_labeled, self.distill_new_voxels = distill_labeled, distill_new_voxels
+        self.pod_weight, self.pod_layers, self.pod_scales = pod_weight, pod_layers, tuple(pod_scales)
+        self._teacher: list[CFSegModule] = []
+        self.pod_names: list[str] = []
+        self.pseudo_on = pseudo_label is True  # "auto" is resolved when training starts
+        self.distill_labeled_on = distill_labeled is not False
+        self.entropy_hist = torch.zeros(0, ENTROPY_BINS, dtype=torch.long)
+        self.hist_batches = 0
+
+    # ---- set-up ----------------------------------------------------------------------------------------
+    def setup(self, module: CFSegModule, teacher: CFSegModule) -> None:
+        super().setup(module, teacher)
+        teacher.freeze()  # eval mode, requires_grad False
+        self._teacher = [teacher]
+        if self.pod_weight > 0:  # checked now, so that a bad pattern fails before any training
+            self.pod_names = resolve_layers(module.net.backbone, self.pod_layers or DEFAULT_POD_LAYERS)
+
+    @property
+    def teacher(self) -> CFSegModule | None:
+        """The frozen previous-stage model (None before :meth:`setup`)."""
+        return self._teacher[0] if self._teacher else None
+
+    def on_train_start(self, module: CFSegModule) -> None:
+        self.entropy_hist = self.entropy_hist.new_zeros(0, ENTROPY_BINS)  # thresholds are estimated per stage
+        self.hist_batches = 0
+        self.pseudo_on = self._resolve_pseudo_label(module)
+        self.distill_labeled_on = self._resolve_distill_labeled(module)
+
+    def _resolve_pseudo_label(self, module: CFSegModule) -> bool:
+        if self.pseudo_label != "auto":
+            return bool(self.pseudo_label)
+        if self.teacher is None or module.n_old == 0:
+            return False
+        return self._teacher_knows_stage_domains(module, "pseudo_label")
+
+    def _resolve_distill_labeled(self, module: CFSegModule) -> bool:
+        if self.distill_labeled != "auto" or self.teacher is None:
+            return bool(self.distill_labeled)
+        on = self._teacher_knows_stage_domains(module, "distill_labeled")
+        dm = getattr(module.trainer, "datamodule", None)
+        if not on and not any(not d.config.labeled for d in getattr(dm, "datasets", [])):
+            warnings.warn("distill_labeled='auto' is off in this domain step and the stage has no image-only "
+                          "(unlabeled) dataset: nothing is distilled, the stage fine-tunes; list the earlier stages' "
+                          "images under the stage's `unlabeled` (or set distill_labeled: true)", stacklevel=2)
+        return on
+
+    def _teacher_knows_stage_domains(self, module: CFSegModule, setting: str) -> bool:
+        """Whether every labelled training dataset of this stage is of a domain the teacher trained on (logged)."""
+        known = {d.get("domain") for st in self.teacher.stage_history for d in st.get("datasets", [])} - {None}
+        dm = getattr(module.trainer, "datamodule", None)
+        stage = {d.domain for d in getattr(dm, "datasets", []) if d.config.labeled and not d.config.val_only}
+        if not known or not stage:  # a teacher without stage records, or no cfseg data module: by modality
+            known = set(self.teacher.preprocessing)
+            stage = set(getattr(dm, "preprocessing_by_modality", None) or module.preprocessing)
+        on = stage <= known
+        rank_zero_info(f"{setting}='auto': {'on' if on else 'off'} (this stage's domains {sorted(stage)}, "
+                       f"the teacher's {sorted(known)})")
+        return on
+
+    # ---- per step --------------------------------------------------------------------------------------
+    @property
+    def pod_active(self) -> bool:
+        return self.teacher is not None and self.pod_weight > 0 and bool(self.pod_names)
+
+    def teacher_outputs(self, x: Tensor) -> dict[str, Any]:
+        """The frozen teacher on images ``x`` [B, C, *S], without gradients, under the caller's autocast.
+
+        Returns:
+            ``feats`` [B, F, *S], ``logits`` [B, n_old+1, *S], ``acts`` (the Local POD layers' outputs, or None) and
+            ``context`` (what the teacher's head read from its backbone).
+        """
+        teacher = self.teacher
+        if teacher is None:
+            raise ValueError("no teacher: teacher_outputs needs an incremental stage (a previous_checkpoint)")
+        teacher.to(x.device)
+        x = x.to(next(teacher.parameters()).dtype)  # a bf16-true student hands bf16 images to a float32 teacher
+        with torch.no_grad():
+            if self.pod_active:
+                with capture_activations(teacher.net.backbone, self.pod_names) as acts:
+                    feats, ctx = teacher.net.encode(x)
+            else:
+                acts, (feats, ctx) = None, teacher.net.encode(x)
+            logits = teacher.net.logits(feats, None, **teacher.head_context(), **ctx)
+        return {"feats": feats, "logits": logits, "acts": acts, "context": ctx}
+
+    def pseudo_labels(self, target: Tensor, annotated: Tensor,
+                      teacher_logits: Tensor) -> tuple[Tensor, Tensor, int | None]:
+        """PLOP pseudo-labels for a batch: ``(target [B, *S], annotated [B, K+1], ignore_index)``; the thresholds
+        come from a running histogram over the stage's first ``pseudo_threshold_batches`` batches (this one
+        included, before it is labelled)."""
+        c = teacher_logits.shape[1]
+        if self.entropy_hist.shape[0] != c or self.entropy_hist.device != teacher_logits.device:
+            self.entropy_hist = torch.zeros(c, ENTROPY_BINS, dtype=torch.long, device=teacher_logits.device)
+            self.hist_batches = 0
+        if self.hist_batches < self.pseudo_threshold_batches:
+            self.entropy_hist += entropy_histogram(teacher_logits, target, ENTROPY_BINS)
+            self.hist_batches += 1
+        thresholds = median_thresholds(self.entropy_hist, self.pseudo_entropy_floor, self.pseudo_entropy_cap)
+        ignore = PSEUDO_IGNORE if self.pseudo_ignore_uncertain else None
+        new_target, new_annotated = pseudo_label(target, annotated, teacher_logits, thresholds, ignore)
+        return new_target, new_annotated, ignore
+
+    def targets(self, module: CFSegModule, step: StepContext) -> None:
+        """The teacher's outputs on the batch (when a term needs them) and PLOP pseudo-labels."""
+        if self.teacher is None:
+            return
+        x, bs = step.batch["image"], len(step.batch["image"])
+        teacher_on_x = self.distill_labeled_on or (module.n_old > 0 and self.pseudo_on)
+        step.extras = {"teacher": self.teacher_outputs(x) if teacher_on_x else None}
+        # voxels labelled with a new class are left out of the distillation (distill_new_voxels=False)
+        step.keep = None if self.distill_new_voxels else step.target <= module.n_old
+        if teacher_on_x and module.n_old > 0 and self.pseudo_on:
+            old_target = step.target
+            if not self.pseudo_label_dice:
+                step.dice_labels = (step.target, step.annotated)
+                step.pseudo_dice_weight = self.pseudo_dice_weight
+            step.target, step.annotated, step.ignore_index = self.pseudo_labels(
+                step.target, step.annotated, step.extras["teacher"]["logits"])
+            module.log("train/pseudo_voxels", ((step.target != old_target) & (step.target > 0)).float().mean(),
+                       on_step=True, on_epoch=True, batch_size=bs)
+            if step.ignore_index is not None:
+                module.log("train/pseudo_ignored", (step.target == step.ignore_index).float().mean(), on_step=True,
+                           on_epoch=True, batch_size=bs)
+
+    def encode(self, module: CFSegModule, x: Tensor) -> tuple[Tensor, dict[str, Tensor], list[Tensor] | None]:
+        """Student features; with Local POD on, its POD layers' outputs too."""
+        if not self.pod_active:
+            return *module.net.encode(x), None
+        with capture_activations(module.net.backbone, self.pod_names) as acts:
+            feats, ctx = module.net.encode(x)
+        return feats, ctx, acts
+
+    def kd_ramp_length(self, module: CFSegModule) -> int:
+        """Steps of the KD ramp in this stage: ``kd_ramp_steps``, or ``kd_ramp_fraction`` of the stage's training
+        steps (the trainer's estimate); 0: no ramp."""
+        if self.kd_ramp_steps > 0:
+            return int(self.kd_ramp_steps)
+        if self.kd_ramp_fraction <= 0 or module._trainer is None:
+            return 0
+        total = module.trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            raise ValueError("kd_ramp_fraction needs a stage of known length (trainer.max_steps or max_epochs); "
+                             "give kd_ramp_steps instead")
+        return max(1, round(self.kd_ramp_fraction * total))
+
+    def kd_weight_now(self, module: CFSegModule) -> float:
+        """The output distillation's weight at this step: ``kd_weight``, or on its linear ramp."""
+        ramp = self.kd_ramp_length(module)
+        if ramp <= 0:
+            return self.kd_weight
+        f = min(1.0, module.global_step / ramp)
+        return self.kd_ramp_start + f * (self.kd_weight - self.kd_ramp_start)
+
+    def distillation_terms(self, module: CFSegModule, x: Tensor, student_logits: Tensor,
+                           student_feats: Tensor | None = None, teacher_out: dict[str, Any] | None = None,
+                           student_acts: list[Tensor] | None = None,
+                           keep: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted distillation terms of the teacher on images ``x`` [B, C, *S] ({} without a teacher).
+
+        Keys: ``kd`` (MiB), ``sim``, ``feat``, ``pod`` (those with a positive weight and their inputs given).
+        ``teacher_out`` reuses :meth:`teacher_outputs`; ``keep`` [B, *S] bool: the voxels the voxel-wise terms
+        average over (None: all).
+        """
+        if self.teacher is None:
+            return {}
+        t = teacher_out if teacher_out is not None else self.teacher_outputs(x)
+        n_old = module.n_old
+        terms = {"kd": self.kd_weight_now(module) * mib_distillation(student_logits, t["logits"], n_old,
+                                                                     self.kd_temperature, mask=keep)}
+        if self.sim_weight > 0 and module.head.has_similarity:
+            s_sim = module.head.similarity(student_logits[:, : n_old + 1])
+            terms["sim"] = self.sim_weight * similarity_distillation(
+                s_sim, self.teacher.head.similarity(t["logits"]), mask=keep)
+        if self.feat_weight > 0 and student_feats is not None:
+            terms["feat"] = self.feat_weight * feature_distillation(student_feats, t["feats"], mask=keep,
+                                                                    normalize=True)
+        if self.pod_weight > 0 and student_acts is not None and t["acts"] is not None:
+            terms["pod"] = self.pod_weight * local_pod(student_acts, t["acts"], scales=tuple(self.pod_scales))
+        return terms
+
+    def penalty(self, module: CFSegModule, step: StepContext) -> dict[str, Tensor]:
+        """``distill``: the sum of the distillation terms on the labelled batch (when on) and the image-only one."""
+        if self.teacher is None:
+            return {}
+        bs = len(step.batch["image"])
+        teacher_out = (step.extras or {}).get("teacher")
+        terms = (self.distillation_terms(module, step.batch["image"], step.logits, step.feats, teacher_out,
+                                         step.acts, step.keep) if self.distill_labeled_on else {})
+        if step.unlabeled is not None:
+            u = step.unlabeled["image"]
+            u_feats, u_ctx, u_acts = self.encode(module, u)
+            for k, v in self.distillation_terms(module, u, module.logits_from_features(u_feats, u_ctx), u_feats,
+                                                student_acts=u_acts).items():
+                terms[k] = terms.get(k, 0) + v
+        kd = sum(terms.values(), step.logits.new_zeros(()).float())
+        if self.kd_ramp_length(module) > 0:
+            module.log("train/kd_weight", self.kd_weight_now(module), on_step=True, on_epoch=False, batch_size=bs)
+        if "pod" in terms:
+            module.log("train/pod", terms["pod"], on_step=True, on_epoch=True, batch_size=bs)
+        return {"distill": kd}

@@ -22,12 +22,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EWCState", "diagonal_fisher", "ewc_penalty", "merge_fisher"]
+from cfseg.continual.strategy import StepContext, Strategy
+
+if TYPE_CHECKING:  # the module holds the strategy; annotations only
+    from cfseg.module import CFSegModule
+
+__all__ = ["EWC", "EWCState", "diagonal_fisher", "ewc_penalty", "merge_fisher", "stage_fisher"]
 
 
 def diagonal_fisher(
@@ -179,3 +184,56 @@ class EWCState:
     def penalty(self, model: nn.Module) -> Tensor:
         """:func:`ewc_penalty` of ``model``'s parameters (multiply by ``lambda / 2``)."""
         return ewc_penalty(model.named_parameters(), self.anchors, self.fisher)
+
+
+def stage_fisher(module: CFSegModule, batches: Iterable[dict[str, Any]], n_batches: int,
+                 previous: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """The diagonal Fisher of ``module``'s supervised loss over ``n_batches`` of ``batches`` at its current
+    weights, added to ``previous`` (the accumulated importance of earlier stages; :func:`merge_fisher`)."""
+
+    def loss_fn(net: nn.Module, batch: dict[str, Any]) -> Tensor:
+        x = batch["image"].to(module.device).as_subclass(Tensor)
+        batch = {k: (v.to(module.device).as_subclass(Tensor) if isinstance(v, Tensor) else v)
+                 for k, v in batch.items()}
+        return module.loss(module.logits_from_features(*net.encode(x)), batch).float()
+
+    with torch.enable_grad():
+        new = diagonal_fisher(module.net, batches, loss_fn, n_batches)
+    return merge_fisher({n: f.cpu() for n, f in previous.items()} if previous else None, new)
+
+
+class EWC(Strategy):
+    """Fine-tuning with the EWC penalty ``penalty_weight / 2 * sum_i F_i (theta_i - theta*_i)^2`` towards the
+    previous stage's weights ``theta*``, weighted by the Fisher it stored (a reference baseline; units: this
+    module's docstring). Its own stage adds its Fisher to the accumulated one.
+
+    Args:
+        penalty_weight: EWC's ``lambda``.
+    """
+
+    short_name = "ewc"
+    requires_previous = True
+
+    def __init__(self, penalty_weight: float = 100.0):
+        self.penalty_weight = penalty_weight
+        self.anchors: dict[str, Tensor] = {}
+        self.fisher: dict[str, Tensor] = {}
+
+    def setup(self, module: CFSegModule, teacher: CFSegModule) -> None:
+        super().setup(module, teacher)
+        if not teacher.ewc_fisher:
+            raise ValueError(f"{module.hparams.previous_checkpoint} carries no Fisher information: train the previous "
+                             "stage with model.statistics.fisher_batches > 0 (stage 0 and ewc stages store it)")
+        self.anchors = {n: p.detach().clone() for n, p in teacher.net.named_parameters()}
+        self.fisher = dict(teacher.ewc_fisher)
+
+    def penalty(self, module: CFSegModule, step: StepContext) -> dict[str, Tensor]:
+        device = step.batch["image"].device
+        if next(iter(self.anchors.values())).device != device:
+            self.anchors = {n: t.to(device) for n, t in self.anchors.items()}
+            self.fisher = {n: t.to(device) for n, t in self.fisher.items()}
+        return {"ewc": 0.5 * self.penalty_weight * ewc_penalty(module.net.named_parameters(), self.anchors,
+                                                               self.fisher)}
+
+    def end_of_stage(self, module: CFSegModule) -> None:
+        module.collect_fisher(previous=self.fisher)

@@ -21,13 +21,20 @@ does not depend on the expert: :func:`shared_prefix_cache` runs it once per wind
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cfseg.continual.pod import resolve_layers
+from cfseg.continual.strategy import Strategy
+
+if TYPE_CHECKING:  # the module holds the strategy; annotations only
+    from cfseg.module import CFSegModule
 
 #: MONAI UNet's up-sampling (decoder) convolutions: ``model.2.conv``, ``model.1.submodule.2.conv``, ... as named
 #: under the segmenter (``backbone.`` prefix).
@@ -168,8 +175,6 @@ def resolve_expert_layers(net: nn.Module, patterns: Sequence[str]) -> list[str]:
     Raises:
         ValueError: an invalid regex, or a pattern that matches no convolution (some names are listed).
     """
-    from cfseg.continual.distill import resolve_layers
-
     wrapped = [n for n, m in net.named_modules() if isinstance(m, LoRAConv)]
     convs = [n for n, m in net.named_modules() if isinstance(m, (*_CONVS, LoRAConv))
              and not any(n.startswith(w + ".") for w in wrapped)]
@@ -348,3 +353,76 @@ def shared_prefix_cache(net: nn.Module) -> Iterator[_PrefixState]:
         for m in mods:
             del m.forward  # back to the class's forward
         _PrefixState.current = previous
+
+
+EXPERT_INITS = ("previous", "zero")
+
+
+class Experts(Strategy):
+    """Parameter isolation: the previous stage's network stays frozen and this stage trains one new LoRA expert,
+    which serves the stage's classes in the stage's domains (chosen per volume by the analytic router at
+    inference; :mod:`cfseg.continual.routing`).
+
+    Args:
+        layers: regular expressions (full match) of the segmenter's convolutions that carry experts (default
+            :data:`DEFAULT_EXPERT_LAYERS`: MONAI UNet's decoder, so the encoder runs once per window for all
+            experts at inference). Every stage of a model keeps the same layout.
+        rank: rank ``r`` of each expert's weight update.
+        alpha: LoRA scale numerator (the update is ``alpha / r * U D``).
+        init: ``"previous"`` (a new expert starts as a copy of the previous stage's expert) or ``"zero"`` (as no
+            change of the shared weights).
+        projection: every expert also owns a copy of the prototype projection ``W`` (:class:`ExpertProjection`).
+    """
+
+    short_name = "experts"
+    requires_previous = True
+    softmax_only = True
+
+    def __init__(self, layers: list[str] | None = None, rank: int = 4, alpha: float = 4.0, init: str = "previous",
+                 projection: bool = True):
+        if init not in EXPERT_INITS:
+            raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+        self.layers, self.rank, self.alpha, self.init, self.projection = layers, rank, alpha, init, projection
+        self.expert: int | None = None
+
+    def layout(self, module: CFSegModule) -> dict[str, Any]:
+        """The LoRA layout these settings give on ``module`` (a projection only for a head with a ``weight``)."""
+        return {"layers": list(self.layers or DEFAULT_EXPERT_LAYERS), "rank": int(self.rank),
+                "alpha": float(self.alpha),
+                "projection": bool(self.projection) and isinstance(getattr(module.head, "weight", None),
+                                                                   nn.Parameter)}
+
+    def setup(self, module: CFSegModule, teacher: CFSegModule) -> None:
+        """Freeze the teacher's network (already in ``module``) and add this stage's expert."""
+        if teacher.expert_layout is not None and teacher.expert_layout != self.layout(module):
+            raise ValueError(f"the previous checkpoint's experts sit on {teacher.expert_layout}, this stage asks "
+                             f"for {self.layout(module)}; keep the experts' layers/rank/alpha across stages")
+        if module.expert_layout is None:
+            module.attach_experts(self.layout(module), 1)
+        previous = n_experts(module.net) - 1
+        new = add_expert(module.net, previous if self.init == "previous" else None)
+        for p in module.net.parameters():
+            p.requires_grad_(False)
+        for p in expert_parameters(module.net, new):
+            p.requires_grad_(True)
+        set_active_expert(module.net, new)
+        self.expert = new
+        if module.router is None and module.statistics.router_batches > 0:
+            warnings.warn("the previous checkpoint has no router statistics for its expert(s): volumes cannot be "
+                          "routed between domains (class-incremental experts still serve their classes); train "
+                          "stage 0 with model.statistics.router_batches > 0 for domain routing", stacklevel=3)
+
+    def after_train_mode(self, module: CFSegModule) -> None:
+        """The frozen network's batch-norm statistics stay fixed while the expert trains."""
+        if self.expert is None:
+            return
+        for m in module.net.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+    def records_expert(self, module: CFSegModule) -> int | None:
+        return self.expert
+
+    def end_of_stage(self, module: CFSegModule) -> None:
+        """Router statistics of this stage's images for its expert."""
+        module.collect_router_statistics(expert=module.n_experts - 1)

@@ -1,0 +1,769 @@
+"""Build ``reports/current.json`` and ``reports/figures/*.png`` from the committed result files in ``reports/data``.
+
+    python reports/build.py             # rewrite current.json and every figure
+    python reports/build.py --check     # exit 1 when current.json is not what the result files give
+
+Every entry of ``current.json`` is one headline number, keyed by a stable dotted name, with
+
+* ``mean``: the number (over seeds where there are seeds; a ratio of two means is the ratio of the means),
+* ``per_seed``: ``{seed: value}`` (empty for a timing or another single measurement),
+* ``config``: the configuration row or setting it was measured with,
+* ``command``: the command that regenerates the result file it is read from (it trains or measures again),
+* ``commit``: the commit that last changed that result file's content (moving a file does not count),
+* ``source``: that result file, relative to the repository root,
+* ``description``: what the number is.
+
+Needs git (for ``commit``) and matplotlib (for the figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "reports"
+DATA = REPORTS / "data"
+FIGURES = REPORTS / "figures"
+CURRENT = REPORTS / "current.json"
+
+PROTOCOL = "OMP_NUM_THREADS=1 .venv/bin/cfseg-protocol"
+SYNTH_V2 = "configs/incremental/synthetic_v2.yaml"
+SYNTH_V1 = "configs/incremental/synthetic.yaml"
+OKBP_V2 = "configs/openkbp/incremental_v2.yaml"
+
+Entries = dict[str, dict[str, Any]]
+
+
+# --------------------------------------------------------------------------------------------------- provenance
+_COMMITS: dict[Path, str] = {}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+
+
+def measured_commit(path: Path) -> str:
+    """The newest commit that introduced ``path``'s current content (a blob count that grew), so that moving or
+    copying a result file does not change the commit it was measured at."""
+    if path in _COMMITS:
+        return _COMMITS[path]
+    blob = _git("hash-object", str(path)).strip()
+    for commit in _git("log", "--format=%H", f"--find-object={blob}").split():
+        parents = _git("rev-list", "--parents", "-n", "1", commit).split()[1:]
+        here = _git("ls-tree", "-r", commit).count(blob)
+        before = max((_git("ls-tree", "-r", p).count(blob) for p in parents), default=0)
+        if here > before:
+            _COMMITS[path] = _git("rev-parse", "--short=7", commit).strip()
+            return _COMMITS[path]
+    raise SystemExit(f"{path.relative_to(ROOT)}: its content is in no commit; commit the result file first")
+
+
+def _load(rel: str) -> Any:
+    return json.loads((DATA / rel).read_text())
+
+
+def _num(x: Any) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return None if math.isnan(x) else round(x, 6)
+
+
+def _fmean(xs: Sequence[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None and not math.isnan(x)]
+    return statistics.fmean(xs) if xs else None
+
+
+class Builder:
+    def __init__(self) -> None:
+        self.entries: Entries = {}
+
+    def add(self, key: str, mean: Any, per_seed: dict[Any, Any] | None, *, config: str, command: str, source: str,
+            description: str) -> None:
+        if key in self.entries:
+            raise ValueError(f"duplicate key {key}")
+        if _num(mean) is None:
+            raise ValueError(f"{key}: no value")
+        path = DATA / source
+        self.entries[key] = {
+            "mean": _num(mean),
+            "per_seed": {str(s): _num(v) for s, v in (per_seed or {}).items()},
+            "config": config,
+            "command": command,
+            "commit": measured_commit(path),
+            "source": str(path.relative_to(ROOT)),
+            "description": description,
+        }
+
+
+def protocol_command(config: str, summary: str, seeds: str, output: str = "", before: str = "") -> Callable[[str], str]:
+    """The ``cfseg-protocol`` command that trains ``row`` and merges the summary into ``reports/data/<summary>``."""
+    out = f" --output {output}" if output else ""
+
+    def command(row: str) -> str:
+        return (f"{before}{PROTOCOL} --config {config}{out} --seeds {seeds} --strategies {row} --copy-summary "
+                f"reports/data/{summary}")
+
+    return command
+
+
+# ------------------------------------------------------------------------------------------------ protocol rows
+def protocol(b: Builder, prefix: str, source: str, rows: dict[str, tuple[str, str]], *, command: Callable[[str], str],
+             stage_labels: Sequence[str], bound: str | None, what: str, classes: Sequence[str] = (),
+             val_classes: Sequence[str] = (), final: bool = True, extra: Sequence[str] = ()) -> None:
+    """Entries ``<prefix>.<key>.{average_dice, bwt, average_dice_val, bwt_val, ratio_to_<bound>, final.<stage>,
+    dice.<class>, dice_val.<class>}`` for ``rows`` ``{key: (summary row, config text)}``."""
+    doc = _load(source)
+    strategies = doc["strategies"]
+    bound_row = strategies[rows[bound][0]] if bound else None
+    for key, (row, config) in rows.items():
+        st = strategies[row]
+        seeds = st["per_seed"]
+        kw = {"config": config, "command": command(row), "source": source}
+        stem = f"{prefix}.{key}"
+        b.add(f"{stem}.average_dice", st["average_dice"], {s: r["average_dice"] for s, r in seeds.items()}, **kw,
+              description=f"{what}: mean Dice over the stages' test cases after the last stage (row {row})")
+        b.add(f"{stem}.bwt", st["bwt"], {s: r["bwt"] for s, r in seeds.items()}, **kw,
+              description=f"{what}: backward transfer on the test cases, mean over j<T of R[T][j] - R[j][j] "
+                          f"(row {row})")
+        if st.get("average_dice_val") is not None:
+            b.add(f"{stem}.average_dice_val", st["average_dice_val"],
+                  {s: r["average_dice_val"] for s, r in seeds.items()}, **kw,
+                  description=f"{what}: the same average on the validation cases, where settings are chosen "
+                              f"(row {row})")
+            b.add(f"{stem}.bwt_val", st["bwt_val"], {s: r["bwt_val"] for s, r in seeds.items()}, **kw,
+                  description=f"{what}: backward transfer on the validation cases (row {row})")
+        if bound and key != bound:
+            common = [s for s in seeds if s in bound_row["per_seed"]]
+            b.add(f"{stem}.ratio_to_{bound}", st["average_dice"] / bound_row["average_dice"],
+                  {s: seeds[s]["average_dice"] / bound_row["per_seed"][s]["average_dice"] for s in common}, **kw,
+                  description=f"{what}: average Dice over {bound}'s (row {rows[bound][0]}): ratio of the means; "
+                              f"per seed the ratio on that seed")
+        if final:
+            for j, label in enumerate(stage_labels):
+                vals = {s: r["matrix"][-1][j] for s, r in seeds.items()}
+                b.add(f"{stem}.final.{label}", _fmean(list(vals.values())), vals, **kw,
+                      description=f"{what}: mean Dice on stage {j}'s test cases ({label}) after the last stage, "
+                                  f"R[T][{j}] (row {row})")
+        for name in extra:
+            j, label = name.split(":")
+            vals = {s: r["matrix"][int(j)][int(j)] for s, r in seeds.items()}
+            b.add(f"{stem}.{label}", _fmean(list(vals.values())), vals, **kw,
+                  description=f"{what}: R[{j}][{j}], stage {j}'s test cases right after stage {j} (row {row})")
+        for split, names in (("", classes), ("_val", val_classes)):
+            for c in names:
+                vals = {s: next(d[c] for d in r[f"per_class_dice{split}"].values() if d.get(c) is not None)
+                        for s, r in seeds.items()}
+                b.add(f"{stem}.dice{split}.{c}", _fmean(list(vals.values())), vals, **kw,
+                      description=f"{what}: {c} Dice on the {'validation' if split else 'test'} cases after the "
+                                  f"last stage (row {row})")
+
+
+def demo(b: Builder) -> None:
+    src = "synthetic/demo_check.json"
+    doc = _load(src)
+    score = ("python benchmarks/synthetic/demo_check.py score --run \"<name>=<ckpt>\" ... --val "
+             "data/demo_check/Dataset061_val_ct --test data/synthetic/Dataset003_test_ct --out "
+             "reports/data/synthetic/demo_check")
+    runs = {
+        "demo": ("16-256, spatial, 100 ep (now) s{}", "configs/demo.yaml (UNet 16-256, augment spatial, 100 epochs = "
+                 "1800 steps, learnt temperature)",
+                 "python benchmarks/synthetic/demo_check.py sites --out data/demo_check --train-cases 40; "
+                 "OMP_NUM_THREADS=1 .venv/bin/cfseg-demo --skip-protocol --config configs/demo.yaml --seed S "
+                 "--out results/dx/widesp_sS; " + score),
+        "demo.oracle": ("oracle 16-256, spatial, 100 ep s{}", "configs/demo.yaml trained on the held-out scanner's "
+                        "fully annotated oracle site (40 cases)",
+                        "python benchmarks/synthetic/demo_check.py sites --out data/demo_check --train-cases 40; "
+                        "OMP_NUM_THREADS=1 .venv/bin/cfseg fit --config configs/demo.yaml --trainer.max_epochs=100 "
+                        "--data.datasets='[{\"path\": \"data/demo_check/Dataset062_oracle_ct\", \"val_fraction\": "
+                        "0.1, \"test_fraction\": 0.0}]' --seed_everything=S (output folder results/dx/oraclesp100_sS); "
+                        + score),
+    }
+    for prefix, (pattern, config, command) in runs.items():
+        res = {s: doc[pattern.format(s)] for s in ("0", "1")}
+        kw = {"config": config, "command": command, "source": src}
+        for split, name in (("test", "heldout"), ("val", "validation_site")):
+            vals = {s: r[split]["mean_dice"] for s, r in res.items()}
+            b.add(f"{prefix}.{name}.mean_dice", _fmean(list(vals.values())), vals, **kw,
+                  description=f"mean Dice over the 8 organs on the {res['0'][split]['n_cases']} "
+                              f"{'held-out scanner' if split == 'test' else 'validation-site'} cases")
+        for c in res["0"]["test"]["per_class_dice"]:
+            vals = {s: r["test"]["per_class_dice"][c] for s, r in res.items()}
+            b.add(f"{prefix}.heldout.dice.{c}", _fmean(list(vals.values())), vals, **kw,
+                  description=f"{c} Dice on the held-out scanner's cases")
+    variants = {  # the other settings tried on the validation site (configs/demo.yaml with one edit each)
+        "unet8_40ep": ("8-128, 40 ep (before) s{}", "UNet 8-128, 40 epochs (720 steps), augment intensity"),
+        "unet8_res2_40ep": ("8-128 res units 2, 40 ep s{}", "UNet 8-128 with num_res_units 2, 40 epochs"),
+        "unet8_40cases_20ep": ("8-128, 40 cases per site, 20 ep s{}", "UNet 8-128, 40 cases per site, 20 epochs"),
+        "unet8_100ep": ("8-128, 100 ep s{}", "UNet 8-128, 100 epochs (1800 steps)"),
+        "unet16_40ep": ("16-256, 40 ep s{}", "UNet 16-256, 40 epochs"),
+        "unet16_100ep": ("16-256, 100 ep s{}", "UNet 16-256, 100 epochs, augment intensity"),
+        "unet16_40cases_50ep": ("16-256, 40 cases per site, 50 ep s{}", "UNet 16-256, 40 cases per site, 50 "
+                                "epochs"),
+        "unet16_spatial_100ep_bf16": ("16-256, spatial, 100 ep, bf16-mixed s{}", "configs/demo.yaml with "
+                                      "trainer.precision bf16-mixed"),
+        "oracle_50ep": ("oracle 16-256, 50 ep s{}", "oracle site, UNet 16-256, 50 epochs, augment intensity"),
+        "oracle_100ep": ("oracle 16-256, 100 ep s{}", "oracle site, UNet 16-256, 100 epochs, augment intensity"),
+    }
+    for key, (pattern, config) in variants.items():
+        res = {s: doc[pattern.format(s)] for s in ("0", "1") if pattern.format(s) in doc}
+        kw = {"config": config + " (learnt temperature)", "command": runs["demo"][2].replace(
+            "--config configs/demo.yaml", "--config <configs/demo.yaml with the edit>"), "source": src}
+        for split, name in (("test", "heldout"), ("val", "validation_site")):
+            vals = {s: r[split]["mean_dice"] for s, r in res.items()}
+            b.add(f"demo.variant.{key}.{name}.mean_dice", _fmean(list(vals.values())), vals, **kw,
+                  description=f"mean Dice on the {'held-out scanner' if split == 'test' else 'validation-site'} "
+                              f"cases")
+    d, o = b.entries["demo.heldout.mean_dice"], b.entries["demo.oracle.heldout.mean_dice"]
+    b.add("demo.heldout.fraction_of_oracle", d["mean"] / o["mean"],
+          {s: d["per_seed"][s] / o["per_seed"][s] for s in d["per_seed"]},
+          config=runs["demo"][1], command=runs["demo"][2], source=src,
+          description="held-out Dice of the demo over the oracle's (ideal labels from the held-out scanner itself)")
+
+
+def synthetic(b: Builder) -> None:
+    stages = ("ct_organs", "ct_new_organs", "mri")
+    cmd_v2 = protocol_command(SYNTH_V2, "synthetic/protocol_v2/summary.json", "0 1 2", "results/synth_full_lr")
+    protocol(b, "synthetic.protocol", "synthetic/protocol_v2/summary.json", {
+        "distill": ("distill_kd10_ramp0", "distill's defaults: KD rising from 0 to 10 over each stage's first half, "
+                    "similarity maps, pseudo-labels auto (on in the CT stage), distill_labeled auto"),
+        "distill_kd25": ("distill", "distill with KD 2.5 flat (the defaults before; configs/incremental/base.yaml "
+                         "pins them for this row)"),
+        "distill_kd10_ramp": ("distill_kd10_ramp", "KD rising from 1 to 10 over each stage's first half"),
+        "distill_kd5_ramp": ("distill_kd5_ramp", "KD rising from 1 to 5 over each stage's first half"),
+        "distill_kd5": ("distill_kd5", "KD 5 flat"),
+        "distill_kd1": ("distill_kd1", "KD 1 flat"),
+        "distill_nonew": ("distill_nonew", "KD 2.5 flat, distill_new_voxels false"),
+        "distill_kd5_nonew": ("distill_kd5_nonew", "KD 5 flat, distill_new_voxels false"),
+        "distill_ci_kd0_mri_kd10_ramp": ("distill_ci_kd0_mri_kd10_ramp", "a schedule per stage: KD 0 in the CT "
+                                         "class stage, KD rising from 1 to 10 over the MRI stage's first half"),
+        "distill_ci_kd0": ("distill_ci_kd0", "KD 0 in the CT class stage, KD 2.5 flat in the MRI stage"),
+        "finetune": ("finetune", "no distillation (lower bound)"),
+        "joint": ("joint", "one model from scratch on stages 0..i with their summed steps (350, 500)"),
+        "experts": ("experts", "LoRA rank 4 on the decoder + a projection per expert; the stage-0 network frozen"),
+        "replay": ("replay", "finetune + 25 % of every earlier stage's training cases (not rehearsal-free)"),
+        "ewc_1e5": ("ewc_1e5", "EWC, lambda 1e5"),
+    }, command=cmd_v2, stage_labels=stages, bound="joint",
+        what="synthetic protocol v2 (CT organs -> new CT organs -> MRI), seeds 0-2")
+
+    cmd_terms = protocol_command("configs/incremental/synthetic_v2_stage1_terms.yaml",
+                                 "synthetic/stage1_terms/summary.json", "0 1 2")
+    protocol(b, "synthetic.stage1_terms", "synthetic/stage1_terms/summary.json", {
+        "distill": ("distill", "KD 2.5 + similarity maps + pseudo-labels"),
+        "distill_nosim": ("distill_nosim", "no similarity maps (sim_weight 0)"),
+        "distill_nokd": ("distill_nokd", "no output distillation (kd_weight 0)"),
+        "distill_nopl": ("distill_nopl", "no pseudo-labels"),
+        "distill_kd_only": ("distill_kd_only", "output distillation only"),
+    }, command=cmd_terms, stage_labels=("ct_organs", "ct_new_organs"), bound=None,
+        what="synthetic protocol v2, stage 1 only (seeds 0-2)", classes=("pancreas",))
+
+    cmd_ret = protocol_command(SYNTH_V1, "synthetic/distill_retention/summary.json", "0 1 2", "results/synth_mod")
+    protocol(b, "synthetic.distill_retention", "synthetic/distill_retention/summary.json", {
+        "labeled_true_kd1": ("distill_pseudo_dice01", "KD 1, distill_labeled true (distils on the MRI images too)"),
+        "labeled_auto_kd1": ("distill_domain_auto", "KD 1, distill_labeled auto"),
+        "labeled_auto_kd25": ("distill", "KD 2.5, distill_labeled auto"),
+        "labeled_auto_kd5": ("distill_domain_auto_kd5", "KD 5, distill_labeled auto"),
+        "labeled_auto_kd25_full_lr": ("distill_full_lr", "KD 2.5, distill_labeled auto, incremental stages at "
+                                      "stage 0's lr (incremental_lr_factor 2 over the protocol's 0.5)"),
+        "joint": ("joint", "joint (bound)"),
+    }, command=cmd_ret, stage_labels=stages, bound="joint",
+        what="synthetic protocol v1 (incremental stages at half of stage 0's lr)")
+
+    cmd_v1 = protocol_command(SYNTH_V1, "synthetic/protocol_v1/summary.json", "0", "results/synth_v2")
+    protocol(b, "synthetic.protocol_v1", "synthetic/protocol_v1/summary.json", {
+        "experts": ("experts", "LoRA rank 4 on the decoder + projection, each expert starting from the previous one"),
+        "experts_zero": ("experts_zero", "as experts, each expert starting from zero"),
+        "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection"),
+        "ewc_100": ("ewc", "EWC, lambda 100 (EvoSAM's; the module default)"),
+        "ewc_1e4": ("ewc_1e4", "EWC, lambda 1e4"),
+        "ewc_1e5": ("ewc_1e5", "EWC, lambda 1e5"),
+        "joint": ("joint", "joint (bound)"),
+    }, command=cmd_v1, stage_labels=stages, bound="joint",
+        what="synthetic protocol v1 (incremental stages at half of stage 0's lr), seed 0")
+
+
+def openkbp_incremental(b: Builder) -> None:
+    stages = ("brainstem_cord_mandible", "parotids", "esophagus_larynx")
+    organs = ("brainstem", "spinal_cord", "mandible", "parotid_gland_right", "parotid_gland_left", "esophagus",
+              "larynx")
+    cmd = protocol_command(OKBP_V2, "openkbp/incremental_v2_rerun/summary.json", "0 1")
+    pl = "pseudo-labels in the CE"
+    rows = {
+        "distill": ("distill_plop_sep01_kd10_ramp0", f"distill's defaults: {pl} and their own Dice at 0.1, KD "
+                    "rising from 0 to 10 over each stage's first half, similarity maps"),
+        "joint_lt": ("joint_lt", "joint from scratch on stages 0..i with their summed steps (1300, 1600), learnt "
+                     "temperature"),
+        "distill_plop_sep01_kd25": ("distill_plop_sep01_kd25", f"{pl}, their Dice at 0.1, KD 2.5 flat (the "
+                                    "defaults before)"),
+        "distill_plop_sep01_kd5": ("distill_plop_sep01_kd5", f"{pl}, their Dice at 0.1, KD 5 flat"),
+        "distill_plop_sep01_kd5_ramp": ("distill_plop_sep01_kd5_ramp", f"{pl}, their Dice at 0.1, KD 1 -> 5 over "
+                                        "150 steps"),
+        "distill_plop_sep01_kd10_ramp": ("distill_plop_sep01_kd10_ramp", f"{pl}, their Dice at 0.1, KD 1 -> 10 "
+                                         "over 150 steps"),
+        "distill_plop_sep01_kd10_ramp0_s2": ("distill_plop_sep01_kd10_ramp0_s2", "as kd10_ramp, stage 2's ramp "
+                                             "from KD 0"),
+        "distill_plop_sep01_kd10_rampall_s2": ("distill_plop_sep01_kd10_rampall_s2", "as kd10_ramp, stage 2's "
+                                               "ramp over the whole stage"),
+        "distill_plop_sep01_kd5_nonew": ("distill_plop_sep01_kd5_nonew", "KD 5 flat, distill_new_voxels false"),
+        "distill_plop_sep01_kd5_nosim": ("distill_plop_sep01_kd5_nosim", "KD 5 flat, no similarity maps"),
+        "distill_plop_sep01_pod": ("distill_plop_sep01_pod", f"{pl}, their Dice at 0.1, KD 1, Local POD 1"),
+        "distill_plop_sep01": ("distill_plop_sep01", f"{pl}, their Dice at 0.1, KD 1"),
+        "distill_plop_sep03": ("distill_plop_sep03", f"{pl}, their Dice at 0.3, KD 1"),
+        "distill_plop_sep": ("distill_plop_sep", f"{pl}, their Dice at 1.0, KD 1"),
+        "distill_plop_ce": ("distill_plop_ce", f"{pl} only, KD 1"),
+        "experts": ("experts", "LoRA rank 4 on the decoder + a projection per expert; the stage-0 network frozen"),
+        "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection, 4x the stage lr"),
+        "replay": ("replay", "finetune + 25 % of every earlier stage's training cases (not rehearsal-free)"),
+        "ewc_1e5": ("ewc_1e5", "EWC, lambda 1e5"),
+    }
+    what = "OpenKBP class-incremental protocol v2 (retrained stage 0), seeds 0-1"
+    src = "openkbp/incremental_v2_rerun/summary.json"
+    # the default and the joint row with every organ; the other rows with the esophagus, the organ they trade
+    protocol(b, "openkbp.incremental", src, {k: rows[k] for k in ("distill", "joint_lt")}, command=cmd,
+             stage_labels=stages, bound="joint_lt", what=what, classes=organs, val_classes=organs)
+    others = {k: v for k, v in rows.items() if k not in ("distill", "joint_lt")}
+    _protocol_more(b, "openkbp.incremental", src, others, rows["joint_lt"][0], command=cmd, stage_labels=stages,
+                   what=what)
+    for key, row in (("experts", "experts"), ("experts_all", "experts_all")):
+        st = _load(src)["strategies"][row]
+        vals = {s: r["params"][1]["trainable"] for s, r in st["per_seed"].items()}
+        total = {s: r["params"][0]["total"] for s, r in st["per_seed"].items()}
+        b.add(f"openkbp.incremental.{key}.trainable_parameters_per_stage", _fmean(list(vals.values())), vals,
+              config=rows[key][1], command=cmd(row), source=src,
+              description="trainable parameters of one incremental stage (one expert)")
+        b.add(f"openkbp.incremental.{key}.trainable_percent_per_stage",
+              100 * _fmean(list(vals.values())) / _fmean(list(total.values())),
+              {s: 100 * vals[s] / total[s] for s in vals}, config=rows[key][1], command=cmd(row), source=src,
+              description="one expert's parameters in % of the stage-0 network's")
+
+    stage0_model(b, "openkbp.incremental", src, "joint_lt", cmd("joint_lt"), what)
+    cmd_first = protocol_command(OKBP_V2, "openkbp/incremental_v2/summary.json", "0 1")
+    protocol(b, "openkbp.incremental_first_stage0", "openkbp/incremental_v2/summary.json", {
+        "joint": ("joint", "joint from scratch on stages 0..i with their summed steps (1300, 1600), fixed "
+                  "temperature"),
+        "distill_no_pl": ("distill", "KD 1 + similarity maps, no pseudo-labels"),
+        "distill_plop_ce": ("distill_plop_ce", f"{pl} only, KD 1"),
+        "distill_plop": ("distill_plop", "pseudo-labels in the CE and in the stage's Dice, KD 1 (seed 0)"),
+        "finetune": ("finetune", "no distillation (lower bound)"),
+    }, command=cmd_first, stage_labels=stages, bound="joint",
+        what="OpenKBP class-incremental protocol v2 (the first stage-0 training), seeds 0-1",
+        classes=("esophagus",))
+    stage0_model(b, "openkbp.incremental_first_stage0", "openkbp/incremental_v2/summary.json", "finetune",
+                 cmd_first("finetune"), "OpenKBP protocol v2 (the first stage-0 training)")
+
+    cmd_abl = protocol_command("configs/openkbp/ablation_v2.yaml", "openkbp/ablation_v2/summary.json", "0")
+    protocol(b, "openkbp.ablation_v2", "openkbp/ablation_v2/summary.json", {
+        "distill": ("distill", "KD 1 + similarity maps, lr x1.0"),
+        "distill_lr05": ("distill_lr05", "as distill, incremental lr x0.5"),
+        "distill_kd25": ("distill_kd25", "as distill, KD 2.5"),
+        "distill_plop": ("distill_plop", "as distill + PLOP pseudo-labels (CE and Dice)"),
+        "distill_pod": ("distill_pod", "as distill + Local POD 1"),
+        "distill_plop_pod": ("distill_plop_pod", "as distill + pseudo-labels + Local POD (PLOP as published)"),
+    }, command=cmd_abl, stage_labels=stages[:2], bound=None,
+        what="OpenKBP protocol v2, stages 0-1 only, seed 0")
+
+
+def stage0_model(b: Builder, prefix: str, source: str, row: str, command: str, what: str) -> None:
+    """``<prefix>.stage0_model.{test, val}``: the shared stage-0 model's R[0][0] (read from ``row``)."""
+    seeds = _load(source)["strategies"][row]["per_seed"]
+    for split, name in (("", "test"), ("_val", "val")):
+        vals = {s: r[f"matrix{split}"][0][0] for s, r in seeds.items() if r.get(f"matrix{split}")}
+        b.add(f"{prefix}.stage0_model.{name}", _fmean(list(vals.values())), vals, config="the stage-0 model every "
+              "row of a seed starts from", command=command, source=source,
+              description=f"{what}: mean Dice of the stage-0 model on stage 0's {name} cases, R[0][0]")
+
+
+def _protocol_more(b: Builder, prefix: str, source: str, rows: dict[str, tuple[str, str]], bound_row: str, *,
+                   command: Callable[[str], str], stage_labels: Sequence[str], what: str) -> None:
+    """:func:`protocol` for rows compared against a bound row that is not among them."""
+    strategies = _load(source)["strategies"]
+    bound = strategies[bound_row]
+    protocol(b, prefix, source, rows, command=command, stage_labels=stage_labels, bound=None, what=what,
+             classes=("esophagus",), val_classes=("esophagus",))
+    for key, (row, config) in rows.items():
+        seeds = strategies[row]["per_seed"]
+        b.add(f"{prefix}.{key}.ratio_to_{bound_row}", strategies[row]["average_dice"] / bound["average_dice"],
+              {s: r["average_dice"] / bound["per_seed"][s]["average_dice"] for s, r in seeds.items()},
+              config=config, command=command(row), source=source,
+              description=f"{what}: average Dice over {bound_row}'s: ratio of the means; per seed the ratio on "
+                          f"that seed")
+
+
+def openkbp_domain(b: Builder) -> None:
+    src = "openkbp/domain_v2/summary.json"
+    cmd = protocol_command("configs/openkbp/domain_v2.yaml", src, "0 1",
+                           before="python benchmarks/openkbp/make_scanner_shift.py; ")
+    rows = {
+        "distill": ("distill", "distill_labeled auto (no distillation on the scanner-B images), KD 2.5 flat"),
+        "distill_on_labeled": ("distill_on_labeled", "KD 2.5 flat on the scanner-B images too"),
+        "finetune": ("finetune", "no distillation"),
+    }
+    protocol(b, "openkbp.domain", src, rows, command=cmd, stage_labels=("scanner_a", "scanner_b"), bound=None,
+             what="OpenKBP domain step (scanner B) after protocol v2's stage 0, seeds 0-1")
+    seeds = _load(src)["strategies"]["finetune"]["per_seed"]
+    for j, label in ((0, "scanner_a"), (1, "scanner_b")):
+        vals = {s: r["matrix"][0][j] for s, r in seeds.items()}
+        b.add(f"openkbp.domain.stage0.{label}", _fmean(list(vals.values())), vals, config="protocol v2's stage 0 "
+              "(1000 steps)", command=cmd("finetune"), source=src,
+              description=f"the stage-0 model on the {label.replace('_', ' ')} test cases (R[0][{j}])")
+
+
+def heads(b: Builder) -> None:
+    names = {"prototype": "cfseg prototype head", "softmax": "softmax (1x1x1 conv) head", "dodnet": "DoDNet head",
+             "universal": "CLIP-driven Universal head", "versatile": "softmax head + Versatile-style terms"}
+    for steps, src in ((1500, "openkbp/heads_1500.json"), (600, "openkbp/heads.json")):
+        doc = _load(src)
+        for h, res in doc["heads"].items():
+            kw = {"config": f"{names[h]}, configs/openkbp/base.yaml + joint.yaml, {steps} steps",
+                  "command": f"(train: cfseg fit --config configs/openkbp/base.yaml --config configs/openkbp/joint.yaml"
+                             f" --model.head=<{h}> --trainer.max_steps={steps} --seed_everything=S --data.seed=0) "
+                             + doc["command"].replace("--out benchmarks/openkbp", "--out reports/data/openkbp"),
+                  "source": src}
+            stem = f"openkbp.heads_{steps}.{h}"
+            seeds = res["per_seed"]
+            b.add(f"{stem}.mean_dice", res["mean_dice"], {s: r["mean_dice"] for s, r in seeds.items()}, **kw,
+                  description=f"mean Dice over 7 organs on the 40 test cases, joint training, {steps} steps")
+            if h in ("prototype", "softmax"):
+                for c in res["per_class"]:
+                    b.add(f"{stem}.dice.{c}", res["per_class"][c], {s: r["per_class"][c] for s, r in seeds.items()},
+                          **kw, description=f"{c} Dice on the test cases, {steps} steps")
+            if steps == 600:
+                b.add(f"{stem}.hd95_mm", res["hd95_mm"]["mean"],
+                      {s: r["hd95_mm"]["mean"] for s, r in seeds.items()}, **kw,
+                      description="mean HD95 in mm (a missed organ scores the volume diagonal)")
+                b.add(f"{stem}.surface_dice", res["surface_dice"]["mean"],
+                      {s: r["surface_dice"]["mean"] for s, r in seeds.items()}, **kw,
+                      description="mean surface Dice at 2 mm")
+                b.add(f"{stem}.head_params", res["head_params"], {}, **kw, description="the head's parameters")
+                b.add(f"{stem}.train_step_s", res["step_s"], {}, **kw,
+                      description="one training step (2 x 64^3), median, one thread")
+                b.add(f"{stem}.infer_all_s", res["infer_s"], {}, **kw,
+                      description="inference of one test case, every class, median of 3 cases, one thread")
+                b.add(f"{stem}.infer_one_class_s", res["infer_one_class_s"], {}, **kw,
+                      description="inference of one test case, one class (brainstem), one thread")
+                for task, mib in res["peak_memory_mib"].items():
+                    b.add(f"{stem}.peak_mib.{task}", mib, {}, **kw,
+                          description=f"peak resident memory added by the task ({task}), MiB, median of 3 processes")
+    src = "openkbp/heads_1500_esophagus.json"
+    doc = _load(src)
+    conf = {"prototype-gpu": "prototype head trained on an H100 (float32), default crop ratios",
+            "prototype-eso3-gpu": "prototype head on an H100, 3x the esophagus crop-centre ratio",
+            "softmax-eso3-gpu": "softmax head on an H100, 3x the esophagus crop-centre ratio (seed 0)"}
+    for h, config in conf.items():
+        res = doc["heads"][h]
+        kw = {"config": config + ", 1500 steps", "source": src, "command": "bash benchmarks/openkbp/gpu/run.sh "
+              "(on the GPU machine; --data.class_ratios for the x3 rows), then " + doc["command"].replace(
+                  "--out benchmarks/openkbp", "--out reports/data/openkbp")}
+        key = h.replace("-", "_")
+        b.add(f"openkbp.heads_1500_gpu.{key}.mean_dice", res["mean_dice"],
+              {s: r["mean_dice"] for s, r in res["per_seed"].items()}, **kw,
+              description="mean Dice over 7 organs on the 40 test cases")
+        b.add(f"openkbp.heads_1500_gpu.{key}.dice.esophagus", res["per_class"]["esophagus"],
+              {s: r["per_class"]["esophagus"] for s, r in res["per_seed"].items()}, **kw,
+              description="esophagus Dice on the test cases")
+
+
+def prototypes(b: Builder) -> None:
+    src = "openkbp/prototypes.json"
+    doc = _load(src)
+    conf = {"text": "text prototypes (MiniLM), Gram-Schmidt in class order (the default)",
+            "text_reversed": "text prototypes, Gram-Schmidt in reversed class order",
+            "random": "seeded random orthonormal prototypes",
+            "text_no_gs": "normalised text embeddings, not orthogonalised"}
+    for v, config in conf.items():
+        seeds = doc["variants"][v]["seeds"]
+        kw = {"config": config + "; prototype head, 600 steps", "source": src,
+              "command": doc["command"].replace("--out benchmarks/openkbp/prototypes",
+                                                "--out reports/data/openkbp/prototypes")}
+        for field, name, what in (("mean_head_dice", "head_dice", "the head's mean Dice"),
+                                  ("mean_map_dice", "map_dice", "mean Dice of each class's similarity map "
+                                   "thresholded alone (threshold chosen on the validation cases)")):
+            vals = {s: r[field] for s, r in seeds.items()}
+            b.add(f"openkbp.prototypes.{v}.{name}", _fmean(list(vals.values())), vals, **kw,
+                  description=f"{what} on the 40 test cases")
+
+
+def esophagus(b: Builder) -> None:
+    src = "openkbp/class_exposure.json"
+    doc = _load(src)
+    cmd = "python benchmarks/openkbp/class_exposure.py --out reports/data/openkbp"
+    row = next(r for r in doc["rows"] if r["class"] == "esophagus")
+    kw = {"config": "the 153 joint training cases, class-balanced 64^3 crops, 64 per case", "command": cmd,
+          "source": src}
+    b.add("openkbp.esophagus.cases_annotating_fraction", row["cases_annotating"] / row["of_cases"], {}, **kw,
+          description="fraction of the joint training cases that contour the esophagus")
+    for ratios in ("equal", "inverse_frequency"):
+        b.add(f"openkbp.esophagus.voxel_share.{ratios}", row[f"{ratios}_voxel_share"], {}, **kw,
+              description=f"share of the supervised patch voxels that are esophagus ({ratios} crop ratios)")
+    others = [r["inverse_frequency_voxel_share"] for r in doc["rows"] if r["class"] != "esophagus"]
+    b.add("openkbp.esophagus.voxel_share.next_smallest_organ", min(others), {}, **kw,
+          description="the smallest voxel share of any other organ (inverse-frequency crop ratios)")
+    src = "openkbp/class_bias.json"
+    doc = _load(src)
+    for ck, res in doc["checkpoints"].items():
+        head = ck.split(":")[0]
+        b.add(f"openkbp.esophagus.mean_prob_inside_gt_val.{head}",
+              res["classes"]["esophagus"]["val_inside_gt"]["mean_prob"], {}, config=f"{head} head, 1500 steps, seed 0",
+              command=doc["command"].replace("--out benchmarks/openkbp", "--out reports/data/openkbp"), source=src,
+              description="mean softmax probability of the esophagus inside its own contour, validation cases")
+
+
+def speed(b: Builder) -> None:
+    src = "speed/inference.json"
+    doc = _load(src)
+    cmd = "python benchmarks/inference.py --reps 15 --threads 1 --out reports/data/speed/inference"
+    conf = ("cfseg.segmentation.segment with the folded prototype head vs a plain MONAI pipeline "
+            "(SoftmaxSegmenter, sliding_window_inference, Invertd), same UNet 8-128 weights, one OpenKBP CT "
+            "128^3, one torch thread, 15 interleaved pairs")
+    for row, key in zip(doc["rows"], ("all_classes", "two_classes"), strict=True):
+        kw = {"config": conf, "command": cmd, "source": src}
+        for field, name, what in (("ratio_of_medians", "time_ratio_medians", "median wall time, cfseg / MONAI"),
+                                  ("median_pair_ratio", "time_ratio_pairs", "median of the per-pair wall-time "
+                                   "ratios"),
+                                  ("ratio_of_minima", "time_ratio_minima", "fastest run, cfseg / MONAI"),
+                                  ("cpu_ratio_of_medians", "cpu_ratio", "median CPU time, cfseg / MONAI"),
+                                  ("memory_ratio", "memory_ratio", "peak RSS growth, cfseg / MONAI")):
+            b.add(f"speed.inference.{key}.{name}", row[field], {}, **kw, description=f"{row['classes']}: {what}")
+        for side in ("cfseg", "monai"):
+            b.add(f"speed.inference.{key}.{side}_median_s", row["median_s"][side], {}, **kw,
+                  description=f"{row['classes']}: median wall time of one segmentation, {side}")
+            b.add(f"speed.inference.{key}.{side}_peak_mib", row["memory"][side]["growth_mib"], {}, **kw,
+                  description=f"{row['classes']}: peak RSS growth of one segmentation, {side}")
+    ckpt = "--ckpt results/heads/prototype_s0/logs/version_0/checkpoints/joint.ckpt --max-cases 10"
+    for name, variant, what in (("folded_labels", "--variant folded ", "the folded head (R folded into the "
+                                 "backbone's last convolution)"),
+                                ("unnormalised_labels", "", "the cosine logits without the per-voxel norm "
+                                 "(rejected)")):
+            src = f"speed/{name}.json"
+            doc = _load(src)
+            kw = {"config": f"{what} against the unfolded cosine head, 10 OpenKBP test cases, prototype head 600 "
+                            f"steps seed 0",
+                  "command": f"python benchmarks/unnormalised_labels.py {variant}{ckpt} --out reports/data/{src}",
+                  "source": src}
+            b.add(f"speed.{name}.voxel_disagreement", doc["voxel_disagreement"], {}, **kw,
+                  description="fraction of voxels whose label differs from the unfolded cosine head's")
+            b.add(f"speed.{name}.max_abs_dice_change", doc["max_abs_dice_change"], {}, **kw,
+                  description="largest per-class Dice change against the unfolded cosine head")
+    src = "speed/train_throughput.json"
+    row = _load(src)["rows"][0]
+    kw = {"config": "configs/openkbp/base.yaml + joint.yaml, 2 volumes x 2 patches of 64^3 per step, fp32, one "
+                    "thread (two other benchmark processes on the two cores)",
+          "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py --threads 1 --steps 25 "
+                     "--warmup 5 --max-cases 24 --precision 32-true --out reports/data/speed",
+          "source": src}
+    b.add("speed.training.step_ratio", row["ratio"], {}, **kw,
+          description="median wall time per training step, cfseg fit / a plain MONAI loop")
+    b.add("speed.training.step_ratio_cpu", row["ratio_cpu"], {}, **kw,
+          description="median CPU time per training step, cfseg fit / a plain MONAI loop")
+    src = "speed/experts_cost.json"
+    doc = _load(src)
+    kw = {"config": "OpenKBP UNet 16-256 + prototype head, LoRA rank 4 on the decoder, 96x96x80 volume, one thread",
+          "command": doc["command"].replace("--out benchmarks/experts_cost", "--out reports/data/speed/experts_cost"),
+          "source": src}
+    b.add("speed.experts.expert_percent_without_projection", doc["expert_percent"], {}, **kw,
+          description="one decoder expert's LoRA parameters in % of the network (the projection copy adds more)")
+    for row in doc["rows"]:
+        n = row["experts"]
+        case = {"plain": None, "all": "all_classes", "all_nocache": "all_classes_no_prefix_cache",
+                "one": "one_class"}.get(row["case"], row["case"])
+        if case is None:
+            continue
+        b.add(f"speed.experts.n{n}.{case}.cpu_ratio", row["paired_cpu_ratio_to_plain"], {}, **kw,
+              description=f"{n} experts, {row['case']}: CPU time over the plain network's (paired, median)")
+        b.add(f"speed.experts.n{n}.{case}.peak_mib", row["peak_rss_growth_mib"], {}, **kw,
+              description=f"{n} experts, {row['case']}: peak RSS growth, MiB")
+
+
+def online(b: Builder) -> None:
+    src = "online/summary.json"
+    doc = _load(src)["settings"]
+    conf = {"weak": "300-step base model, the chosen defaults (residual, 4 steps, lr 5e-3), feedback on every case",
+            "weak_auxol": "300-step base model, AuxOL's constants (from scratch, 1 step, lr 5e-4)",
+            "weak_every2": "300-step base model, feedback on every second case",
+            "weak_shift": "300-step base model, test cases through the simulated scanner B",
+            "strong": "1500-step base model, feedback on every case",
+            "strong_shift": "1500-step base model, scanner B"}
+    for name, config in conf.items():
+        r = doc[name]
+        kw = {"config": config, "source": src,
+              "command": "bash benchmarks/online/run.sh   # streams into results/online/streams, then "
+                         "benchmarks/online/report.py --out reports/data/online"}
+        for field, key, what in (("frozen_second_half", "frozen_second_half", "frozen model, cases 21-40"),
+                                 ("online_second_half", "fused_second_half", "fused output, cases 21-40"),
+                                 ("frozen_mean_dice", "frozen", "frozen model, all 40 cases"),
+                                 ("online_mean_dice", "fused", "fused output, all 40 cases"),
+                                 ("worst_case_gain", "worst_case_gain", "lowest fused - frozen of one case")):
+            b.add(f"online.{name}.{key}", r[field], {}, **kw, description=f"mean Dice, {what}")
+        b.add(f"online.{name}.second_half_gain", r["online_second_half"] - r["frozen_second_half"], {}, **kw,
+              description="fused - frozen mean Dice over cases 21-40 of the stream")
+    src = "online/timing.json"
+    doc = _load(src)
+    kw = {"config": "128^3 case, 7 classes all corrected, buffer full (32 crops), 2 threads, idle machine",
+          "command": "OMP_NUM_THREADS=2 python benchmarks/online/timing.py --ckpt <1500-step model> --threads 2 "
+                     "--out reports/data/online/timing.json", "source": src}
+    for field, what in (("mean", "mean over 5 cases"), ("max", "slowest of 5 cases")):
+        b.add(f"online.timing.seconds_per_update.{field}", doc["seconds_per_update"][field], {}, **kw,
+              description=f"seconds per correction (one update), {what}")
+    b.add("online.timing.seconds_per_fused_segmentation.mean", doc["seconds_per_fused_segmentation"]["mean"], {},
+          **kw, description="seconds of one fused segmentation on top of the frozen model's pass")
+
+
+def routers(b: Builder) -> None:
+    src = "router_ablation.json"
+    doc = _load(src)
+    cmd = doc["meta"]["command"].replace("--out benchmarks/router_ablation", "--out reports/data/router_ablation")
+    for scen, sc in doc["scenarios"].items():
+        for variant in sc["variants"]:
+            layer0_windows = variant["layer_name"] == "model.0.conv" and variant["statistics"] == "windows"
+            if not (variant.get("main") or layer0_windows):
+                continue
+            rows = variant["rows"]
+            default, chosen = rows[variant["protocol_default"]], rows[variant["selected"]]
+            kw = {"config": f"{sc['protocol']}, layer {variant['layer_name']}, statistics from training "
+                            f"{variant['statistics']}", "command": cmd, "source": src}
+            key = "main" if variant.get("main") else "layer0_windows"
+            b.add(f"router.expert.{scen}.{key}.default_test_accuracy", default["test"]["acc"], {}, **kw,
+                  description="test volumes routed to their own domain's expert, random features 0, gamma 1 "
+                              "(the defaults)")
+            b.add(f"router.expert.{scen}.{key}.selected_test_accuracy", chosen["test"]["acc"], {}, **kw,
+                  description=f"the same for the setting validation picks (random features "
+                              f"{chosen['random_features']}, gamma {chosen['gamma']})")
+    src = "synthetic/modality_router.json"
+    doc = _load(src)
+    kw = {"config": "modality router on the synthetic protocol v1's experts checkpoint after the MRI stage (seed 0)",
+          "command": f".venv/bin/python benchmarks/modality_router.py --config {SYNTH_V1} --checkpoint "
+                     "results/synth_mod/seed0/runs/experts_stage2/final.ckpt --out "
+                     "reports/data/synthetic/modality_router", "source": src}
+    for answer in ("router_1", "router_0.1", "router_0.01", "router_0.001", "rule"):
+        for variant, vname in (("stored", "test"), ("ct_no_hu_offset", "test_ct_without_hu_offset")):
+            rows = [r for r in doc["rows"] if r["split"] == "test" and r["variant"] == variant]
+            acc = sum(r[answer] == r["truth"] for r in rows) / len(rows)
+            name = answer.replace("router_", "gamma_").replace(".", "p")
+            b.add(f"router.modality.{name}.{vname}_accuracy", acc, {}, **kw,
+                  description=f"fraction of {len(rows)} test volumes ({variant}) whose modality "
+                              f"{'the intensity rule' if answer == 'rule' else 'the router'} names correctly")
+
+
+def build() -> Entries:
+    b = Builder()
+    demo(b)
+    synthetic(b)
+    openkbp_incremental(b)
+    openkbp_domain(b)
+    heads(b)
+    prototypes(b)
+    esophagus(b)
+    speed(b)
+    online(b)
+    routers(b)
+    return dict(sorted(b.entries.items()))
+
+
+# ---------------------------------------------------------------------------------------------------------- figures
+def _bars(ax: Any, entries: Entries, keys: Sequence[tuple[str, str]], metric: str, title: str) -> None:
+    for i, (_, key) in enumerate(keys):
+        e = entries[f"{key}.{metric}"]
+        ax.barh(-i, e["mean"], color="#4c72b0" if "distill" in key else "#999999")
+        ax.plot(list(e["per_seed"].values()), [-i] * len(e["per_seed"]), "k.", ms=6)
+    ax.set_yticks([-i for i in range(len(keys))], [k for k, _ in keys])
+    ax.set_title(title)
+    ax.axvline(0, color="k", lw=0.5)
+
+
+def figures(entries: Entries) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    meta = {"Software": None}
+    out = []
+
+    protocols = {
+        "openkbp_incremental.png": ("OpenKBP class-incremental, protocol v2 (seeds 0-1)", [
+            ("distill (defaults)", "openkbp.incremental.distill"),
+            ("distill, KD 2.5 flat", "openkbp.incremental.distill_plop_sep01_kd25"),
+            ("experts_all", "openkbp.incremental.experts_all"), ("experts", "openkbp.incremental.experts"),
+            ("replay (keeps data)", "openkbp.incremental.replay"), ("ewc 1e5", "openkbp.incremental.ewc_1e5"),
+            ("joint_lt (1600 steps)", "openkbp.incremental.joint_lt")]),
+        "synthetic_protocol.png": ("Synthetic protocol v2 (seeds 0-2)", [
+            ("distill (defaults)", "synthetic.protocol.distill"),
+            ("distill, per-stage KD", "synthetic.protocol.distill_ci_kd0_mri_kd10_ramp"),
+            ("distill, KD 2.5 flat", "synthetic.protocol.distill_kd25"),
+            ("experts", "synthetic.protocol.experts"), ("replay (keeps data)", "synthetic.protocol.replay"),
+            ("ewc 1e5", "synthetic.protocol.ewc_1e5"), ("finetune", "synthetic.protocol.finetune"),
+            ("joint", "synthetic.protocol.joint")]),
+    }
+    for name, (title, keys) in protocols.items():
+        fig, axes = plt.subplots(1, 2, figsize=(10, 0.45 * len(keys) + 1.2), sharey=True)
+        _bars(axes[0], entries, keys, "average_dice", "average Dice after the last stage (test)")
+        _bars(axes[1], entries, keys, "bwt", "BWT (test)")
+        fig.suptitle(title + "; dots: seeds")
+        fig.tight_layout()
+        fig.savefig(FIGURES / name, dpi=100, metadata=meta)
+        plt.close(fig)
+        out.append(FIGURES / name)
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    heads_ = ["prototype", "softmax", "versatile", "universal", "dodnet"]
+    for k, steps in enumerate((600, 1500)):
+        for i, h in enumerate(heads_):
+            e = entries[f"openkbp.heads_{steps}.{h}.mean_dice"]
+            ax.bar(i + 0.4 * k, e["mean"], 0.38, color=("#dd8452", "#4c72b0")[k],
+                   label=f"{steps} steps" if i == 0 else None)
+            ax.plot([i + 0.4 * k] * len(e["per_seed"]), list(e["per_seed"].values()), "k.", ms=6)
+    ax.set_xticks([i + 0.2 for i in range(len(heads_))], heads_)
+    ax.set_ylabel("mean Dice, 40 test cases")
+    ax.set_title("OpenKBP joint training: heads on one backbone; dots: seeds")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(FIGURES / "heads.png", dpi=100, metadata=meta)
+    plt.close(fig)
+    out.append(FIGURES / "heads.png")
+
+    classes = [k.rsplit(".", 1)[1] for k in entries if k.startswith("demo.heldout.dice.")]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for k, (label, prefix) in enumerate((("make demo", "demo"), ("oracle (ideal labels)", "demo.oracle"))):
+        vals = [entries[f"{prefix}.heldout.dice.{c}"]["mean"] for c in classes]
+        ax.bar([i + 0.4 * k for i in range(len(classes))], vals, 0.38, label=label)
+    ax.set_xticks([i + 0.2 for i in range(len(classes))], classes, rotation=30)
+    ax.set_ylabel("Dice, held-out scanner")
+    ax.set_title("Synthetic demo: per-organ Dice (mean of seeds 0, 1)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(FIGURES / "demo_per_class.png", dpi=100, metadata=meta)
+    plt.close(fig)
+    out.append(FIGURES / "demo_per_class.png")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--check", action="store_true", help="compare with current.json instead of writing it")
+    p.add_argument("--no-figures", action="store_true", help="write current.json only")
+    a = p.parse_args(argv)
+    entries = build()
+    text = json.dumps(entries, indent=1, ensure_ascii=False) + "\n"
+    if a.check:
+        same = CURRENT.exists() and CURRENT.read_text() == text
+        print("current.json is up to date" if same else "current.json differs from the result files: rebuild it")
+        return 0 if same else 1
+    CURRENT.write_text(text)
+    print(f"wrote {CURRENT.relative_to(ROOT)} ({len(entries)} entries)")
+    if not a.no_figures:
+        for f in figures(entries):
+            print(f"wrote {f.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

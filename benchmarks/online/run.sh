@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The online-corrector benchmark (benchmarks/online/README.md), resumable: a stream whose JSON exists is skipped.
+# The online-corrector benchmark (results: reports/README.md, section 10), resumable: a stream whose JSON exists is skipped.
 #   bash benchmarks/online/run.sh [settings JSON]       (default: the settings chosen on the tuning stream)
-# weak_auxol runs AuxOL's own constants for reference. Needs the two base models (README: "Base models") and, for the shift rows, results/openkbp/scanner_b
+# weak_auxol runs AuxOL's own constants for reference. Needs the two base models (joint OpenKBP runs of 300 and 1500 steps at the paths below) and, for the shift rows, results/openkbp/scanner_b
 # (python benchmarks/openkbp/make_scanner_shift.py). Two streams run side by side, one thread each.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,4 +27,4 @@ mkdir -p "$OUT"
 wait
 "$PY" benchmarks/online/report.py --streams "$OUT" \
     --settings weak weak_auxol weak_every2 weak_below0.8 weak_shift strong_shift strong strong_below0.8 \
-    --out benchmarks/online
+    --out reports/data/online

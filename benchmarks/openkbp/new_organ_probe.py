@@ -6,7 +6,7 @@ class's voxels (fraction per predicted class) and the student's largest probabil
 that predicted an old class on them would pseudo-label the new organ as that class where the organ is not
 annotated; a student whose largest probability stays near 0 never learnt the class.
 
-Usage (OpenKBP v2, seed 0, the `distill_plop_sep` stage 2; benchmarks/openkbp/README.md)::
+Usage (OpenKBP v2, seed 0, the `distill_plop_sep` stage 2; reports/README.md, section 3b)::
 
     .venv/bin/python benchmarks/openkbp/new_organ_probe.py \\
         --teacher results/openkbp/incremental_v2/seed0/runs/distill_plop_sep_stage1/final.ckpt \\

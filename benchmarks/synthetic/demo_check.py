@@ -10,12 +10,12 @@ site (``test_ct``). Two more sites of that third scanner make the question answe
 * ``score`` scores checkpoints on the validation site and the held-out test site and writes a table
   (``<out>.md`` / ``<out>.json``).
 
-Commands (benchmarks/README.md, "make demo: what limits the held-out Dice"):
+Commands (the results: reports/README.md, section 1):
 
     python benchmarks/synthetic/demo_check.py sites --out data/demo_check [--train-cases 40]
     python benchmarks/synthetic/demo_check.py score --run demo=results/demo/cfseg-demo.ckpt \
         --val data/demo_check/Dataset061_val_ct --test data/synthetic/Dataset003_test_ct \
-        --out benchmarks/synthetic/demo_check
+        --out reports/data/synthetic/demo_check
 """
 
 from __future__ import annotations

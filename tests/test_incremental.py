@@ -11,8 +11,9 @@ import pytest
 import torch
 import yaml
 
-from cfseg.cli import CFSegCLI
-from cfseg.cli import main as cli
+from cfseg.apps.cli import CFSegCLI
+from cfseg.apps.cli import main as cli
+from cfseg.continual import Distill
 from cfseg.data.datamodule import SegDataModule
 from cfseg.module import CFSegModule, load_checkpoint
 
@@ -23,6 +24,11 @@ STAGE1 = ["stomach", "aorta"]
 
 def ds(path, classes=None):
     return {"path": str(path), "val_fraction": 0.25, "test_fraction": 0.25, "classes": classes}
+
+
+def distill_arg(**settings):
+    """``--model.strategy=`` naming :class:`cfseg.continual.Distill` with ``settings``."""
+    return f"--model.strategy={json.dumps({'class_path': 'cfseg.continual.Distill', 'init_args': settings})}"
 
 
 def fit(tmp_path, datasets, *extra):
@@ -53,7 +59,8 @@ def test_stage_extends_bank_and_keeps_old_prototypes_exact(stage0_ckpt, tiny_pha
     assert not any("teacher" in k for k in ckpt["state_dict"])  # the teacher is not stored twice
     history = ckpt["cfseg"]["stage_history"]
     assert [h["new_classes"] for h in history] == [STAGE0, STAGE1]
-    assert history[1]["previous_checkpoint"] == str(stage0_ckpt) and history[1]["strategy"] == "distill"
+    assert history[1]["previous_checkpoint"] == str(stage0_ckpt) and history[1]["strategy"] == {
+        "class_path": "cfseg.continual.Distill", "init_args": Distill().spec()["init_args"]}
     assert history[1]["datasets"][0]["classes"] == STAGE1
     # after the second stage one forward pass segments both stages' classes
     model = load_checkpoint(ckpt_path)
@@ -183,6 +190,11 @@ def _stage_module(stage0_ckpt, **kw):
                        feature_channels=8, previous_checkpoint=str(stage0_ckpt), **kw)
 
 
+def _distill_module(stage0_ckpt, **settings):
+    """A stage of strategy :class:`cfseg.continual.Distill` with ``settings``."""
+    return _stage_module(stage0_ckpt, strategy=Distill(**settings))
+
+
 def _stage_batch(seed=0):
     torch.manual_seed(seed)
     batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": torch.zeros(2, 1, 16, 16, 16, dtype=torch.uint8),
@@ -195,9 +207,10 @@ def _spy_loss_terms(m):
     """Wrap ``m.loss_terms``; the returned dict receives each call's labels, logits and terms."""
     seen = {}
     real = m.loss_terms
-    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None: seen.update(
-        target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
-        terms=real(logits, b, target, annotated, ignore_index, dice_labels)) or seen["terms"]
+    m.loss_terms = lambda logits, b, target=None, annotated=None, ignore_index=None, dice_labels=None, \
+        pseudo_dice_weight=0.0: seen.update(
+            target=target, annotated=annotated, ignore=ignore_index, dice=dice_labels, logits=logits,
+            terms=real(logits, b, target, annotated, ignore_index, dice_labels, pseudo_dice_weight)) or seen["terms"]
     return seen
 
 
@@ -216,7 +229,7 @@ def test_incremental_lr_factor_scales_only_incremental_adamw(stage0_ckpt):
 
 def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     """Pseudo-labels turn only label-0 voxels into old classes; POD is 0 at the first step (student == teacher)."""
-    m = _stage_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, pseudo_entropy_floor=0.5)
+    m = _distill_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, pseudo_entropy_floor=0.5)
     logged = {}
     m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
     batch = _stage_batch()
@@ -232,7 +245,7 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     assert ((t[changed] >= 1) & (t[changed] <= len(STAGE0)) | (t[changed] == seen["ignore"])).all()
     assert seen["annotated"][:, 5:].all() and seen["annotated"][:, 0].all()
     assert logged["train/pseudo_voxels"] == pytest.approx(((t != label) & (t > 0)).float().mean().item())
-    assert m._hist_batches == 1 and m._entropy_hist.sum() == (label == 0).sum()
+    assert m.strategy.hist_batches == 1 and m.strategy.entropy_hist.sum() == (label == 0).sum()
     # pseudo-labels enter the cross-entropy only; the Dice keeps the batch's own labels
     assert torch.equal(seen["dice"][0], label) and torch.equal(seen["dice"][1], batch["annotated"].bool())
     lg, head = seen["logits"].detach(), m.head
@@ -248,16 +261,16 @@ def test_pseudo_labels_and_pod_in_a_training_step(stage0_ckpt):
     m.training_step(batch, 1)
     assert logged["train/pod"] > 0
     with pytest.raises(ValueError, match="matches no module"):
-        _stage_module(stage0_ckpt, pod_weight=1.0, pod_layers=["encoder\\.0"])
+        _distill_module(stage0_ckpt, pod_weight=1.0, pod_layers=["encoder\\.0"])
 
 
 def test_teacher_under_bf16_autocast(stage0_ckpt):
     """The teacher runs under the student's autocast (bf16-mixed): every term finite, gradients flow."""
-    m = _stage_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, sim_weight=1.0, feat_weight=1.0)
+    m = _distill_module(stage0_ckpt, pseudo_label=True, pod_weight=1.0, sim_weight=1.0, feat_weight=1.0)
     m.log = lambda *a, **k: None
     batch = _stage_batch(1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m.teacher_outputs(batch["image"])
+        out = m.strategy.teacher_outputs(batch["image"])
         assert out["feats"].dtype == torch.bfloat16  # really under autocast
         loss = m.training_step(batch, 0)
     assert torch.isfinite(loss)
@@ -270,8 +283,8 @@ def test_cli_stage_with_pseudo_labels_and_pod(stage0_ckpt, tiny_phantoms, tmp_pa
     import csv
 
     fit(tmp_path, [ds(tiny_phantoms[0], STAGE1)], f"--model.previous_checkpoint={stage0_ckpt}",
-        "--model.pseudo_label=true", "--model.pod_weight=1.0", "--model.incremental_lr_factor=0.5",
-        "--model.kd_ramp_fraction=0", "--trainer.max_steps=2", "--trainer.max_epochs=5")  # KD from the first step
+        distill_arg(pseudo_label=True, pod_weight=1.0, kd_ramp_fraction=0), "--model.incremental_lr_factor=0.5",
+        "--trainer.max_steps=2", "--trainer.max_epochs=5")  # KD from the first step
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     steps = [r for r in rows if r.get("train/pod_step")]
     assert len(steps) == 2
@@ -320,12 +333,12 @@ def test_pseudo_label_auto_on_in_a_class_stage_off_in_a_domain_stage(stage0_ckpt
 
     ct, mri = tiny_phantoms[0], tiny_phantoms[1]  # the MRI site with the classes it annotates (None)
     assert pseudo_logged(tmp_path / "ct", ct, STAGE1) == (True, True)
-    assert pseudo_logged(tmp_path / "ct_off", ct, STAGE1, "--model.pseudo_label=false") == (False, True)
+    assert pseudo_logged(tmp_path / "ct_off", ct, STAGE1, distill_arg(pseudo_label=False)) == (False, True)
     # (distillation forced on the MRI images: without image-only data the default distils nothing there)
-    assert pseudo_logged(tmp_path / "mri", mri, None, "--model.distill_labeled=true") == (False, True)
-    assert pseudo_logged(tmp_path / "mri_on", mri, None, "--model.pseudo_label=true", "--model.distill_labeled=true")[0]
+    assert pseudo_logged(tmp_path / "mri", mri, None, distill_arg(distill_labeled=True)) == (False, True)
+    assert pseudo_logged(tmp_path / "mri_on", mri, None, distill_arg(pseudo_label=True, distill_labeled=True))[0]
     with pytest.raises(ValueError, match="pseudo_label must be"):
-        _stage_module(stage0_ckpt, pseudo_label="yes")
+        _distill_module(stage0_ckpt, pseudo_label="yes")
 
 
 def test_distill_labeled_false_distils_only_on_image_only_batches(stage0_ckpt):
@@ -334,14 +347,15 @@ def test_distill_labeled_false_distils_only_on_image_only_batches(stage0_ckpt):
     teacher_saw = {}
 
     def run(setting, with_unlabeled):
-        m = _stage_module(stage0_ckpt, distill_labeled=setting, pseudo_label=False)
+        m = _distill_module(stage0_ckpt, distill_labeled=setting, pseudo_label=False)
         logged = {}
         m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
         seen = []
-        real_terms, real_teacher = m.distillation_terms, m.teacher_outputs
-        m.distillation_terms = lambda x, *a, **k: seen.append(x) or real_terms(x, *a, **k)
+        s = m.strategy
+        real_terms, real_teacher = s.distillation_terms, s.teacher_outputs
+        s.distillation_terms = lambda module, x, *a, **k: seen.append(x) or real_terms(module, x, *a, **k)
         batch = _stage_batch()
-        m.teacher_outputs = lambda x: teacher_saw.setdefault(setting, []).append(x is batch["image"]) or real_teacher(x)
+        s.teacher_outputs = lambda x: teacher_saw.setdefault(setting, []).append(x is batch["image"]) or real_teacher(x)
         unlabeled = {"image": torch.randn(2, 1, 16, 16, 16)}
         m.training_step({"labeled": batch, "unlabeled": unlabeled} if with_unlabeled else batch, 0)
         return [x is unlabeled["image"] for x in seen], logged["train/distill"]
@@ -353,11 +367,12 @@ def test_distill_labeled_false_distils_only_on_image_only_batches(stage0_ckpt):
     assert run(False, False) == ([], 0.0)
     assert not any(teacher_saw[False]) and any(teacher_saw[True])  # no teacher pass on labelled images when off
     with pytest.raises(ValueError, match="distill_labeled must be"):
-        _stage_module(stage0_ckpt, distill_labeled="sometimes")
-    # the documented defaults of strategy distill (cfseg/module.py, README: chosen on validation cases)
-    assert _stage_module(stage0_ckpt).hparams.distill_labeled == "auto"
-    h = _stage_module(stage0_ckpt).hparams
-    assert (h.kd_weight, h.kd_ramp_steps, h.kd_ramp_fraction, h.kd_ramp_start) == (10.0, 0, 0.5, 0.0)
+        _distill_module(stage0_ckpt, distill_labeled="sometimes")
+    # the documented defaults of strategy distill (cfseg/continual/distill.py, README: chosen on validation cases)
+    spec = _stage_module(stage0_ckpt).hparams.strategy
+    assert spec["class_path"] == "cfseg.continual.Distill" and spec["init_args"]["distill_labeled"] == "auto"
+    h = _stage_module(stage0_ckpt).hparams.strategy["init_args"]
+    assert (h["kd_weight"], h["kd_ramp_steps"], h["kd_ramp_fraction"], h["kd_ramp_start"]) == (10.0, 0, 0.5, 0.0)
 
 
 def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_phantoms, tmp_path):
@@ -367,7 +382,7 @@ def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_ph
 
     def distill_logged(out, data, classes):
         fit(out, [ds(data, classes)], f"--model.previous_checkpoint={stage0_ckpt}", "--trainer.max_steps=2",
-            "--trainer.max_epochs=5", "--model.distill_labeled=auto", "--model.kd_ramp_fraction=0")  # KD at step 0
+            "--trainer.max_epochs=5", distill_arg(distill_labeled="auto", kd_ramp_fraction=0))  # KD at step 0
         rows = list(csv.DictReader(next(out.rglob("metrics.csv")).open()))
         return [float(r["train/distill_step"]) for r in rows if r.get("train/distill_step")]
 
@@ -378,7 +393,7 @@ def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_ph
 
 def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):
     """``pseudo_label_dice=True`` (runs before 2026-11-26): one fused loss on the pseudo-labels, no separate Dice."""
-    m = _stage_module(stage0_ckpt, pseudo_label=True, pseudo_label_dice=True, pseudo_entropy_floor=0.5)
+    m = _distill_module(stage0_ckpt, pseudo_label=True, pseudo_label_dice=True, pseudo_entropy_floor=0.5)
     m.log = lambda *a, **k: None
     seen = _spy_loss_terms(m)
     batch = _stage_batch()
@@ -394,7 +409,7 @@ def test_pseudo_dice_weight_adds_a_dice_of_the_pseudo_labelled_classes(stage0_ck
     classes only, is its own term, leaving the weight of the stage classes' Dice unchanged."""
     from cfseg.continual.distill import pseudo_dice_labels
 
-    m = _stage_module(stage0_ckpt, pseudo_label=True, pseudo_dice_weight=0.5, pseudo_entropy_floor=0.5)
+    m = _distill_module(stage0_ckpt, pseudo_label=True, pseudo_dice_weight=0.5, pseudo_entropy_floor=0.5)
     logged = {}
     m.log = lambda name, value, **k: logged.__setitem__(name, float(value.detach()))
     seen = _spy_loss_terms(m)
@@ -411,12 +426,13 @@ def test_pseudo_dice_weight_adds_a_dice_of_the_pseudo_labelled_classes(stage0_ck
     assert 0 < pseudo.item() and seen["terms"]["pseudo_dice"].item() == pytest.approx(0.5 * pseudo.item(), rel=1e-5)
     assert logged["train/pseudo_dice"] == pytest.approx(seen["terms"]["pseudo_dice"].item())
     with pytest.raises(ValueError, match="set one of the two"):
-        _stage_module(stage0_ckpt, pseudo_dice_weight=1.0, pseudo_label_dice=True)
+        _distill_module(stage0_ckpt, pseudo_dice_weight=1.0, pseudo_label_dice=True)
     # the default resolves to 0.1, or 0 where pseudo_label_dice already puts the pseudo-labels in the Dice
-    assert _stage_module(stage0_ckpt).hparams.pseudo_dice_weight == 0.1
-    assert _stage_module(stage0_ckpt, pseudo_label_dice=True).hparams.pseudo_dice_weight == 0.0
+    assert _stage_module(stage0_ckpt).hparams.strategy["init_args"]["pseudo_dice_weight"] == 0.1
+    assert _distill_module(stage0_ckpt, pseudo_label_dice=True).hparams.strategy["init_args"]["pseudo_dice_weight"] \
+        == 0.0
     with pytest.raises(ValueError, match="pseudo_dice_weight must be"):
-        _stage_module(stage0_ckpt, pseudo_dice_weight=-1.0)
+        _distill_module(stage0_ckpt, pseudo_dice_weight=-1.0)
 
 
 def test_distill_new_voxels_false_leaves_the_new_class_voxels_out_of_the_distillation(stage0_ckpt):
@@ -426,15 +442,15 @@ def test_distill_new_voxels_false_leaves_the_new_class_voxels_out_of_the_distill
     new = batch["label"][:, 0] == 5
     grads, terms = {}, {}
     for setting in (True, False):
-        m = _stage_module(stage0_ckpt, distill_new_voxels=setting, pseudo_label=False, feat_weight=1.0)
+        m = _distill_module(stage0_ckpt, distill_new_voxels=setting, pseudo_label=False, feat_weight=1.0)
         m.log = lambda *a, **k: None
         with torch.no_grad():
-            t = m.teacher_outputs(batch["image"])
+            t = m.strategy.teacher_outputs(batch["image"])
             feats, ctx = m.net.encode(batch["image"])
         feats = (feats + 0.1 * torch.randn_like(feats)).requires_grad_()  # a student that differs from its teacher
-        logits = m._logits(feats, ctx)
+        logits = m.logits_from_features(feats, ctx)
         keep = None if setting else batch["label"][:, 0].long() <= m.n_old
-        terms[setting] = m.distillation_terms(batch["image"], logits, feats, t, keep=keep)
+        terms[setting] = m.strategy.distillation_terms(m, batch["image"], logits, feats, t, keep=keep)
         assert set(terms[setting]) == {"kd", "sim", "feat"}
         sum(terms[setting].values()).backward()
         grads[setting] = feats.grad.abs().sum(1)  # [B, *S]
@@ -442,18 +458,18 @@ def test_distill_new_voxels_false_leaves_the_new_class_voxels_out_of_the_distill
     assert grads[False][~new].sum() > 0
     assert all(terms[True][k].item() != pytest.approx(terms[False][k].item()) for k in terms[True])
     # in a training step the mask comes from the batch's labels (before pseudo-labelling)
-    m = _stage_module(stage0_ckpt, distill_new_voxels=False, pseudo_label=True, pseudo_entropy_floor=0.5)
+    m = _distill_module(stage0_ckpt, distill_new_voxels=False, pseudo_label=True, pseudo_entropy_floor=0.5)
     m.log = lambda *a, **k: None
-    seen, real = [], m.distillation_terms
+    seen, real = [], m.strategy.distillation_terms
 
-    def spy(x, logits, feats=None, teacher_out=None, acts=None, keep=None):
+    def spy(module, x, logits, feats=None, teacher_out=None, acts=None, keep=None):
         seen.append(keep)
-        return real(x, logits, feats, teacher_out, acts, keep)
+        return real(module, x, logits, feats, teacher_out, acts, keep)
 
-    m.distillation_terms = spy
+    m.strategy.distillation_terms = spy
     m.training_step(batch, 0)
     assert len(seen) == 1 and torch.equal(seen[0], ~new)
-    assert _stage_module(stage0_ckpt).hparams.distill_new_voxels is True
+    assert _stage_module(stage0_ckpt).hparams.strategy["init_args"]["distill_new_voxels"] is True
 
 
 def test_default_kd_ramp_in_a_fit_starts_at_zero_and_reaches_kd_weight_halfway(stage0_ckpt, tiny_phantoms, tmp_path):
@@ -472,35 +488,37 @@ def test_kd_ramp_raises_the_output_distillation_weight_linearly_over_the_stage(s
     ramp (here: the default ``kd_ramp_fraction`` outside a fit, which has no stage length) ``kd_weight`` throughout.
     ``kd_ramp_fraction``: the same over a fraction of the stage's steps."""
     batch = _stage_batch()
-    m = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_start=1.0, pseudo_label=False)
-    flat = _stage_module(stage0_ckpt, kd_weight=5.0, pseudo_label=False)
+    m = _distill_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_start=1.0, pseudo_label=False)
+    flat = _distill_module(stage0_ckpt, kd_weight=5.0, pseudo_label=False)
     flat.load_state_dict(m.state_dict())
     with torch.no_grad():
-        t = m.teacher_outputs(batch["image"])
+        t = m.strategy.teacher_outputs(batch["image"])
         feats, ctx = m.net.encode(batch["image"])
-        logits = m._logits(feats, ctx) + 0.5 * torch.randn(2, 7, 16, 16, 16)  # a student unlike its teacher
-    kd_full = flat.distillation_terms(batch["image"], logits, teacher_out=t)["kd"].item()
+        # a student unlike its teacher
+        logits = m.logits_from_features(feats, ctx) + 0.5 * torch.randn(2, 7, 16, 16, 16)
+    kd_full = flat.strategy.distillation_terms(flat, batch["image"], logits, teacher_out=t)["kd"].item()
     assert kd_full > 0
     for step, weight in ((0, 1.0), (50, 3.0), (100, 5.0), (400, 5.0)):
         # the trainer's step, without a trainer
         with mock.patch.object(CFSegModule, "global_step", new_callable=mock.PropertyMock, return_value=step):
-            assert m.kd_weight_now() == pytest.approx(weight)
-            kd = m.distillation_terms(batch["image"], logits, teacher_out=t)["kd"].item()
+            assert m.strategy.kd_weight_now(m) == pytest.approx(weight)
+            kd = m.strategy.distillation_terms(m, batch["image"], logits, teacher_out=t)["kd"].item()
         assert kd == pytest.approx(kd_full * weight / 5.0, rel=1e-5)
-    assert flat.kd_weight_now() == 5.0
+    assert flat.strategy.kd_weight_now(flat) == 5.0
     with pytest.raises(ValueError, match="kd_ramp_steps"):
-        _stage_module(stage0_ckpt, kd_ramp_steps=-1)
+        _distill_module(stage0_ckpt, kd_ramp_steps=-1)
     # kd_ramp_fraction: the same ramp over a fraction of the stage's steps, whatever the stage's length
     for total, step, weight in ((200, 50, 3.0), (200, 100, 5.0), (400, 100, 3.0), (400, 300, 5.0)):
-        frac = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_fraction=0.5, kd_ramp_start=1.0, pseudo_label=False)
+        frac = _distill_module(stage0_ckpt, kd_weight=5.0, kd_ramp_fraction=0.5, kd_ramp_start=1.0, pseudo_label=False)
         frac._trainer = mock.Mock(estimated_stepping_batches=total)  # a stage of `total` steps
         with mock.patch.object(CFSegModule, "global_step", new_callable=mock.PropertyMock, return_value=step):
-            assert frac.kd_ramp_length() == total // 2
-            assert frac.kd_weight_now() == pytest.approx(weight)
-    both = _stage_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_fraction=0.5)
+            assert frac.strategy.kd_ramp_length(frac) == total // 2
+            assert frac.strategy.kd_weight_now(frac) == pytest.approx(weight)
+    both = _distill_module(stage0_ckpt, kd_weight=5.0, kd_ramp_steps=100, kd_ramp_fraction=0.5)
     both._trainer = mock.Mock(estimated_stepping_batches=400)
-    assert both.kd_ramp_length() == 100  # kd_ramp_steps takes precedence
+    assert both.strategy.kd_ramp_length(both) == 100  # kd_ramp_steps takes precedence
     frac._trainer = None
-    assert frac.kd_ramp_length() == 0 and frac.kd_weight_now() == 5.0  # outside a fit: no stage length, no ramp
+    # outside a fit: no stage length, no ramp
+    assert frac.strategy.kd_ramp_length(frac) == 0 and frac.strategy.kd_weight_now(frac) == 5.0
     with pytest.raises(ValueError, match="kd_ramp_fraction"):
-        _stage_module(stage0_ckpt, kd_ramp_fraction=1.5)
+        _distill_module(stage0_ckpt, kd_ramp_fraction=1.5)

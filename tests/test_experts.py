@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.networks.nets import UNet
 from torch import nn
 
-from cfseg.cli import main as cli
+from cfseg.apps.cli import main as cli
 from cfseg.continual import experts
 from cfseg.evaluation import evaluate_datasets
 from cfseg.module import load_checkpoint
@@ -115,7 +115,7 @@ def ds(path, classes=None, **kw):
 def fit(tmp_path, datasets, *extra):
     return cli(["fit", "--config", str(CONFIG), f"--data.datasets={json.dumps(datasets)}",
                 f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
-                "--model.router_batches=8", *extra])
+                "--model.statistics.router_batches=8", *extra])
 
 
 @pytest.fixture(scope="module")

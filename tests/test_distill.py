@@ -1,4 +1,5 @@
-"""Tests for cfseg.continual.distill: output (MiB), similarity, feature, pseudo-label (PLOP) and Local POD."""
+"""Tests for cfseg.continual.distill (output (MiB), similarity, feature, pseudo-label (PLOP)) and
+cfseg.continual.pod (Local POD)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from cfseg.continual.distill import (
-    DEFAULT_POD_LAYERS,
-    capture_activations,
     entropy_histogram,
     feature_distillation,
-    local_pod,
     median_thresholds,
     mib_distillation,
     normalized_entropy,
     pseudo_dice_labels,
     pseudo_label,
-    resolve_layers,
     similarity_distillation,
 )
+from cfseg.continual.pod import DEFAULT_POD_LAYERS, capture_activations, local_pod, resolve_layers
 
 
 def np_logsumexp(v: np.ndarray) -> float:
@@ -361,12 +359,12 @@ def test_default_pod_layers_on_monai_unet_and_capture():
 
 @pytest.mark.parametrize("shape", [(2, 3, 8, 8, 8), (2, 3, 16, 8, 4), (1, 2, 8, 12)])
 def test_local_pod_fast_path_equals_per_scale_windows(shape):
-    from cfseg.continual import distill
+    from cfseg.continual import pod
 
     x = torch.randn(*shape, dtype=torch.float64)
-    fast = distill._pod_embeddings_nested(x, (1, 2, 4), True, 1e-8)
-    slow = [distill._pod_embedding(x, s, True, 1e-8) for s in (1, 2, 4)]
+    fast = pod._pod_embeddings_nested(x, (1, 2, 4), True, 1e-8)
+    slow = [pod._pod_embedding(x, s, True, 1e-8) for s in (1, 2, 4)]
     assert all(torch.allclose(a, b) for a, b in zip(fast, slow, strict=True))
     # a side not divisible by 4 takes the per-scale path (remainders dropped)
     odd = torch.randn(1, 2, 9, 8, 8, dtype=torch.float64)
-    assert distill._pod_all_scales(odd, (1, 2, 4), True, 1e-8)[2].shape == (1, 64, 2 * (2 + 2 + 2))
+    assert pod._pod_all_scales(odd, (1, 2, 4), True, 1e-8)[2].shape == (1, 64, 2 * (2 + 2 + 2))

@@ -50,7 +50,7 @@ def _build(kind: str, num_classes: int, cfg: dict[str, Any]):
     from cfseg.nets import PrototypeSegmenter, SoftmaxSegmenter, default_backbone
 
     if cfg["head_impl"] == "autograd":  # the same factorised maths through plain autograd, for comparison
-        cosine._cosine_head = cosine._cosine_head_autograd
+        cosine._cosine_head = cosine.cosine_head_autograd
 
     torch.manual_seed(cfg["seed"])  # the same backbone weights for both kinds
     if cfg["head_only"]:  # the head alone on random features (input gradient still computed)

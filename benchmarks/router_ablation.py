@@ -80,13 +80,13 @@ def stage_plan(protocol: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The protocol's split seed, base ``data`` settings and stages (``name``, labelled dataset entries)."""
     import yaml
 
-    from cfseg.continual.protocol import _stage_datasets, load_protocol
+    from cfseg.experiments.protocol import load_protocol, stage_datasets
 
     spec = load_protocol(protocol)
     base = yaml.safe_load(Path(spec["base_config"]).read_text()) or {}
     data = dict(base.get("data") or {})
     data["split_seed"] = spec.get("split_seed", 0)
-    stages = [{"name": st["name"], "datasets": _stage_datasets(st)} for st in spec["stages"]]
+    stages = [{"name": st["name"], "datasets": stage_datasets(st)} for st in spec["stages"]]
     return data, stages
 
 

@@ -80,7 +80,7 @@ def cfseg_fit(configs: list[str], steps: int, warmup: int, precision: str, max_c
     """Step wall and CPU times (s) of ``cfseg fit`` (data loading included) and the number of classes."""
     from lightning.pytorch.callbacks import Callback
 
-    from cfseg.cli import CFSegCLI
+    from cfseg.apps.cli import CFSegCLI
     from cfseg.data.datamodule import SegDataModule
     from cfseg.module import CFSegModule
 

@@ -12,6 +12,7 @@ def segment(image, checkpoint, classes=None, **kwargs):
 
     Returns a dict of nibabel images in the input's geometry (imported lazily so ``import cfseg`` stays light).
     """
+    # function-local: `import cfseg` stays free of torch, monai and lightning (seconds at start-up)
     from cfseg.segmentation import segment as _segment
 
     return _segment(image, checkpoint, classes, **kwargs)
@@ -22,6 +23,7 @@ def correct(image, masks, checkpoint, state, **kwargs):
 
     Returns ``(corrector, report)``; then ``cfseg.segment(..., online=state)`` fuses it with the checkpoint.
     """
+    # function-local: `import cfseg` stays free of torch, monai and lightning (seconds at start-up)
     from cfseg.correction import correct as _correct
 
     return _correct(image, masks, checkpoint, state, **kwargs)

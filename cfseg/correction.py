@@ -1,36 +1,25 @@
-"""``cfseg-correct``: teach the online corrector from one case whose masks a user corrected.
+"""Teaching the online corrector (:mod:`cfseg.online`) from one case whose masks a user corrected: :func:`correct`
+(exported as ``cfseg.correct``; the command line ``cfseg-correct`` is :mod:`cfseg.apps.correct`).
 
-    cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask corrected.nii.gz --labels labels.json
-    cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask liver.nii.gz spleen.nii.gz \\
-                  --classes liver spleen
-    cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask masks/        # a cfseg-segment -o
+The corrected masks come in one of three forms (:func:`read_correction`):
 
-The corrected masks come in one of three forms:
-
-* a label map with ``--labels labels.json`` (value -> class name, as ``cfseg-segment --multilabel`` writes it):
-  every class the JSON lists counts as corrected (absent from the map: the organ is not there);
-* per-class binary masks with ``--classes``, one name per file, in order;
+* a label map with a ``labels.json`` (value -> class name, as ``cfseg-segment --multilabel`` writes it): every
+  class the JSON lists counts as corrected (absent from the map: the organ is not there);
+* per-class binary masks with their class names, one name per file, in order;
 * a folder as ``cfseg-segment -o`` wrote it and the user edited: ``labels.nii.gz`` + ``labels.json``, or
   ``<class>.nii.gz`` per class.
 
-``--classes`` with a label map restricts learning to those classes. Every mask must have the image's shape and
+Class names given with a label map restrict learning to those classes. Every mask must have the image's shape and
 affine (a mask saved on another grid is refused, not resampled). The checkpoint's model segments the image
 (frozen, all its classes), the corrector fuses and scores its output against the correction, records the best
-fusion weight, learns from the crops and saves its state (:mod:`cfseg.online`) atomically into ``--state``.
-A missing or empty ``--state`` starts a new state (``--config settings.json`` sets :class:`~cfseg.online.
-OnlineConfig` then); a folder holding other files, a damaged state or one made for another checkpoint is
-refused. Any error leaves the state as it was. Then ``cfseg-segment --online DIR`` segments with the fused output.
-
-Output: one line per corrected class (Dice of the checkpoint and of the fused output against the correction,
-before learning from it; the fusion weight used and the best one) and the update's seconds. Exit codes: 0 done,
-2 an error (one line on stderr).
+fusion weight, learns from the crops and saves its state atomically. A missing or empty state folder starts a new
+state; a folder holding other files, a damaged state or one made for another checkpoint is refused. Any error
+leaves the state as it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +28,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from cfseg.segmentation import SegmentError, load_input, safe_name
+from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
+from cfseg.module import CFSegModule, load_checkpoint
+from cfseg.online import OnlineCorrector, OnlineStateError
+from cfseg.segmentation import SegmentError, load_input, modality_view, preprocess, safe_name
 
 AFFINE_TOLERANCE = 1e-3  # mm: two grids whose affines differ by less are the same grid
 
@@ -158,11 +150,6 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
     Raises:
         SegmentError: bad inputs or state (nothing is written then).
     """
-    from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
-    from cfseg.module import CFSegModule, load_checkpoint
-    from cfseg.online import OnlineCorrector, OnlineStateError
-    from cfseg.segmentation import _preprocess, modality_view
-
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     try:
         corrector = OnlineCorrector.open(state, module, config)
@@ -175,66 +162,10 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
     except ModalityError as e:
         raise SegmentError(f"{where}: {e}") from None
     ks = sorted(corrected)
-    work = _preprocess(img, preprocessing_for(module, chosen), np.stack([corrected[k] for k in ks]))
+    work = preprocess(img, preprocessing_for(module, chosen), np.stack([corrected[k] for k in ks]))
     idx = list(range(1, len(module.bank.names)))
     out = predict_volume(module, work["image"], idx, device=device)
     on_grid = {k: torch.as_tensor(work["masks"][i]).bool() for i, k in enumerate(ks)}
     report = corrector.update(work["image"], out["probs"], idx, on_grid)
     corrector.save(state)
     return corrector, report
-
-
-def format_report(report) -> list[str]:
-    lines = []
-    for name in report.dice_frozen:
-        best = report.best_alpha.get(name)
-        lines.append(f"  {name}: Dice checkpoint {report.dice_frozen[name]:.3f}, fused {report.dice_fused[name]:.3f} "
-                     f"(weight used {report.alpha_used[name]:.2f}"
-                     + (f", best {best:.2f})" if best is not None else "; no crop: the checkpoint found nothing)"))
-    loss = "" if report.loss is None else f", loss {report.loss:.3f}"
-    lines.append(f"  update {report.seconds:.2f} s, buffer {report.buffer} crops{loss}")
-    return lines
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cfseg-correct``; returns the exit code (0 done, 2 error)."""
-    from cfseg.segmentation import _Parser
-
-    p = _Parser(prog="cfseg-correct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt", type=Path, required=True, help="cfseg checkpoint (the frozen model)")
-    p.add_argument("--state", type=Path, required=True, help="online state directory (missing or empty: new)")
-    p.add_argument("--image", type=Path, required=True, help="the case's image (NIfTI)")
-    p.add_argument("--mask", type=Path, nargs="+", required=True,
-                   help="corrected label map, per-class masks (with --classes) or a cfseg-segment output folder")
-    p.add_argument("--labels", type=Path, default=None, help="labels.json of a label-map mask (value -> class)")
-    p.add_argument("--classes", nargs="+", default=None, help="class of each mask file, or the classes to learn")
-    p.add_argument("--modality", default=None, choices=["ct", "mri"])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--config", type=Path, default=None, help="JSON of online settings for a new state")
-    a = p.parse_args(argv)
-    from cfseg.module import load_checkpoint
-
-    try:
-        module = load_checkpoint(str(a.ckpt))
-    except Exception as e:  # any failure to load is the checkpoint's problem, reported in one line
-        print(f"cfseg-correct: error: {a.ckpt}: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    try:
-        config = json.loads(a.config.read_text()) if a.config is not None else None
-    except (OSError, ValueError) as e:
-        print(f"cfseg-correct: error: {a.config}: {e}", file=sys.stderr)
-        return 2
-    try:
-        corrector, report = correct(a.image, a.mask, module, a.state, a.labels, a.classes, a.modality, a.device,
-                                    config)
-    except (SegmentError, ValueError, OSError) as e:
-        print(f"cfseg-correct: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print(f"{a.image}: learnt from the correction ({corrector.n_updates} corrected cases in {a.state})")
-    for line in format_report(report):
-        print(line)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

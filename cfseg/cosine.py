@@ -14,7 +14,7 @@ the ``D``-channel embedding map ``W z`` is never built at full resolution. Inste
 so the per-voxel cost is ``F * (K + 1 + F)`` multiply-adds. A hand-written backward (``_CosineHead``) keeps
 only the head's input ``z`` and ``||W z||^2`` (one channel) for backward and works in place where it can, so
 the head costs about what a conventional ``1x1x1`` convolution ``F -> K+1`` costs in time and memory (see
-``benchmarks/README.md``). ``_cosine_head_autograd`` is the same maths through plain autograd, kept as a
+``benchmarks/README.md``). ``cosine_head_autograd`` is the same maths through plain autograd, kept as a
 reference for tests and benchmarks (swap ``cfseg.cosine._cosine_head`` to use it).
 """
 
@@ -65,7 +65,7 @@ def _left_matmul(m: Tensor, x: Tensor, out: Tensor | None = None) -> Tensor:
 _CHUNK_BYTES = 1 << 20  # the forward's per-chunk scratch: small enough to stay in a core's cache
 
 
-def _chunk_voxels(rows: int, n: int) -> int:
+def chunk_voxels(rows: int, n: int) -> int:
     """Voxels per forward chunk: ``rows`` float32 rows of scratch in about ``_CHUNK_BYTES`` (at least 1024)."""
     return max(1024, min(n, _CHUNK_BYTES // (4 * rows)))
 
@@ -97,7 +97,7 @@ class _CosineHead(torch.autograd.Function):
         k = a.shape[0]
         out = torch.empty(bsz, k, n, dtype=z.dtype, device=z.device)
         sq = torch.empty(bsz, 1, n, dtype=cd, device=z.device)  # ||W z||^2
-        step = _chunk_voxels(k + f, n)
+        step = chunk_voxels(k + f, n)
         buf = torch.empty(k + f, step, dtype=cd, device=z.device)  # one chunk's [A z; G z]
         for i in range(bsz):
             for s in range(0, n, step):
@@ -162,12 +162,13 @@ class _CosineHead(torch.autograd.Function):
         return grad_z, grad_a, grad_gram, None
 
 
-def _cosine_head_fused(z: Tensor, a: Tensor, gram: Tensor, eps: float) -> Tensor:
+def cosine_head_fused(z: Tensor, a: Tensor, gram: Tensor, eps: float) -> Tensor:
+    """``A @ (z / ||z||_G)`` through :class:`_CosineHead` (its own backward), autocast off."""
     with torch.autocast(device_type=z.device.type, enabled=False):
         return _CosineHead.apply(z, a, gram, eps)
 
 
-def _cosine_head_autograd(z: Tensor, a: Tensor, gram: Tensor, eps: float) -> Tensor:
+def cosine_head_autograd(z: Tensor, a: Tensor, gram: Tensor, eps: float) -> Tensor:
     """Same maths as :class:`_CosineHead` with plain autograd (reference for tests and benchmarks)."""
     with torch.autocast(device_type=z.device.type, enabled=False):
         zf = z.float() if z.dtype in _HALF else z
@@ -177,7 +178,7 @@ def _cosine_head_autograd(z: Tensor, a: Tensor, gram: Tensor, eps: float) -> Ten
 
 
 # The implementation used by cosine_logits / cosine_similarity_maps (benchmarks may swap in the reference).
-_cosine_head = _cosine_head_fused
+_cosine_head = cosine_head_fused
 
 
 def _factorised(features: Tensor, weight: Tensor, prototypes: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from cfseg import cosine
-from cfseg.continual.experts import _CONVS, lora_layers
-from cfseg.heads import PrototypeHead, _foreground
+from cfseg.continual.experts import lora_layers
+from cfseg.heads import PrototypeHead, foreground_indices
+from cfseg.nets import CONV_TYPES
 
 __all__ = ["MAX_CONDITION", "FoldedHead", "fold", "folded_predictor", "output_layer"]
 
@@ -45,7 +46,7 @@ def output_layer(backbone: nn.Module, x: Tensor) -> tuple[str, Tensor]:
     last: list[Any] = ["", None]  # the convolution that ran last and its output (held, so identity is meaningful)
     handles = []
     for name, m in backbone.named_modules():
-        if isinstance(m, _CONVS):
+        if isinstance(m, CONV_TYPES):
             handles.append(m.register_forward_hook(
                 lambda _m, _i, out, name=name: last.__setitem__(slice(None), [name, out])))
     try:
@@ -82,7 +83,7 @@ def normalised_logits(y: Tensor, b: Tensor, eps: float) -> Tensor:
     cd = torch.float32 if y.dtype in (torch.float16, torch.bfloat16) else y.dtype
     bc = b.to(device=y.device, dtype=cd)
     out = torch.empty(bsz, k, n, dtype=y.dtype, device=y.device)
-    step = cosine._chunk_voxels(k + f, n)  # the cosine head's chunking: about 1 MiB of scratch
+    step = cosine.chunk_voxels(k + f, n)  # the cosine head's chunking: about 1 MiB of scratch
     sq = torch.empty(f, step, dtype=cd, device=y.device)
     num = torch.empty(k, step, dtype=cd, device=y.device)
     for i in range(bsz):
@@ -148,11 +149,11 @@ def folded_predictor(net: nn.Module, class_indices: Sequence[int] | None,
     known = getattr(backbone, _ATTR, None)
     if known == "":
         return None
-    if known is not None and not isinstance(backbone.get_submodule(known), _CONVS):  # the layer was replaced
+    if known is not None and not isinstance(backbone.get_submodule(known), CONV_TYPES):  # the layer was replaced
         delattr(backbone, _ATTR)
     prototypes = context["prototypes"]
     if class_indices is not None:
-        prototypes = prototypes[[0, *_foreground(class_indices, prototypes.shape[0], "the prototype bank")]]
+        prototypes = prototypes[[0, *foreground_indices(class_indices, prototypes.shape[0], "the prototype bank")]]
     tau = head.temperature.detach()
     a = prototypes.to(device=head.weight.device, dtype=head.weight.dtype) @ head.weight.detach() / tau
     state: dict[str, FoldedHead | None] = {}

@@ -130,7 +130,7 @@ def bottleneck_channels(backbone: nn.Module, pattern: str = DEFAULT_BOTTLENECK_L
     return int(convs[-1].out_channels)
 
 
-def _foreground(class_indices: Sequence[int] | None, n_classes: int, what: str) -> list[int]:
+def foreground_indices(class_indices: Sequence[int] | None, n_classes: int, what: str) -> list[int]:
     """Global foreground indices (0 dropped; all of ``1..n_classes-1`` when None), checked against ``n_classes``."""
     if class_indices is None:
         return list(range(1, n_classes))
@@ -389,7 +389,7 @@ class PrototypeHead(ProjectionHead, SoftmaxOutputHead):
             raise ValueError("the prototype head needs the bank's prototypes (context prototypes=[K+1, D])")
         self.check_prototypes(prototypes)
         if class_indices is not None:
-            prototypes = prototypes[[0, *_foreground(class_indices, prototypes.shape[0], "the prototype bank")]]
+            prototypes = prototypes[[0, *foreground_indices(class_indices, prototypes.shape[0], "the prototype bank")]]
         return cosine_logits(features, self.weight if weight is None else weight, prototypes, self.temperature,
                              self.eps)
 
@@ -442,7 +442,7 @@ class SoftmaxHead(SoftmaxOutputHead):
         out = self.classifier(features)
         if class_indices is None:
             return out
-        return out[:, [0, *_foreground(class_indices, self.num_classes, "the softmax classifier")]]
+        return out[:, [0, *foreground_indices(class_indices, self.num_classes, "the softmax classifier")]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,7 +590,7 @@ class DoDNetHead(DynamicHead):
     def logits(self, features: Tensor, class_indices: Sequence[int] | None = None, **context: Any) -> Tensor:
         """Logits ``[B, K'+1, *S]`` from pre-classification features ``[B, head_channels, *S]``: the constant
         background channel, then one dynamic head per class."""
-        ks = _foreground(class_indices, self.num_classes,
+        ks = foreground_indices(class_indices, self.num_classes,
                          "DoDNet's one-hot code (it cannot take new classes without growing it)")
         pooled = self.pooled(context, features.shape[0], features.dtype)
         return self._with_background(dynamic_convs(features, self.generate(pooled, ks), self.widths))
@@ -653,7 +653,7 @@ class UniversalHead(DynamicHead):
         if text_embeddings.dim() != 2 or text_embeddings.shape[1] != self.text_dim:
             raise ValueError(f"text embeddings must be [K+1, {self.text_dim}], got {tuple(text_embeddings.shape)}; "
                              "was the bank built with another text encoder?")
-        ks = _foreground(class_indices, text_embeddings.shape[0], "the bank")
+        ks = foreground_indices(class_indices, text_embeddings.shape[0], "the bank")
         pooled = self.pooled(context, features.shape[0], features.dtype)
         params = self.generate(pooled, text_embeddings[ks].to(features.device))
         return self._with_background(dynamic_convs(features, params, self.widths))

@@ -21,15 +21,11 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cfseg.cosine import (  # noqa: F401  (re-exported; private names for tests and benchmarks)
-    _cosine_head_autograd,
-    _cosine_head_fused,
-    cosine_logits,
-    cosine_similarity_maps,
-)
+from cfseg.cosine import cosine_logits, cosine_similarity_maps
 from cfseg.heads import Head, ProjectionHead, PrototypeHead, SoftmaxHead, deepest_layer
 
 __all__ = [
+    "CONV_TYPES",
     "cosine_logits",
     "cosine_similarity_maps",
     "ProjectionHead",
@@ -39,6 +35,9 @@ __all__ = [
     "default_backbone",
     "segmenter",
 ]
+
+#: every torch convolution: the layers LoRA experts wrap and a folded output layer may be
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class Segmenter(nn.Module):

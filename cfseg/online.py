@@ -59,6 +59,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cfseg.builder import build_network
+
 STATE_FORMAT = "cfseg-online/1"
 STATE_FILE = "state.json"
 _LOGIT_EPS = 1e-6
@@ -335,8 +337,6 @@ class OnlineCorrector:
 
     def __init__(self, module, config: OnlineConfig | Mapping[str, Any] | None = None,
                  trusted_modules: Sequence[str] | None = None):
-        from cfseg.builder import build_network
-
         self.module = module.eval()
         for p in self.module.parameters():
             p.requires_grad_(False)

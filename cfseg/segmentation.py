@@ -1,63 +1,30 @@
-"""``cfseg-segment``: masks for your own NIfTI files, in their own geometry.
+"""Segmenting NIfTI images with a cfseg checkpoint: :func:`segment` (exported as ``cfseg.segment``), the checks of
+an input file and the writing of the outputs. The command line ``cfseg-segment`` is :mod:`cfseg.apps.segment`.
 
-    cfseg-segment -i ct.nii.gz -o masks/ --ckpt model.ckpt [--classes liver spleen] [--multilabel]
-                  [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--modality ct|mri]
-                  [--max-voxels N] [--expert N] [--online DIR] [--list-classes]
+The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding windows
+over background plus the requested classes in one forward pass, and the result is resampled back onto the input's
+own voxel grid: every output has the input's shape and affine, whatever its orientation. The modality is read off
+the image or chosen by the checkpoint's modality router (:func:`cfseg.inference.choose_modality`); a checkpoint
+with LoRA experts segments each class with the expert of the stage that trained it; an online corrector
+(:mod:`cfseg.online`) may be fused with the checkpoint's output.
 
-The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding
-windows over background plus the requested classes in one forward pass, and the result is resampled back onto
-the input's own voxel grid: every output has the input's shape and affine, whatever its orientation.
+Inputs are checked before any voxel is read (:func:`load_input`: finite invertible affine, spacing in range, at
+most ``max_voxels`` voxels, :mod:`cfseg.geometry`) and after (readable in full, finite, not constant or
+near-empty); a problem is a :class:`SegmentError` naming the file.
 
-Modality: without ``--modality`` it is read off the image (CT: air at about -1000 Hounsfield units; MRI:
-non-negative arbitrary units) and printed (``case.nii.gz: modality ct (detected: ...)``). An image that looks
-like a modality the checkpoint was not trained on, or that fits neither rule, is refused; ``--modality`` forces
-one (with a warning when the image looks otherwise). A checkpoint with a modality router over two or more
-modalities (``strategy: experts``) answers instead, from the image's modality-neutral view, and says whether the
-intensity rule agrees; where they disagree the image is refused with both answers
-(:func:`cfseg.inference.choose_modality`).
-
-Experts: a checkpoint trained with LoRA experts (``strategy: experts``) segments each class with the expert of the
-stage that trained it (expert 0: the shared network), the volume's domain picked by the checkpoint's router when
-its experts cover several domains; each case prints which experts ran (``case.nii.gz: routed to expert 2 (domains
-mri); experts used: 0 (liver, spleen), 2 (stomach)``). ``--expert N`` makes expert ``N`` segment every class (no
-routing); ``N`` must be one of the checkpoint's experts, ``0..n-1`` (only 0 without experts). Checkpoints without
-experts print nothing about them.
-
-Online corrector: ``--online DIR`` fuses the checkpoint's output with the auxiliary network that ``cfseg-correct
---state DIR`` trained from corrected cases (:mod:`cfseg.online`); each case prints the fusion weight per class
-(1: the checkpoint alone).
-
-Output layout: for one input file, ``-o/<class>.nii.gz`` (or ``labels.nii.gz`` + ``labels.json``,
-``similarity_<class>.nii.gz``); each file is replaced atomically and the files the previous single-file run
-wrote into ``-o`` but this one does not (e.g. a class no longer requested) are removed (they are listed in
-``-o/.cfseg-segment.json``). For a folder, ``-o/<case>/...`` per input, ``<case>`` being the file name without
-``.nii``/``.nii.gz`` and ``_0000`` (characters other than letters, digits, ``_ . -`` become ``_``, leading dots
-are dropped, so it stays inside ``-o``; inputs whose case names would coincide keep their full file name,
-``a.nii`` -> ``a_nii``). A case directory is written in a temporary directory inside ``-o`` and swapped in
-whole, so it never mixes two runs' files. A lock (``-o/.cfseg-segment.lock``) stops a second run writing into
-the same ``-o`` at the same time.
-
-Sanity limits, checked on the header before any voxel is read: finite, invertible affine; voxel spacing in
-(0.001, 100) mm; at most ``--max-voxels`` voxels (default 2**28 = 512 x 512 x 1024) in the input and in the
-grid it is resampled to. Constant or near-empty images are refused.
-
-Errors: one line ``cfseg-segment: error: <file>: <problem>`` on stderr, never a traceback. Exit codes: 0 all
-done; 1 a folder run in which some cases failed (the others are written; the failed ones are listed at the
-end); 2 a usage error, a bad checkpoint or output folder, or a failed single-file run (nothing is written).
-
-The Python API is :func:`segment`, also exported as ``cfseg.segment`` (hence this module is not named
-``segment.py``: the package attribute is the function).
+Outputs: :func:`write_flat` writes one input's files directly into a folder (each replaced atomically; the files an
+earlier run wrote there but this one does not are removed, as listed in ``.cfseg-segment.json``);
+:func:`write_case_dir` writes ``<out>/<case>/`` in a temporary directory and swaps it in whole; :class:`OutputLock`
+keeps a second writer out of the same folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import uuid
 import warnings
@@ -69,7 +36,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, EnsureTyped, Orientationd, Spacingd
 
+from cfseg.data.transforms import Preprocessing, intensity_transform
 from cfseg.geometry import (
     DEFAULT_MAX_VOXELS,
     GeometryError,
@@ -81,6 +51,9 @@ from cfseg.geometry import (
     resampled_shape,
     to_input_grid,
 )
+from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
+from cfseg.module import CFSegModule, load_checkpoint
+from cfseg.online import OnlineCorrector, OnlineStateError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LOCK_NAME = ".cfseg-segment.lock"
@@ -94,7 +67,8 @@ class SegmentError(ValueError):
     """A user error: bad input file, unknown class, bad box. The message says what and where."""
 
 
-def _isnifti_image(path: Path) -> bool:
+def is_nifti_name(path: Path) -> bool:
+    """Whether ``path`` is named like a NIfTI file (``.nii`` or ``.nii.gz``)."""
     return path.name.endswith(NIFTI_SUFFIXES)
 
 
@@ -148,13 +122,14 @@ def check_path(path: Path) -> None:
         raise SegmentError(f"{path}: file not found")
     if not path.is_file():
         raise SegmentError(f"{path}: not a regular file")
-    if not _isnifti_image(path):
+    if not is_nifti_name(path):
         raise SegmentError(f"{path}: not a NIfTI file (expected .nii or .nii.gz)")
     if path.stat().st_size == 0:
         raise SegmentError(f"{path}: empty file (0 bytes)")
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """``e`` as one line (its type named unless it is a ValueError or OSError, whose messages say what)."""
     text = " ".join(str(e).split()) or repr(e)
     return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
@@ -182,7 +157,7 @@ def load_input(image: str | Path | nib.Nifti1Image,
         try:
             img = nib.load(str(path))
         except Exception as e:  # nibabel raises several types
-            raise SegmentError(f"{path}: not a readable NIfTI file ({_one_line(e)})") from e
+            raise SegmentError(f"{path}: not a readable NIfTI file ({one_line(e)})") from e
     shape = tuple(int(s) for s in img.shape)
     if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
         raise SegmentError(f"{where}: expected a 3D image, got shape {shape}")
@@ -194,7 +169,7 @@ def load_input(image: str | Path | nib.Nifti1Image,
     try:
         data = np.asarray(img.dataobj[..., 0] if len(shape) == 4 else img.dataobj, dtype=np.float32)
     except Exception as e:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
-        raise SegmentError(f"{where}: the image data cannot be read ({_one_line(e)}; truncated or corrupt "
+        raise SegmentError(f"{where}: the image data cannot be read ({one_line(e)}; truncated or corrupt "
                            f"file?)") from e
     finite = np.isfinite(data)
     if not finite.all():
@@ -274,8 +249,6 @@ def open_online(online: str | Path | Any | None, module) -> Any:
     """
     if online is None:
         return None
-    from cfseg.online import OnlineCorrector, OnlineStateError
-
     if isinstance(online, OnlineCorrector):
         if online.module is not module:
             raise SegmentError("the online corrector was made for another loaded model than the one segmenting")
@@ -345,10 +318,6 @@ def segment(
     Returns:
         name -> image: ``<class>`` masks (uint8 0/1) or ``"labels"``; ``similarity_<class>`` when asked.
     """
-    from cfseg.data.transforms import Preprocessing
-    from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
-    from cfseg.module import CFSegModule, load_checkpoint
-
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     idx = resolve_classes(module, classes)
     check_expert(module, expert)
@@ -378,7 +347,7 @@ def segment(
         check_size(grid, max_voxels, f"resampled to {'x'.join(f'{s:g}' for s in pre.spacing)} mm, the image")
     except GeometryError as e:
         raise SegmentError(f"{where}: {e}") from None
-    work = _preprocess(img, pre)
+    work = preprocess(img, pre)
     src_affine = work["image"].affine.numpy()
     # probabilities only where they are used: resampling onto a grid that does not align, or online fusion
     need_probs = corrector is not None or not grids_align(src_affine, img.affine)
@@ -437,22 +406,15 @@ def modality_view(module, img: nib.Nifti1Image, modality: str | None = None) -> 
     """The image in the modality router's neutral view [1, C, *S], or None where the router is not asked: a given
     ``modality``, a checkpoint without LoRA experts (strategy ``experts``) or without a modality router, or of one
     modality."""
-    from cfseg.data.transforms import Preprocessing
-
     router = module.modality_router
     if modality is not None or router is None or module.n_experts < 2 or len(module.preprocessing or {}) < 2:
         return None
-    return _preprocess(img, Preprocessing.from_dict(router.view))["image"][None]
+    return preprocess(img, Preprocessing.from_dict(router.view))["image"][None]
 
 
-def _preprocess(img: nib.Nifti1Image, pre, masks: np.ndarray | None = None) -> dict[str, Any]:
+def preprocess(img: nib.Nifti1Image, pre: Preprocessing, masks: np.ndarray | None = None) -> dict[str, Any]:
     """Run the checkpoint's deterministic preprocessing on an in-memory image; ``masks`` [M, *S] (on the image's
     grid) go along as ``"masks"``, resampled nearest-neighbour onto the network grid."""
-    from monai.data import MetaTensor
-    from monai.transforms import Compose, EnsureTyped, Orientationd, Spacingd
-
-    from cfseg.data.transforms import intensity_transform
-
     affine = torch.as_tensor(img.affine, dtype=torch.float64)
     data = {"image": MetaTensor(torch.as_tensor(np.asarray(img.dataobj, dtype=np.float32))[None], affine=affine)}
     keys = ["image"]
@@ -472,14 +434,6 @@ def labels_json(module, classes: Sequence[str] | None) -> dict[str, str]:
     """value -> class name for a ``--multilabel`` output."""
     idx = resolve_classes(module, classes)
     return {"0": "background", **{str(k): module.bank.names[k] for k in idx}}
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a usage error in one line (exit 2), like every other error."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"{self.prog}: error: {' '.join(message.split())} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 class OutputLock:
@@ -525,6 +479,13 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(out: Path) -> None:
+    """Remove the temporary and replaced case folders a killed run left in ``out`` (call it holding the lock)."""
+    for leftover in out.iterdir():
+        if leftover.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+            _remove(leftover)
 
 
 def _fresh_dir(parent: Path) -> Path:
@@ -599,144 +560,3 @@ def write_flat(out: Path, source: Path, images: dict[str, nib.Nifti1Image], labe
         _write_json(manifest, {"input": str(source), "files": new})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fail(message: str) -> int:
-    print(f"cfseg-segment: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _where(path: Path, e: BaseException) -> str:
-    text = _one_line(e)
-    return text if text.startswith(str(path)) else f"{path}: {text}"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``cfseg-segment``; returns the exit code (0 done, 1 some cases of a folder failed, 2 error)."""
-    p = _Parser(prog="cfseg-segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--input", type=Path, help="NIfTI file or folder of NIfTI files")
-    p.add_argument("-o", "--output", type=Path, help="output folder")
-    p.add_argument("--ckpt", type=Path, required=True, help="cfseg checkpoint")
-    p.add_argument("--classes", nargs="+", default=None, help="classes to segment (default: all)")
-    p.add_argument("--multilabel", action="store_true", help="one label file + labels.json")
-    p.add_argument("--similarity", action="store_true", help="also write similarity maps (float NIfTI)")
-    p.add_argument("--box", type=int, nargs=6, metavar=("X0", "Y0", "Z0", "X1", "Y1", "Z1"), default=None)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--modality", default=None, choices=["ct", "mri"],
-                   help="force the modality (default: detected from the image)")
-    p.add_argument("--max-voxels", type=int, default=DEFAULT_MAX_VOXELS,
-                   help=f"largest input and resampled grid, in voxels (default {DEFAULT_MAX_VOXELS} = 2**28)")
-    p.add_argument("--expert", type=int, default=None, metavar="N",
-                   help="LoRA-experts checkpoints: expert N (0: the shared network) segments every class (default: "
-                        "each class by the expert of the stage that trained it, routed by the volume's domain)")
-    p.add_argument("--online", type=Path, default=None, metavar="DIR",
-                   help="fuse the checkpoint's output with the online corrector in DIR (what cfseg-correct --state "
-                        "DIR learnt from corrected cases)")
-    p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
-    a = p.parse_args(argv)
-    from cfseg.module import load_checkpoint
-
-    if a.ckpt.is_dir():
-        return _fail(f"{a.ckpt}: is a folder, not a checkpoint file")
-    if a.ckpt.is_file() and a.ckpt.stat().st_size == 0:
-        return _fail(f"{a.ckpt}: empty file (0 bytes), not a checkpoint")
-    try:
-        module = load_checkpoint(str(a.ckpt))
-    except Exception as e:  # any failure to load is the checkpoint's problem, reported in one line
-        return _fail(_where(a.ckpt, e))
-    if a.list_classes:
-        for name in module.bank.classes:
-            print(name)
-        return 0
-    if a.input is None or a.output is None:
-        p.error("-i and -o are required unless --list-classes")
-    if a.max_voxels <= 0:
-        p.error(f"--max-voxels must be positive, got {a.max_voxels}")
-    try:
-        resolve_classes(module, a.classes)  # unknown names fail before any work
-        check_expert(module, a.expert)
-    except ValueError as e:
-        return _fail(_where(a.ckpt, e))
-    try:
-        online = open_online(a.online, module)  # loaded once for every case; a bad state fails before any work
-    except SegmentError as e:
-        return _fail(str(e))
-    if a.device == "cuda" and not torch.cuda.is_available():
-        return _fail("--device cuda: no CUDA device is available here")
-    folder = a.input.is_dir() and not _isnifti_image(a.input)
-    try:
-        if folder:
-            files = sorted(f for f in a.input.iterdir() if _isnifti_image(f))
-            if not files:
-                raise SegmentError(f"{a.input}: no .nii/.nii.gz files in this folder")
-            cases = case_names(files)
-        else:
-            files, cases = [a.input], {}
-            check_path(a.input)
-    except SegmentError as e:
-        return _fail(str(e))
-    out: Path = a.output
-    if out.exists() and not out.is_dir():
-        return _fail(f"{out}: exists and is not a folder (choose another -o)")
-    created = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        return _fail(f"{out}: cannot create the output folder ({e.strerror or e})")
-    failures: list[str] = []
-    done = 0
-    try:
-        with OutputLock(out):
-            for leftover in out.iterdir():  # temp/old dirs of a run that was killed (we hold the lock)
-                if leftover.name.startswith((TMP_PREFIX, OLD_PREFIX)):
-                    _remove(leftover)
-            done, failures = _run(a, module, online, files, cases, out, folder)
-    except BlockingIOError:
-        return _fail(f"{out}: another cfseg-segment run is writing into this folder ({LOCK_NAME}); wait for it "
-                     f"or choose another -o")
-    except OSError as e:
-        return _fail(f"{out}: cannot write into the output folder ({e.strerror or e})")
-    finally:
-        if created and done == 0:
-            try:
-                out.rmdir()
-            except OSError:
-                pass
-    for msg in failures:
-        print(f"cfseg-segment: error: {msg}", file=sys.stderr)
-    if failures and folder:
-        print(f"cfseg-segment: {len(failures)} of {len(files)} cases failed; the other {done} are in {out}",
-              file=sys.stderr)
-        return 1
-    return 2 if failures else 0
-
-
-def _run(a, module, online, files: list[Path], cases: dict[Path, str], out: Path,
-         folder: bool) -> tuple[int, list[str]]:
-    """Segment every file, writing each case as soon as it is done. Returns (cases written, failure messages)."""
-    from tqdm import tqdm
-
-    def notify(level: str, message: str) -> None:
-        if level == "warning":
-            tqdm.write(f"cfseg-segment: warning: {message}", file=sys.stderr)
-        else:
-            tqdm.write(message, file=sys.stdout)
-
-    labels = labels_json(module, a.classes) if a.multilabel else None
-    done, failures = 0, []
-    for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
-        try:
-            images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
-                             max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online)
-            if folder:
-                write_case_dir(out, cases[f], images, labels)
-            else:
-                write_flat(out, f, images, labels)
-            done += 1
-        except Exception as e:  # one case's failure is reported in one line; the others go on
-            failures.append(_where(f, e))
-    return done, failures
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -107,7 +107,7 @@ def boxes(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def box_model(boxes, tmp_path_factory) -> Path:
     """A tiny model trained 40 steps on :func:`make_boxes` (validation Dice about 0.2-0.5 per class)."""
-    from cfseg.cli import main as cli
+    from cfseg.apps.cli import main as cli
 
     tmp = tmp_path_factory.mktemp("box_model")
     config = Path(__file__).parent / "configs" / "tiny.yaml"

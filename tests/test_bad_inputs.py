@@ -22,7 +22,7 @@ Checkpoint loading side:
     ``pwned`` file or folder appears).
 Folder runs:
     good cases are written, failed ones listed at the end (one line each plus a count), exit code 1.
-cfseg fit and incremental stages (``cfseg.cli.run``: exit 2, one line ``cfseg: error: ...``):
+cfseg fit and incremental stages (``cfseg.apps.cli.run``: exit 2, one line ``cfseg: error: ...``):
     ``--ckpt_path`` of a checkpoint with another vocabulary or of a file that is no checkpoint; a previous
     checkpoint naming code as its backbone (nothing created); a stage whose CT preprocessing differs from the
     one the checkpoint learnt; ``new_classes`` that differ from the classes the data add.
@@ -57,14 +57,14 @@ import pytest
 import torch
 from conftest import make_nnunet, write_nifti
 
-from cfseg.cli import run as cli_run
-from cfseg.data import summary
+from cfseg.apps import data_summary
+from cfseg.apps.cli import run as cli_run
+from cfseg.apps.segment import main as segment_main
 from cfseg.data.datamodule import CheckedCacheDataset, DatasetConfig, SegDataModule
 from cfseg.data.formats import DatasetError
 from cfseg.data.transforms import Preprocessing
 from cfseg.module import CFSegModule
 from cfseg.segmentation import OutputLock
-from cfseg.segmentation import main as segment_main
 
 BACKBONE = {"class_path": "monai.networks.nets.UNet",
             "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 8, "channels": [8, 16],
@@ -538,7 +538,7 @@ def test_training_path_raises_one_line_naming_the_file(tmp_path, kind):
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_summary_check_reports_it(tmp_path, kind, capsys):
     root, path, pattern = _broken(tmp_path, kind)
-    assert summary.main([str(root), "--check"]) == 2
+    assert data_summary.main([str(root), "--check"]) == 2
     lines = capsys.readouterr().out.strip().splitlines()
     hits = [line for line in lines if line.startswith(f"{path}: ")]
     assert hits, (path, lines)
@@ -547,7 +547,7 @@ def test_summary_check_reports_it(tmp_path, kind, capsys):
 
 def test_summary_check_reports_every_problem_and_passes_clean_data(tmp_path, capsys):
     root = make_nnunet(tmp_path / "Dataset002_many", {"liver": 1, "spleen": 2}, n_cases=5, shape=SHAPE)
-    assert summary.main([str(root), "--check"]) == 0
+    assert data_summary.main([str(root), "--check"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("OK: 1 dataset(s), 5 cases, 10 files")
     # header-only checks (the plain summary) do not see voxel problems; --check sees all of them
@@ -557,7 +557,7 @@ def test_summary_check_reports_every_problem_and_passes_clean_data(tmp_path, cap
     _label(root, "case4").unlink()
     (root / "partial_labels.json").write_text(json.dumps({c: ["liver"] for c in ("case0", "case1", "case2", "case3")}
                                                          | {"case4": ["stomach"]}))
-    assert summary.main([str(root), "--check"]) == 2
+    assert data_summary.main([str(root), "--check"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 4, out  # case4's partial label line is not reported: the case is already left out
     for case, what in [("labelsTr/case0.nii.gz", "label values [9]"), ("imagesTr/case2_0000.nii.gz", "truncated"),
@@ -568,7 +568,7 @@ def test_summary_check_reports_every_problem_and_passes_clean_data(tmp_path, cap
 def test_plain_summary_is_header_only(tmp_path, capsys):
     root = make_nnunet(tmp_path / "Dataset003_voxels", {"liver": 1}, n_cases=3, shape=SHAPE)
     _edit(_image(root), _set_voxel(np.nan))
-    assert summary.main([str(root)]) == 0  # the voxel problem is --check's (and training's) business
+    assert data_summary.main([str(root)]) == 0  # the voxel problem is --check's (and training's) business
     assert "Dataset003_voxels" in capsys.readouterr().out
 
 
@@ -648,7 +648,7 @@ def test_missing_image_msd_and_stray_label_nnunet(tmp_path, capsys):
     _one_line_naming(str(err.value), str(msd.resolve() / "imagesTr" / "c1.nii.gz"), r"file not found \(training\[1\]")
     nn = make_nnunet(tmp_path / "Dataset004_stray", {"liver": 1}, n_cases=3, shape=SHAPE)
     _image(nn, "case2").unlink()
-    assert summary.main([str(msd), str(nn), "--check"]) == 2
+    assert data_summary.main([str(msd), str(nn), "--check"]) == 2
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2, out
     assert out[0].startswith(f"{msd.resolve() / 'imagesTr' / 'c1.nii.gz'}: file not found")

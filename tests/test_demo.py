@@ -6,19 +6,19 @@ from pathlib import Path
 
 import torch
 
-from cfseg.demo import CONFIG, _last_callback_is_checkpoint
+from cfseg.apps.demo import CONFIG, last_callback_is_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_demo_checkpoint_folder_follows_out(tmp_path):
     """demo.yaml's ModelCheckpoint is the callback a --out override reaches; a config without one gets none."""
-    assert _last_callback_is_checkpoint(CONFIG)
-    assert not _last_callback_is_checkpoint(ROOT / "configs" / "incremental" / "base.yaml")
+    assert last_callback_is_checkpoint(CONFIG)
+    assert not last_callback_is_checkpoint(ROOT / "configs" / "incremental" / "base.yaml")
     other = tmp_path / "c.yaml"
     other.write_text("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
                      "    - class_path: lightning.pytorch.callbacks.LearningRateMonitor\n")
-    assert not _last_callback_is_checkpoint(other)
+    assert not last_callback_is_checkpoint(other)
 
 
 def _benchmark(name: str):
@@ -40,7 +40,8 @@ def test_demo_check_sites_are_the_held_out_scanner_on_other_cases(tmp_path):
     import nibabel as nib
     import numpy as np
 
-    from cfseg.data.synthetic import ORGANS, PRESETS, site_for_run, write_nnunet_dataset
+    from cfseg.data.phantoms import ORGANS
+    from cfseg.data.synthetic import PRESETS, site_for_run, write_nnunet_dataset
 
     mod = _demo_check()
     site = mod.held_out_site()
@@ -96,11 +97,11 @@ class _Process:
 
 
 def test_training_takes_the_threads_once_the_protocol_has_ended(boxes, tmp_path):
-    """cfseg-demo's ThreadsAfterProcess, passed through cfseg.cli.main beside the config's callbacks."""
+    """cfseg-demo's ThreadsAfterProcess, passed through cfseg.apps.cli.main beside the config's callbacks."""
     from lightning.pytorch import Callback
 
-    from cfseg.cli import main as cli
-    from cfseg.demo import ThreadsAfterProcess
+    from cfseg.apps.cli import main as cli
+    from cfseg.apps.demo import ThreadsAfterProcess
 
     seen = []
 

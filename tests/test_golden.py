@@ -70,8 +70,9 @@ def checkpoint_fingerprint(path: Path, root: str) -> dict[str, str]:
 
 def record(tmp: Path) -> dict[str, Any]:
     """Run the golden protocol and segmentations under ``tmp``; return every fingerprint."""
-    from cfseg.continual.protocol import load_protocol, run_protocol
-    from cfseg.segmentation import main as segment
+    from cfseg.apps.protocol import run_protocol
+    from cfseg.apps.segment import main as segment
+    from cfseg.experiments.protocol import load_protocol
     from tests.conftest import make_boxes
 
     threads = torch.get_num_threads()

@@ -196,7 +196,7 @@ SPECS = {
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_swapping_heads_from_yaml_trains_saves_loads_and_predicts(name, boxes, tmp_path):
-    from cfseg.cli import main as cli
+    from cfseg.apps.cli import main as cli
     from cfseg.inference import load_case, predict_volume, preprocessing_for
     from cfseg.module import CFSegModule, load_checkpoint
 
@@ -282,7 +282,7 @@ def test_dynamic_heads_learn_the_box_phantoms(name, boxes, tmp_path):
     without the fix too): the test above guards the two causes."""
     from conftest import BOX_LABELS
 
-    from cfseg.cli import main as cli
+    from cfseg.apps.cli import main as cli
     from cfseg.data.transforms import make_label_lut
     from cfseg.inference import load_case, predict_volume, preprocessing_for
     from cfseg.metrics import dice_per_class

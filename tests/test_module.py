@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfseg.cli import main as cli
+from cfseg.apps.cli import main as cli
 from cfseg.module import CHECKPOINT_FORMAT, load_checkpoint
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
@@ -74,7 +74,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_ddp_two_cpu_processes(tmp_path, tiny_phantoms):
     """`--trainer.strategy=ddp --trainer.devices=2 --trainer.accelerator=cpu` trains and saves a checkpoint."""
-    cmd = [sys.executable, "-m", "cfseg.cli", "fit", "--config", str(CONFIG),
+    cmd = [sys.executable, "-m", "cfseg.apps.cli", "fit", "--config", str(CONFIG),
            f"--data.datasets={datasets_arg(tiny_phantoms)}", f"--trainer.logger.init_args.save_dir={tmp_path}",
            f"--trainer.default_root_dir={tmp_path}", "--trainer.strategy=ddp", "--trainer.devices=2",
            "--trainer.accelerator=cpu", "--trainer.max_steps=3"]
@@ -91,7 +91,7 @@ def test_ddp_two_cpu_processes(tmp_path, tiny_phantoms):
 
 def test_console_script_exit_status(tmp_path, tiny_phantoms):
     """`cfseg fit ...` exits 0 after a successful run (the CLI object is not the exit status)."""
-    cmd = [sys.executable, "-m", "cfseg.cli", "fit", "--config", str(CONFIG),
+    cmd = [sys.executable, "-m", "cfseg.apps.cli", "fit", "--config", str(CONFIG),
            f"--data.datasets={datasets_arg(tiny_phantoms[:1])}", f"--trainer.logger.init_args.save_dir={tmp_path}",
            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
@@ -99,7 +99,7 @@ def test_console_script_exit_status(tmp_path, tiny_phantoms):
 
 
 def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch):
-    import cfseg.cli as c
+    import cfseg.apps.cli as c
 
     monkeypatch.setattr(c, "native_bf16", lambda: False)
     with pytest.warns(UserWarning, match="without native bfloat16"):
@@ -114,7 +114,7 @@ def test_keep_freed_memory_sets_glibc_thresholds_or_says_no(monkeypatch):
     import platform
     import sys
 
-    from cfseg import cli as c
+    from cfseg.apps import cli as c
 
     monkeypatch.setenv("CFSEG_MALLOC_KEEP", "0")
     assert c.keep_freed_memory() is False  # opt-out

@@ -9,12 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from cfseg.nets import (  # private: checked against each other
+from cfseg.cosine import cosine_head_autograd, cosine_head_fused  # checked against each other
+from cfseg.nets import (
     ProjectionHead,
     PrototypeSegmenter,
     SoftmaxSegmenter,
-    _cosine_head_autograd,
-    _cosine_head_fused,
     cosine_logits,
     cosine_similarity_maps,
     default_backbone,
@@ -314,7 +313,7 @@ def test_cosine_head_keeps_only_its_input_and_one_channel_for_backward():
     # The check discriminates: plain autograd on the same factorisation keeps G z and z / ||W z|| as well.
     extra.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _cosine_head_autograd(z.reshape(1, f, -1), p @ w, w.T @ w, 1e-6)
+        cosine_head_autograd(z.reshape(1, f, -1), p @ w, w.T @ w, 1e-6)
     assert sum(extra) >= 2 * f
     # ... and a head computing (P W z) before dividing by the norm keeps K+1 channels.
     def num_then_divide():
@@ -361,9 +360,9 @@ def test_fused_head_passes_gradcheck_including_non_symmetric_gram(k1):
     a = torch.randn(k1, 3, generator=g, dtype=torch.float64, requires_grad=True)
     m = torch.randn(3, 3, generator=g, dtype=torch.float64)
     gram = (m @ m.T + 0.3 * torch.randn(3, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda zz, aa, gg: _cosine_head_fused(zz, aa, gg, 1e-6), (z, a, gram))
+    assert torch.autograd.gradcheck(lambda zz, aa, gg: cosine_head_fused(zz, aa, gg, 1e-6), (z, a, gram))
     torch.testing.assert_close(
-        _cosine_head_fused(z, a, gram, 1e-6), _cosine_head_autograd(z, a, 0.5 * (gram + gram.T), 1e-6)
+        cosine_head_fused(z, a, gram, 1e-6), cosine_head_autograd(z, a, 0.5 * (gram + gram.T), 1e-6)
     )
 
 
@@ -375,14 +374,14 @@ def test_fused_forward_in_voxel_chunks_matches_reference(monkeypatch, dtype):
     monkeypatch.setattr(cosine, "_CHUNK_BYTES", 1)  # the 1024-voxel minimum chunk
     g = torch.Generator().manual_seed(13)
     b, f, k1, n = 2, 6, 5, 2 * 1024 + 300
-    assert cosine._chunk_voxels(k1 + f, n) == 1024
+    assert cosine.chunk_voxels(k1 + f, n) == 1024
     z = torch.randn(b, f, n, generator=g)
     z[1, :, n - 1] = 0.0  # a clamped voxel in the partial last chunk: similarity 0, not NaN
     a = torch.randn(k1, f, generator=g)
     m = torch.randn(f, f, generator=g)
     gram = m @ m.T
-    want = _cosine_head_autograd(z, a, gram, 1e-6)
-    got = _cosine_head_fused(z.to(dtype), a, gram, 1e-6)
+    want = cosine_head_autograd(z, a, gram, 1e-6)
+    got = cosine_head_fused(z.to(dtype), a, gram, 1e-6)
     assert got.dtype == dtype and got.shape == (b, k1, n)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(got.float(), want, **tol)
@@ -390,4 +389,4 @@ def test_fused_forward_in_voxel_chunks_matches_reference(monkeypatch, dtype):
     # one whole-sample chunk gives the same numbers as the 1024-voxel chunks
     monkeypatch.setattr(cosine, "_CHUNK_BYTES", 1 << 30)
     same = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 8e-3, "atol": 1e-3}  # bf16: 1 ulp
-    torch.testing.assert_close(_cosine_head_fused(z.to(dtype), a, gram, 1e-6), got, **same)
+    torch.testing.assert_close(cosine_head_fused(z.to(dtype), a, gram, 1e-6), got, **same)

@@ -42,10 +42,10 @@ def _case(boxes: Path, i: int):
 def _frozen(module, boxes, i):
     """(image [1,*S], probs [4,*S], truth {k: mask}) on the network grid (the boxes are on it already: 4 mm RAS)."""
     from cfseg.inference import predict_volume, preprocessing_for
-    from cfseg.segmentation import _preprocess
+    from cfseg.segmentation import preprocess
 
     img, lab = _case(boxes, i)
-    work = _preprocess(img, preprocessing_for(module, "ct"), np.stack([lab == k for k in (1, 2, 3)]))
+    work = preprocess(img, preprocessing_for(module, "ct"), np.stack([lab == k for k in (1, 2, 3)]))
     out = predict_volume(module, work["image"], [1, 2, 3])
     assert tuple(work["masks"].shape[1:]) == lab.shape  # same grid: the comparisons below are voxel to voxel
     return work["image"], out["probs"], {k: torch.as_tensor(work["masks"][k - 1]).bool() for k in (1, 2, 3)}
@@ -251,8 +251,8 @@ def _write(path: Path, array, affine):
 
 
 def test_cli_correct_then_segment_online(box_model, boxes, tmp_path, capsys):
-    from cfseg.correction import main as correct_main
-    from cfseg.segmentation import main as segment_main
+    from cfseg.apps.correct import main as correct_main
+    from cfseg.apps.segment import main as segment_main
 
     state = tmp_path / "online"
     cfg = tmp_path / "cfg.json"
@@ -278,7 +278,7 @@ def test_cli_correct_then_segment_online(box_model, boxes, tmp_path, capsys):
 
 
 def test_cli_refuses_bad_masks_and_writes_nothing(box_model, boxes, tmp_path, capsys):
-    from cfseg.correction import main as correct_main
+    from cfseg.apps.correct import main as correct_main
 
     state = tmp_path / "online"
     img_path = boxes / "imagesTr" / "box0_0000.nii.gz"
@@ -304,7 +304,7 @@ def test_cli_refuses_bad_masks_and_writes_nothing(box_model, boxes, tmp_path, ca
     # a state for another checkpoint: refused by cfseg-segment too
     state.mkdir()
     (state / "state.json").write_text("garbage")
-    from cfseg.segmentation import main as segment_main
+    from cfseg.apps.segment import main as segment_main
 
     rc = segment_main(["-i", str(img_path), "-o", str(tmp_path / "seg"), "--ckpt", str(box_model),
                        "--online", str(state), "--modality", "ct"])

@@ -10,7 +10,7 @@ import numpy as np
 from conftest import BOX_LABELS, make_boxes
 
 import cfseg
-from cfseg.cli import main as cli
+from cfseg.apps.cli import main as cli
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -46,7 +46,7 @@ def test_labels_without_probabilities_are_the_same_and_segment_asks_only_when_re
                                                                                           monkeypatch):
     import torch
 
-    import cfseg.inference as ci
+    import cfseg.segmentation as cs
     from cfseg.inference import load_case, predict_volume, preprocessing_for
     from cfseg.module import load_checkpoint
 
@@ -55,8 +55,8 @@ def test_labels_without_probabilities_are_the_same_and_segment_asks_only_when_re
     fast, full = predict_volume(model, vol["image"], probabilities=False), predict_volume(model, vol["image"])
     assert "probs" not in fast and torch.equal(fast["labels"], full["labels"])
     asked = []
-    real = ci.predict_volume
-    monkeypatch.setattr(ci, "predict_volume", lambda *a, **k: asked.append(k["probabilities"]) or real(*a, **k))
+    real = cs.predict_volume
+    monkeypatch.setattr(cs, "predict_volume", lambda *a, **k: asked.append(k["probabilities"]) or real(*a, **k))
     same_grid = nib.load(boxes / "imagesTr" / "box0_0000.nii.gz")  # 4 mm RAS: the network grid itself
     masks = cfseg.segment(same_grid, model, multilabel=True, modality="ct")["labels"]
     assert np.array_equal(np.asarray(masks.dataobj), full["labels"].numpy())

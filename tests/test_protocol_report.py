@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cfseg.continual.protocol import _finite, write_summary
+from cfseg.experiments.report import nan_to_none, write_summary
 from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "openkbp" / "protocol_report.py"
@@ -33,7 +33,7 @@ LAST = {
 
 
 def fake_result(name: str, seed: int) -> dict:
-    """One ``seed<N>/<name>_matrix.json`` as cfseg.continual.protocol.run_seed writes it (score_val: true)."""
+    """One ``seed<N>/<name>_matrix.json`` as cfseg.apps.protocol.run_seed writes it (score_val: true)."""
     last, last_val = LAST[name][seed]
     R = [[0.6 + 0.01 * seed], [0.4, 0.7], last]
     R_val = [[0.55], [0.35, 0.65], last_val]
@@ -57,7 +57,7 @@ def summary_path(tmp_path_factory) -> Path:
         for seed in seeds:
             d = out / f"seed{seed}"
             d.mkdir(exist_ok=True)
-            (d / f"{name}_matrix.json").write_text(json.dumps(_finite(fake_result(name, seed)), indent=2))
+            (d / f"{name}_matrix.json").write_text(json.dumps(nan_to_none(fake_result(name, seed)), indent=2))
     write_summary(out)
     return out / "summary.json"
 

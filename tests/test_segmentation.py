@@ -12,8 +12,8 @@ import pytest
 from conftest import real_dataset, write_nifti
 
 import cfseg
-from cfseg.cli import main as cli
-from cfseg.segmentation import main as segment_main
+from cfseg.apps.cli import main as cli
+from cfseg.apps.segment import main as segment_main
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 

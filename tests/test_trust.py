@@ -15,10 +15,10 @@ import torch
 import yaml
 from conftest import BOX_LABELS, box_dataset, make_boxes
 
+from cfseg.apps.cli import CFSegCLI
+from cfseg.apps.cli import main as cli
+from cfseg.apps.cli import run as cli_run
 from cfseg.builder import TRUSTED_ENV, UntrustedSpecError, build_network
-from cfseg.cli import CFSegCLI
-from cfseg.cli import main as cli
-from cfseg.cli import run as cli_run
 from cfseg.data.datamodule import SegDataModule
 from cfseg.data.transforms import Preprocessing
 from cfseg.module import CFSegModule, load_checkpoint, merge_preprocessing
@@ -64,7 +64,7 @@ def test_checkpoint_naming_code_is_refused_before_anything_runs(tmp_path, monkey
     with pytest.raises(UntrustedSpecError):
         CFSegModule(class_names=["liver", "spleen", "aorta"], backbone=TINY_BACKBONE, feature_channels=8,
                     previous_checkpoint=str(path))
-    from cfseg.segmentation import main as segment_main
+    from cfseg.apps.segment import main as segment_main
 
     assert segment_main(["--ckpt", str(path), "--list-classes"]) == 2
     assert not (tmp_path / "pwned").exists()
@@ -149,7 +149,7 @@ def test_resume_after_kill_finishes_with_one_stage_and_same_steps(boxes, tmp_pat
         "init_args": {"dirpath": str(ckpt_dir), "filename": "tiny", "monitor": None, "save_last": True,
                       "every_n_train_steps": 4, "enable_version_counter": False}}]}}))
     steps = 40
-    cmd = [sys.executable, "-m", "cfseg.cli", "fit", "--config", str(CONFIG), "--config", str(extra),
+    cmd = [sys.executable, "-m", "cfseg.apps.cli", "fit", "--config", str(CONFIG), "--config", str(extra),
            f"--data.datasets={json.dumps([box_dataset(boxes)])}", f"--trainer.logger.init_args.save_dir={tmp_path}",
            f"--trainer.default_root_dir={tmp_path}", f"--trainer.max_steps={steps}", "--trainer.max_epochs=100",
            "--data.spacing=[4.0, 4.0, 4.0]", "--data.train_repeats=10", "--trainer.check_val_every_n_epoch=100",

@@ -248,7 +248,7 @@ def test_fit_with_the_versatile_options_from_the_cli(two_box_sets, tmp_path):
 
     import yaml
 
-    from cfseg.cli import main as cli
+    from cfseg.apps.cli import main as cli
 
     example = yaml.safe_load((Path(__file__).parents[1] / "configs/openkbp/heads/versatile.yaml").read_text())
     assert example["model"] == {"head": "softmax", "exclusion_weight": 1.0, "entropy_weight": 0.1}

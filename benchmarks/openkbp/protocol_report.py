@@ -100,7 +100,7 @@ def load_summaries(paths: list[str | Path]) -> dict[str, Any]:
         doc = json.loads(f.read_text())
         strategies = doc.get("strategies") or {}
         if not doc.get("stages") or any("per_seed" not in s for s in strategies.values()):
-            raise ValueError(f"{f}: not a summary.json of cfseg.continual.protocol.write_summary (no 'stages' or no "
+            raise ValueError(f"{f}: not a summary.json of cfseg.experiments.report.write_summary (no 'stages' or no "
                              "'per_seed'); rebuild it from the seed<N>/<strategy>_matrix.json files with "
                              "write_summary(Path(<protocol output>))")
         if merged["stages"] is None:

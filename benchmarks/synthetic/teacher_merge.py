@@ -2,7 +2,7 @@
 
 After stage ``--stage`` of a protocol row, ``(1 - a) * student + a * teacher`` for each ``a`` (the network's
 floating-point weights; the prototype bank and the learnt temperature stay the student's), scored on the
-validation and test cases of stages 0..stage (``cfseg.continual.protocol.evaluate_stage_tests``). Endpoints Weight
+validation and test cases of stages 0..stage (``cfseg.experiments.report.evaluate_stage_tests``). Endpoints Weight
 Fusion (Xiao et al., CVPR 2023) merges this way after each class-incremental step. Not part of any strategy:
 benchmarks/README.md ("Protocol version 2") gives the result.
 
@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from cfseg.continual.protocol import evaluate_stage_tests, load_protocol
+from cfseg.experiments.protocol import load_protocol
+from cfseg.experiments.report import evaluate_stage_tests
 
 
 def merged(teacher: dict, student: dict, a: float) -> dict:

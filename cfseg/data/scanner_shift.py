@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from cfseg.data.formats import PARTIAL_LABELS_FILE, read_dataset
+
 PARAMS_FILE = "scanner_shift.json"
 TRANSFORM_VERSION = 1  # bump when apply() changes, so an old shifted folder is not silently extended
 _TMP_DIR = ".scanner_shift_tmp"
@@ -226,8 +228,6 @@ def write_shifted_dataset(src: Path, dst: Path, case_ids: list[str], shift: Scan
             folder not made by this function; ``src`` is not CT; a case id is not in ``src``.
         cfseg.data.formats.DatasetError: ``src`` is not a readable dataset folder.
     """
-    from cfseg.data.formats import read_dataset
-
     src, dst = Path(src), Path(dst)
     info = read_dataset(src, require_labels=False, check_headers=False)
     if info.modality != "ct":
@@ -278,8 +278,6 @@ def write_shifted_dataset(src: Path, dst: Path, case_ids: list[str], shift: Scan
 
 def _write_metadata(src: Path, dst: Path, info: Any, shift: ScannerShift, target: Any) -> None:
     """``dataset.json`` (name, description, case list) and ``partial_labels.json`` for the cases in ``dst``."""
-    from cfseg.data.formats import PARTIAL_LABELS_FILE
-
     present = [c for c in info.cases
                if all(target(p).is_file() for p in c.images) and (c.label is None or target(c.label).is_file())]
     ids = {c.case_id for c in present}

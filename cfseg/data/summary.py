@@ -1,9 +1,8 @@
-"""``cfseg-data-summary``: what the data layer reads from one or more dataset folders.
+"""What the data layer reads from dataset folders, and a full integrity check (``cfseg-data-summary``,
+:mod:`cfseg.apps.data_summary`).
 
-Without ``--check`` it reads ``dataset.json``, ``partial_labels.json`` and the NIfTI headers only, and prints
-cases per split and classes. With ``--check`` it reads every voxel of every case, like nnU-Net's dataset
-integrity check, and reports every problem it finds, one line each naming the file (exit status 2), or one OK
-line (exit status 0):
+:func:`check_datasets` reads every voxel of every case, like nnU-Net's dataset integrity check, and reports every
+problem it finds, one line each naming the file:
 
 - every image and label file exists and loads completely (no truncated, corrupt or empty file);
 - images are 3D (one file per channel), affines are finite and non-singular;
@@ -14,9 +13,7 @@ line (exit status 0):
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -49,7 +46,8 @@ class CheckReport:
         return not self.problems
 
 
-def _one_line(msg: str) -> str:
+def one_line(msg: str) -> str:
+    """``msg`` as one line: its non-blank lines joined by ``; ``."""
     return "; ".join(line.strip() for line in str(msg).splitlines() if line.strip())
 
 
@@ -130,7 +128,7 @@ def check_datasets(roots: list[str | Path], jobs: int | None = None) -> CheckRep
         try:
             info = read_dataset(root, check_headers=False, problems=report.problems)
         except DatasetError as e:  # dataset.json itself: nothing more can be checked in this dataset
-            report.problems.append(_one_line(str(e)))
+            report.problems.append(one_line(str(e)))
             continue
         work += [(case, info.labels) for case in info.cases]
     report.cases = len(work)
@@ -144,46 +142,5 @@ def check_datasets(roots: list[str | Path], jobs: int | None = None) -> CheckRep
         report.problems += problems
         report.files += n_files
         report.voxels += n_vox
-    report.problems = [_one_line(p) for p in report.problems]
+    report.problems = [one_line(p) for p in report.problems]
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="cfseg-data-summary", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("datasets", nargs="+", help="dataset folders (nnU-Net v2 raw or MSD)")
-    p.add_argument("--check", action="store_true",
-                   help="read every voxel of every case and report every problem (exit 2 if any)")
-    p.add_argument("--jobs", type=int, default=None, help="threads for --check (default: up to 4)")
-    p.add_argument("--classes", nargs="*", default=None, help="global class list (default: union)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.1)
-    p.add_argument("--test-fraction", type=float, default=0.2)
-    a = p.parse_args(argv)
-    if a.check:
-        report = check_datasets(a.datasets, a.jobs)
-        for line in report.problems:
-            print(line)
-        if not report.ok:
-            print(f"cfseg-data-summary: error: {len(report.problems)} problem(s) in {report.datasets} dataset(s)",
-                  file=sys.stderr)
-            return 2
-        print(f"OK: {report.datasets} dataset(s), {report.cases} cases, {report.files} files, "
-              f"{report.voxels:,} voxels read; no problems found")
-        return 0
-    from cfseg.data.datamodule import DatasetConfig, SegDataModule  # lightning: slow to import, --check needs none
-
-    try:
-        dm = SegDataModule(
-            [DatasetConfig(d, val_fraction=a.val_fraction, test_fraction=a.test_fraction) for d in a.datasets],
-            classes=a.classes, seed=a.seed,
-        )
-    except (DatasetError, ValueError) as e:
-        print(f"cfseg-data-summary: error: {_one_line(str(e))}", file=sys.stderr)
-        return 2
-    print(dm.summary())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

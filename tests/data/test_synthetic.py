@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
+from cfseg.apps.synth import main
 from cfseg.data import synthetic
+from cfseg.data.phantoms import ORGANS, generate_phantom
 from cfseg.data.synthetic import (
-    ORGANS,
     PRESETS,
     SiteSpec,
-    generate_phantom,
-    main,
     make_datasets,
     write_msd_dataset,
     write_nnunet_dataset,

@@ -27,7 +27,7 @@ run() {
   IFS='|' read -r name head seed ratios <<< "$1"
   d=runs/$name; t0=$(date +%s); mkdir -p "$d"
   [ -n "$ratios" ] && extra=(--data.class_ratios="$ratios")
-  OMP_NUM_THREADS=$(( 16 / $2 > 1 ? 16 / $2 : 1 )) timeout "$LIMIT" python3 -m cfseg.cli fit \
+  OMP_NUM_THREADS=$(( 16 / $2 > 1 ? 16 / $2 : 1 )) timeout "$LIMIT" python3 -m cfseg.apps.cli fit \
     --config configs/openkbp/base.yaml --config configs/openkbp/joint.yaml --model.head="$head" \
     --trainer.max_steps="$STEPS" --seed_everything="$seed" --data.seed=0 --trainer.default_root_dir="$d" \
     --trainer.logger.init_args.save_dir="$d" --trainer.enable_progress_bar=false --trainer.accelerator="$ACCEL" \

@@ -22,12 +22,12 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.cli import LightningCLI
 
+from cfseg.apps.writers import NiftiPredictionWriter
 from cfseg.builder import UntrustedSpecError, check_spec
 from cfseg.data.datamodule import SegDataModule, checkpoint_classes
 from cfseg.data.formats import DatasetError
 from cfseg.module import CFSegModule
 from cfseg.vocab import canonical_name
-from cfseg.writers import NiftiPredictionWriter
 
 #: Hyper-parameters of a ``--ckpt_path`` checkpoint never merged into the run's config: a file must not decide
 #: what code is trusted, which other files are read (a teacher), or the class list (that follows the data).

@@ -25,12 +25,19 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback
 
+from cfseg.apps.cli import main as cli
+from cfseg.apps.protocol import run_protocol, single_thread_logging_to
 from cfseg.data.datamodule import DatasetConfig, SegDataModule
 from cfseg.data.synthetic import PRESETS, make_datasets
+from cfseg.evaluation import evaluate_datasets
+from cfseg.experiments.protocol import load_protocol
+from cfseg.experiments.report import print_results
 from cfseg.metrics import DICE_CONVENTION, dice_table
+from cfseg.module import load_checkpoint
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
-PROTOCOL = Path(__file__).resolve().parents[1] / "configs" / "incremental" / "synthetic_v2.yaml"
+REPO = Path(__file__).resolve().parents[2]  # the checkout: cfseg/apps/demo.py -> .
+CONFIG = REPO / "configs" / "demo.yaml"
+PROTOCOL = REPO / "configs" / "incremental" / "synthetic_v2.yaml"
 
 
 def ensure_datasets(out: Path, preset: str, seed: int = 0) -> list[Path]:
@@ -49,9 +56,6 @@ def ensure_datasets(out: Path, preset: str, seed: int = 0) -> list[Path]:
 
 def evaluate(ckpt: Path, test_root: Path, out_dir: Path, png_class: str = "kidney_left") -> dict:
     """Segment every case of ``test_root`` with ``ckpt``; Dice per class (only annotated classes count)."""
-    from cfseg.evaluation import evaluate_datasets
-    from cfseg.module import load_checkpoint
-
     module = load_checkpoint(str(ckpt))
     metrics = evaluate_datasets(module, [DatasetConfig(str(test_root))], split="all", keep_first=True)
     vol, out = metrics.pop("first")
@@ -114,16 +118,12 @@ DEMO_STRATEGIES = ("joint", "distill", "finetune", "experts")  # the longest (jo
 
 def _protocol_job(spec: dict, seed: int, workers: int, log: str) -> None:
     """Background process: the protocol's demo strategies, output to ``log``."""
-    from cfseg.continual.protocol import run_protocol, single_thread_logging_to
-
     single_thread_logging_to(log)
     run_protocol(spec, [e["name"] for e in spec["strategies"]], seeds=[seed], workers=workers)
 
 
 def start_protocol(a: argparse.Namespace):
     """Write the protocol's datasets and start it in a background process; returns (process, spec, seed, t_start)."""
-    from cfseg.continual.protocol import load_protocol
-
     ensure_datasets(a.data, "incremental", a.seed)
     spec = load_protocol(a.protocol)
     spec["strategies"] = [e for e in spec["strategies"] if e["name"] in a.strategies]
@@ -142,8 +142,6 @@ def start_protocol(a: argparse.Namespace):
 
 def finish_protocol(proc, spec: dict, seed: int, t1: float) -> None:
     """Wait for the background protocol; print its matrices and summary."""
-    from cfseg.continual.protocol import print_results
-
     out = Path(spec["output"])
     print(f"\nwaiting for the continual-learning protocol (log: {out / 'protocol.log'}) ...", flush=True)
     proc.join()
@@ -182,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             protocol[0].terminate()  # only reached when the joint part failed
 
 
-def _last_callback_is_checkpoint(config: Path) -> bool:
+def last_callback_is_checkpoint(config: Path) -> bool:
     """Whether the config's last trainer callback is a ModelCheckpoint (the one a command-line override reaches)."""
     import yaml
 
@@ -196,14 +194,11 @@ def _joint_then_protocol(a: argparse.Namespace, paths: list[Path], protocol, t0:
     print("\nWhat the data layer reads:\n")
     dm = SegDataModule([DatasetConfig(str(x)) for x in paths], spacing=(5.5, 5.5, 5.5), cache="none")
     print(dm.summary())
-
-    from cfseg.cli import main as cli
-
     datasets = [{"path": str(x), "val_fraction": 0.1, "test_fraction": 0.0} for x in train_paths]
     args = ["fit", "--config", str(a.config), f"--trainer.default_root_dir={a.out}",
             f"--data.datasets={json.dumps(datasets)}", f"--trainer.logger.init_args.save_dir={a.out}",
             f"--seed_everything={a.seed}"]
-    if _last_callback_is_checkpoint(a.config):  # its folder follows --out (two demos side by side do not collide)
+    if last_callback_is_checkpoint(a.config):  # its folder follows --out (two demos side by side do not collide)
         args.append(f"--trainer.callbacks.init_args.dirpath={a.out / 'checkpoints'}")
     if a.max_epochs is not None:
         args.append(f"--trainer.max_epochs={a.max_epochs}")

@@ -1,0 +1,303 @@
+"""``cfseg-protocol --config protocol.yaml``: a multi-stage continual-learning protocol, strategies x seeds.
+
+A protocol file names a base training config (trainer/model/data settings shared by every stage), the stages
+(each with its datasets and, optionally, the classes that count as annotated there, image-only datasets of
+earlier domains for distillation, and its own budget) and the strategies to compare:
+
+* ``distill``: stage i starts from stage i-1's checkpoint, which is also the frozen teacher (cfseg's method);
+* ``finetune``: stage i starts from stage i-1's checkpoint, no distillation (the lower bound);
+* ``experts``: stage 0's network is frozen; stage i trains only a new LoRA expert (``model.expert_*``) that serves
+  the stage's classes in the stage's domains, chosen per volume by the analytic router (``model.router_*``);
+* ``ewc`` (reference): ``finetune`` with the EWC penalty (``model.ewc_lambda``) towards the previous stage's weights,
+  weighted by the diagonal Fisher each stage stores in its checkpoint;
+* ``replay`` (reference, not rehearsal-free): ``finetune`` plus ``replay_fraction`` (default 0.25) of every earlier
+  stage's training cases;
+* ``joint``: after stage i, one model trained from scratch on the data of stages 0..i at once with the
+  *cumulative* step budget of stages 0..i and stage 0's learning rate (the upper bound; each stage keeps its own
+  annotated classes).
+
+Budgets: every stage trains ``max_steps`` steps (per stage, else the protocol's ``max_steps``, else the base
+config's ``trainer.max_steps``) at ``lr * lr_factor`` (``lr``: the protocol's, else the base config's
+``model.lr``, else 2e-3; ``model.incremental_lr_factor`` in a strategy's ``fit_args`` would multiply on top).
+Free-form ``fit_args`` (top level, per stage, per strategy entry ``{name, strategy, fit_args}``) go to ``cfseg
+fit`` after the protocol's own arguments; a strategy entry's ``stage_fit_args`` (``{stage name: [...]}``) go to
+one incremental stage of that row only, after the rest (a distillation schedule that differs between stages).
+Stage 0 is the same training for every strategy and runs once per seed. In an incremental stage the validation
+cases of the earlier stages join as validation-only datasets, so the validation metrics (``val/dice_<class>``)
+score every class seen so far.
+
+Each seed runs under ``<output>/seed<N>/`` with ``--seed_everything=N --data.seed=N`` (the same crops for every
+strategy of a seed). After every stage the model is scored on the test cases of every stage so far, on that
+stage's classes: the accuracy matrix R (R[i][j] = mean Dice on stage j's test cases after stage i), the average
+Dice after the last stage and the backward transfer BWT = mean_{j<T} (R[T][j] - R[j][j]), written per strategy
+and seed as JSON, CSV and a heatmap PNG, and over all strategies and seeds as ``<output>/summary.json``.
+With ``full_matrix: true`` every row also scores the later stages' test cases (R[i][j] for j > i: the
+forward transfer, e.g. a stage-0 model on a new scanner's images before it learnt them); average Dice and BWT
+still use R[T][j <= T] and the diagonal; a later stage whose classes the model does not know yet scores NaN.
+With ``score_val: true`` the same matrix is also computed on the stages' validation cases (``R_val``,
+``average_dice_val``, ``bwt_val``): the numbers to choose settings on, never the test cases.
+A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again, and only if it was trained with
+the settings the protocol now asks for (budget, lr, and the resolved fit configuration: :func:`settings_mismatch`);
+stage 0 and joint runs copied into another output folder stay reusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cfseg.apps.cli import main as cli
+from cfseg.apps.cli import resolve_fit_config
+from cfseg.experiments.protocol import (
+    MODULE_STRATEGY,
+    joint_datasets,
+    load_protocol,
+    replayed_datasets,
+    settings_mismatch,
+    stage_datasets,
+    unlabeled_datasets,
+    val_args,
+    val_only_datasets,
+)
+from cfseg.experiments.report import evaluate_stage_tests, print_results, write_matrix, write_summary
+from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
+
+
+def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous: Path | None, strategy: str,
+                steps: int, lr: float | None, seed: int, extra: list[str] | None = None) -> tuple[Path, float]:
+    """One ``cfseg fit`` run of ``steps`` steps at learning rate ``lr`` under ``out/runs/tag``.
+
+    Returns:
+        (checkpoint path, training wall time in s). A finished run of the same tag is reused (its recorded
+        wall time is returned); one trained with another budget or other settings (:func:`settings_mismatch`:
+        fit arguments, base config, defaults) is refused.
+    """
+    run_dir = out / "runs" / tag
+    done, record = run_dir / "final.ckpt", run_dir / "final.json"
+    names: set[str] = set()
+    for d in datasets:  # distinct dataset names (the same folder may appear as labelled and image-only)
+        base = d.get("name") or Path(d["path"]).name
+        d["name"] = base if base not in names else f"{base}_{len(names)}"
+        names.add(d["name"])
+    split_seed = spec.get("split_seed", seed)
+    args = ["fit", "--config", str(spec["base_config"]), f"--data.datasets={json.dumps(datasets)}",
+            f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
+            f"--model.strategy={strategy}", f"--seed_everything={seed}", f"--data.seed={split_seed}",
+            "--trainer.enable_checkpointing=true", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
+            *val_args(spec, steps)]
+    if lr is not None:
+        args.append(f"--model.lr={lr!r}")
+    if previous is not None:
+        args.append(f"--model.previous_checkpoint={previous}")
+    args += list(spec.get("fit_args", [])) + list(extra or [])
+    if done.is_file():
+        info = json.loads(record.read_text()) if record.is_file() else {}
+        if info and (info.get("steps"), info.get("lr")) != (steps, lr):
+            raise ValueError(f"{done} was trained with max_steps={info.get('steps')}, lr={info.get('lr')}, but the "
+                             f"protocol now asks for max_steps={steps}, lr={lr}: delete {run_dir} or use another "
+                             "output folder")
+        diffs = settings_mismatch(done, info, resolve_fit_config(args[1:]))
+        if diffs:
+            raise ValueError(f"{done} was trained with other settings than the protocol now asks for ("
+                             + "; ".join(diffs) + f"): delete {run_dir} or use another output folder")
+        print(f"[{tag}] reusing {done}")
+        return done, float(info.get("wall_time_s", 0.0))
+    t0 = time.time()
+    print(f"[{tag}] cfseg {' '.join(args)}", flush=True)
+    run = cli(args)
+    run.trainer.save_checkpoint(done)
+    wall = round(time.time() - t0, 1)
+    params = list(run.model.parameters())
+    record.write_text(json.dumps({"tag": tag, "steps": steps, "lr": lr, "seed": seed, "wall_time_s": wall,
+                                  "global_step": run.trainer.global_step,
+                                  "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+                                  "total_params": sum(p.numel() for p in params), "args": args[1:],
+                                  "config": resolve_fit_config(args[1:])}, indent=2))
+    print(f"[{tag}] trained in {wall:.0f} s -> {done}", flush=True)
+    return done, wall
+
+
+def _params(run_dir: Path) -> dict[str, int | None]:
+    """Trainable and total parameters of a finished run (from its ``final.json``; None for older records)."""
+    record = run_dir / "final.json"
+    info = json.loads(record.read_text()) if record.is_file() else {}
+    return {"trainable": info.get("trainable_params"), "total": info.get("total_params")}
+
+
+def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every strategy of one seed under ``<output>/seed<seed>/``, sharing one stage-0 run.
+
+    Returns:
+        ``{strategy name: result}``; each result is also written as ``<name>_matrix.{json,csv,png}``.
+    """
+    out = Path(spec["output"]) / f"seed{seed}"
+    out.mkdir(parents=True, exist_ok=True)
+    stages, steps, lrs = spec["stages"], spec["stage_steps"], spec["stage_lr"]
+    names = [s["name"] for s in stages]
+    stage0, t_stage0 = train_stage(spec, out, "stage0", stage_datasets(stages[0]), None, "finetune", steps[0],
+                                   lrs[0], seed, stages[0]["fit_args"])
+    last = len(stages) - 1
+    upto = (lambda i: last) if spec.get("full_matrix") else (lambda i: i)  # full_matrix: later stages' tests too
+    row0, classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed)
+    score_val = bool(spec.get("score_val", False))
+    val0, val_classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed, "val") if score_val else (None, {})
+    results: dict[str, Any] = {}
+    for entry in strategies:
+        name, strategy = entry["name"], entry["strategy"]
+        train_s, eval_s = t_stage0, 0.0
+        R, per_class, prev = [row0], classes0, stage0
+        R_val, per_class_val = [val0], val_classes0
+        budget = [steps[0]]
+        routing: list[list[float | None]] = []
+        params = [_params(out / "runs" / "stage0")]
+        for i in range(1, len(stages)):
+            if strategy == "joint":
+                datasets = joint_datasets(stages[: i + 1])
+                budget.append(sum(steps[: i + 1]))
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, None, "joint", budget[-1], lrs[0],
+                                      seed, stages[0]["fit_args"] + entry["fit_args"])
+            else:
+                datasets = stage_datasets(stages[i]) \
+                    + (unlabeled_datasets(stages[i]) if strategy == "distill" else []) \
+                    + (replayed_datasets(spec, stages[:i]) if strategy == "replay" else val_only_datasets(stages[:i]))
+                budget.append(steps[i])
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, MODULE_STRATEGY[strategy],
+                                      steps[i], lrs[i], seed, stages[i]["fit_args"] + entry["fit_args"]
+                                      + entry.get("stage_fit_args", {}).get(names[i], []))
+            train_s += t
+            params.append(_params(ckpt.parent))
+            t0 = time.time()
+            info: dict[str, Any] = {}
+            row, per_class = evaluate_stage_tests(ckpt, spec, upto(i), seed, details=info)
+            routing.append(info.get("routing_accuracy"))
+            if score_val:
+                row_val, per_class_val = evaluate_stage_tests(ckpt, spec, upto(i), seed, "val")
+                R_val.append(row_val)
+            eval_s += time.time() - t0
+            R.append(row)
+            prev = ckpt
+            print(f"[seed {seed} {name}] after {names[i]}: " + ", ".join(f"{v:.3f}" for v in row), flush=True)
+        res = {"strategy": name, "base_strategy": strategy, "seed": seed, "stages": names, "R": R,
+               "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
+               "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
+               "fit_args": entry["fit_args"],
+               **({"stage_fit_args": entry["stage_fit_args"]} if entry.get("stage_fit_args") else {}),
+               "wall_time_s": round(train_s, 1),
+               "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION, "params": params}
+        if any(v is not None for r in routing for v in (r or [])):  # experts: routing accuracy per stage's cases
+            res["routing_accuracy"] = [None, *routing]
+        if score_val:  # the validation cases' matrix: what settings are chosen on (never the test cases)
+            res.update(R_val=R_val, average_dice_val=average_after_last(R_val), bwt_val=backward_transfer(R_val),
+                       per_class_dice_val=per_class_val)
+        results[name] = res
+        write_matrix(out, res)
+    return results
+
+
+def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None,
+                 seeds: list[int] | None = None, workers: int = 1) -> dict[int, dict[str, Any]]:
+    """Run ``strategies`` (names; default all of the spec's) for ``seeds`` (default the spec's), then write
+    ``<output>/summary.json`` (and its copy when ``spec["summary_copy"]`` is set).
+
+    With ``workers > 1`` a seed's stage 0 trains once in this process, then its strategies run side by side in
+    up to ``workers`` single-thread processes (each logs to ``<output>/seed<N>/<strategy>.log``); the results
+    are the same files a sequential run writes.
+
+    Returns:
+        ``{seed: {strategy name: result}}`` (see :func:`run_seed`).
+    """
+    known = {e["name"]: e for e in spec["strategies"]}
+    unknown = [s for s in strategies or [] if s not in known]
+    if unknown:
+        raise ValueError(f"strategies {unknown} are not in the protocol; choose from {list(known)}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    chosen = [known[s] for s in strategies] if strategies else spec["strategies"]
+    if workers == 1 or len(chosen) == 1:
+        results = {seed: run_seed(spec, seed, chosen) for seed in (seeds or spec["seeds"])}
+    else:
+        results = {seed: _run_seed_parallel(spec, seed, chosen, workers) for seed in (seeds or spec["seeds"])}
+    write_summary(Path(spec["output"]), spec.get("summary_copy"))
+    return results
+
+
+def single_thread_logging_to(log: str) -> None:
+    """In a child process: stdout and stderr (file descriptors, so C libraries too) to ``log``; one torch thread."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    torch.set_num_threads(1)
+
+
+def _strategy_worker(spec: dict[str, Any], seed: int, entry: dict[str, Any], log: str) -> None:
+    """Child process: one strategy of one seed, one torch thread, stdout/stderr to ``log``."""
+    single_thread_logging_to(log)
+    run_seed(spec, seed, [entry])
+
+
+def _run_seed_parallel(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]],
+                       workers: int) -> dict[str, Any]:
+    run_seed(spec, seed, [])  # the shared stage 0, once, before any strategy needs it
+    out = Path(spec["output"]) / f"seed{seed}"
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    pending, running = list(strategies), {}
+    try:
+        while pending or running:
+            while pending and len(running) < workers:
+                entry = pending.pop(0)
+                log = out / f"{entry['name']}.log"
+                proc = ctx.Process(target=_strategy_worker, args=(spec, seed, entry, str(log)))
+                proc.start()
+                print(f"[seed {seed}] {entry['name']}: process {proc.pid}, log {log}", flush=True)
+                running[entry["name"]] = (proc, log)
+            time.sleep(0.5)
+            for name, (proc, log) in list(running.items()):
+                if proc.is_alive():
+                    continue
+                proc.join()
+                del running[name]
+                if proc.exitcode != 0:
+                    raise RuntimeError(f"strategy {name} (seed {seed}) failed with exit code {proc.exitcode}; "
+                                       f"see {log}")
+                print(f"[seed {seed}] {name} finished", flush=True)
+    finally:
+        for proc, _ in running.values():
+            proc.terminate()
+    return {e["name"]: json.loads((out / f"{e['name']}_matrix.json").read_text()) for e in strategies}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="cfseg-protocol", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="protocol YAML")
+    p.add_argument("--strategies", nargs="*", default=None, help="strategy names (default: all in the protocol)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds (default: the protocol's `seeds`, or [`seed`])")
+    p.add_argument("--output", default=None, help="override the protocol's output folder")
+    p.add_argument("--copy-summary", default=None, help="also copy summary.json here (YAML key: summary_copy)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="run a seed's strategies side by side in this many single-thread processes (after stage 0)")
+    a = p.parse_args(argv)
+    spec = load_protocol(a.config)
+    if a.output:
+        spec["output"] = a.output
+    if a.copy_summary:
+        spec["summary_copy"] = a.copy_summary
+    results = run_protocol(spec, a.strategies, a.seeds, a.workers)
+    summary = json.loads((Path(spec["output"]) / "summary.json").read_text())
+    print_results(results, summary)
+    print(f"\nwrote {Path(spec['output']) / 'summary.json'}" + (f" and {spec['summary_copy']}"
+                                                               if spec.get("summary_copy") else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

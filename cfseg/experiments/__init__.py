@@ -1,0 +1,1 @@
+"""Continual-learning experiments: protocol specs (:mod:`.protocol`), scoring and reports (:mod:`.report`)."""

@@ -68,6 +68,7 @@ def test_stage_extends_bank_and_keeps_old_prototypes_exact(stage0_ckpt, tiny_pha
                                                                  model.bank.index("stomach")])
     assert logits.shape == (1, 3, 16, 16, 16)
     assert model.stage_history == history
+    assert model.hparams.strategy == history[1]["strategy"]  # a loaded stage names what it was trained with
 
 
 def test_teacher_frozen_and_unchanged(stage0_ckpt, tiny_phantoms):

@@ -23,12 +23,12 @@ import yaml
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden" / "fingerprints.json"
 CONFIG = HERE / "configs" / "tiny.yaml"
-FAST = ["--data.spacing=[4.0, 4.0, 4.0]", "--trainer.limit_val_batches=1.0"]
+FAST = {"data": {"spacing": [4.0, 4.0, 4.0]}, "trainer": {"limit_val_batches": 1.0}}
 #: every strategy of the protocol; distill with pseudo-labels, feature distillation and Local POD switched on
 ROWS: list[Any] = [
     "finetune",
-    {"name": "distill", "strategy": "distill",
-     "fit_args": ["--model.pseudo_label=true", "--model.pod_weight=1.0", "--model.feat_weight=0.5"]},
+    {"name": "distill", "strategy": {"class_path": "cfseg.continual.Distill",
+                                     "init_args": {"pseudo_label": True, "pod_weight": 1.0, "feat_weight": 0.5}}},
     "experts", "ewc", "replay", "joint",
 ]
 
@@ -70,10 +70,11 @@ def checkpoint_fingerprint(path: Path, root: str) -> dict[str, str]:
 
 def record(tmp: Path) -> dict[str, Any]:
     """Run the golden protocol and segmentations under ``tmp``; return every fingerprint."""
+    from conftest import make_boxes
+
     from cfseg.apps.protocol import run_protocol
     from cfseg.apps.segment import main as segment
     from cfseg.experiments.protocol import load_protocol
-    from tests.conftest import make_boxes
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -84,7 +85,7 @@ def record(tmp: Path) -> dict[str, Any]:
             return {"path": str(boxes), "val_fraction": 0.0, "test_fraction": 0.34, "classes": classes}
 
         spec = {"base_config": str(CONFIG), "output": str(tmp / "out"), "strategies": ROWS, "max_steps": 3,
-                "lr": 0.01, "fit_args": FAST,
+                "lr": 0.01, "config": FAST,
                 "stages": [{"name": "s0", "datasets": [box(["liver", "spleen"])]},
                            {"name": "s1", "classes": ["aorta"], "datasets": [box()], "unlabeled": [box()]}]}
         path = tmp / "protocol.yaml"
@@ -126,7 +127,7 @@ def test_strategies_and_segmentation_match_the_golden_fingerprints(tmp_path):
 if __name__ == "__main__":  # python tests/test_golden.py --record tests/golden/fingerprints.json
     import tempfile
 
-    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE))
     if len(sys.argv) != 3 or sys.argv[1] != "--record":
         raise SystemExit(__doc__)
     with tempfile.TemporaryDirectory() as d:

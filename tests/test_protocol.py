@@ -15,7 +15,7 @@ from cfseg.experiments.protocol import load_protocol
 from cfseg.module import CFSegModule, load_checkpoint
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
-FAST = ["--data.spacing=[4.0, 4.0, 4.0]", "--trainer.limit_val_batches=1.0"]
+FAST = {"data": {"spacing": [4.0, 4.0, 4.0]}, "trainer": {"limit_val_batches": 1.0}}
 
 
 def box(boxes, classes=None, val=0.0):
@@ -30,7 +30,7 @@ def write_spec(tmp_path, **spec) -> Path:
 
 def test_protocol_writes_matrices_and_beats_an_untrained_model(boxes, tmp_path):
     spec_path = write_spec(
-        tmp_path, strategies=["distill", "finetune", "joint"], max_steps=40, lr=0.01, fit_args=FAST,
+        tmp_path, strategies=["distill", "finetune", "joint"], max_steps=40, lr=0.01, config=FAST,
         stages=[{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
                 {"name": "s1", "classes": ["aorta"], "datasets": [box(boxes)], "unlabeled": [box(boxes)]}])
     res = run_protocol(load_protocol(spec_path))[0]
@@ -79,7 +79,7 @@ def _metrics_columns(run_dir: Path) -> set[str]:
 def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
     """Stage budgets reach the runs, joint gets the cumulative budget, two seeds merge into one summary.json."""
     spec_path = write_spec(
-        tmp_path, strategies=["finetune", "joint"], seeds=[0, 1], lr=0.01, fit_args=FAST, score_val=True,
+        tmp_path, strategies=["finetune", "joint"], seeds=[0, 1], lr=0.01, config=FAST, score_val=True,
         summary_copy=str(tmp_path / "copy" / "summary.json"),
         stages=[{"name": "s0", "max_steps": 3, "datasets": [box(boxes, ["liver", "spleen"], val=0.34)]},
                 {"name": "s1", "max_steps": 2, "lr_factor": 0.5, "classes": ["aorta"],
@@ -92,9 +92,9 @@ def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
         fin = torch.load(runs / "finetune_stage1" / "final.ckpt", weights_only=True)
         assert (stage0["global_step"], stage0["hyper_parameters"]["lr"]) == (3, 0.01)
         assert (fin["global_step"], fin["hyper_parameters"]["lr"]) == (2, 0.005)  # the stage's own budget
-        args = json.loads((runs / "finetune_stage1" / "final.json").read_text())["args"]
-        assert f"--model.previous_checkpoint={runs / 'stage0' / 'final.ckpt'}" in args  # the seed's own stage 0
-        assert f"--seed_everything={seed}" in args and f"--data.seed={seed}" in args
+        config = json.loads((runs / "finetune_stage1" / "final.json").read_text())["config"]
+        assert config["model"]["previous_checkpoint"] == str(runs / "stage0" / "final.ckpt")  # the seed's own stage 0
+        assert config["seed_everything"] == seed and config["data"]["seed"] == seed
         # validation in stage 1 scores the stage-0 classes too (validation-only datasets of stage 0)
         cols = _metrics_columns(runs / "finetune_stage1")
         assert {"val/dice_liver", "val/dice_spleen", "val/dice_aorta"} <= cols
@@ -126,32 +126,40 @@ def test_budgets_seeds_summary_and_old_classes_in_validation(boxes, tmp_path):
     assert rows[0] == rows[1]  # both strategies start from the same stage-0 model of a seed
     # a finished run is reused only for the settings it was trained with (not only the same budget and lr)
     record = json.loads((out / "seed0" / "runs" / "finetune_stage1" / "final.json").read_text())
-    assert record["config"]["model"]["strategy"] == "finetune" and record["config"]["trainer"]["max_steps"] == 2
+    assert record["config"]["model"]["strategy"]["class_path"] == "cfseg.continual.Finetune"
+    assert record["config"]["trainer"]["max_steps"] == 2
     spec = load_protocol(spec_path)
-    spec["fit_args"] = [*spec["fit_args"], "--model.weight_decay=0.001"]  # acts in every run, stage 0 included
+    spec["config"]["model"] = {"weight_decay": 0.001}  # acts in every run, stage 0 included
     with pytest.raises(ValueError, match=r"stage0/final.ckpt was trained with other settings.*"
                                          r"model.weight_decay: trained with 1e-05, now 0.001"):
         run_protocol(spec, ["finetune"], seeds=[0])
     spec = load_protocol(spec_path)
-    spec["strategies"] = [{"name": "finetune", "strategy": "finetune", "fit_args": ["--data.batch_size=1"]}]
+    spec["strategies"] = [{**spec["strategies"][0], "config": {"data": {"batch_size": 1}}}]
     with pytest.raises(ValueError, match=r"finetune_stage1/final.ckpt.*data.batch_size: trained with 2, now 1"):
         run_protocol(spec, ["finetune"], seeds=[0])
-    # a distillation setting cannot change stage 0 or a finetune stage: both stay reusable
+    # the same protocol again: every run is reused, nothing retrains
     spec = load_protocol(spec_path)
-    spec["fit_args"] = [*spec["fit_args"], "--model.kd_weight=7.0", "--model.pseudo_label=true"]
     assert run_protocol(spec, ["finetune"], seeds=[0])[0]["finetune"]["R"] == \
         summary["strategies"]["finetune"]["per_seed"]["0"]["matrix"]
 
 
-def test_settings_without_effect_follow_the_strategy_and_the_stage():
-    from cfseg.module import STRATEGY_SETTINGS, settings_without_effect
+def test_effective_settings_compare_only_what_acts_in_the_stage():
+    """A first stage compares its strategy's class only (a shared stage 0 stays reusable when a distillation
+    setting changes) and no incremental_lr_factor; an incremental stage compares the full spec, defaults resolved."""
+    from cfseg.checkpoint import effective_settings
+    from cfseg.module import DEFAULT_BACKBONE
 
-    first = settings_without_effect("distill", incremental=False)
-    assert STRATEGY_SETTINGS["distill"] <= first and "incremental_lr_factor" in first and "lr" not in first
-    distill = settings_without_effect("distill", incremental=True)
-    assert not distill & (STRATEGY_SETTINGS["distill"] | {"incremental_lr_factor"})
-    assert STRATEGY_SETTINGS["ewc"] | STRATEGY_SETTINGS["experts"] <= distill
-    assert "router_batches" not in first | distill  # router statistics are taken in every stage
+    distill = {"class_path": "cfseg.continual.Distill", "init_args": {"kd_weight": 7.0}}
+    first = effective_settings({"strategy": distill, "incremental_lr_factor": 0.5, "lr": 0.1}, DEFAULT_BACKBONE)
+    assert first["strategy"] == {"class_path": "cfseg.continual.Distill"} and "incremental_lr_factor" not in first
+    assert first["lr"] == 0.1 and first["backbone"] == DEFAULT_BACKBONE
+    later = effective_settings({"strategy": distill, "previous_checkpoint": "a.ckpt", "incremental_lr_factor": 0.5,
+                                "statistics": {"router_batches": 0}}, DEFAULT_BACKBONE)
+    assert later["strategy"]["init_args"]["kd_weight"] == 7.0 and later["incremental_lr_factor"] == 0.5
+    assert later["strategy"]["init_args"]["pseudo_dice_weight"] == 0.1  # None resolves as the stage ran it
+    assert later["statistics"]["router_batches"] == 0 and later["statistics"]["fisher_batches"] == 8
+    short = effective_settings({"strategy": "distill", "previous_checkpoint": "a.ckpt"}, DEFAULT_BACKBONE)
+    assert short["strategy"]["init_args"]["kd_weight"] == 10.0  # a short name is the strategy's defaults
 
 
 def test_validation_only_datasets_add_cases_not_classes(boxes):
@@ -172,8 +180,12 @@ def test_validation_only_datasets_add_cases_not_classes(boxes):
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    ({"fit_args": ["--trainer.max_steps=5"]}, "fit_args.*use the protocol key `max_steps`"),
-    ({"stages": [{"datasets": ["x"], "fit_args": ["--model.lr=0.1"]}]}, r"stages\[0\].fit_args.*lr / lr_factor"),
+    ({"config": {"trainer": {"max_steps": 5}}}, "config: trainer.max_steps is set by the protocol; use max_steps"),
+    ({"stages": [{"datasets": ["x"], "config": {"model": {"lr": 0.1}}}]}, r"stages\[0\].config: model.lr.*lr_factor"),
+    ({"fit_args": ["--trainer.precision=bf16-mixed"]}, "fit_args .command-line strings. are gone"),
+    ({"config": {"optimizer": {}}}, "config overrides are a mapping of"),
+    ({"strategies": [{"name": "d", "strategy": {"class_path": "os.system"}}]}, r"strategies\[0\].strategy.*refusing"),
+    ({"strategies": [{"name": "d", "strategy": "distill", "stage_fit_args": {}}]}, "stage_fit_args .* are gone"),
     ({"stages": [{"datasets": ["x"], "lr_factor": -1}]}, r"stages\[0\].lr_factor"),
     ({"stages": [{"datasets": ["x"], "max_steps": 0}]}, r"stages\[0\].max_steps"),
     ({"strategies": ["distill", {"name": "d2", "strategy": "nope"}]}, r"strategies\[1\].strategy 'nope'"),
@@ -201,7 +213,7 @@ def test_lr_factor_needs_model_lr(tmp_path):
 def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
     """--workers: stage 0 once in the parent, the strategies in child processes, the same summary files."""
     spec_path = write_spec(
-        tmp_path, strategies=["finetune", "joint"], lr=0.01, fit_args=FAST, full_matrix=True,
+        tmp_path, strategies=["finetune", "joint"], lr=0.01, config=FAST, full_matrix=True,
         stages=[{"name": "s0", "max_steps": 3, "datasets": [box(boxes, ["liver", "spleen"])]},
                 {"name": "s1", "max_steps": 2, "classes": ["liver"], "datasets": [box(boxes)]}])
     assert main(["--config", str(spec_path), "--workers", "2"]) == 0
@@ -220,7 +232,7 @@ def test_workers_run_strategies_side_by_side_after_one_stage0(boxes, tmp_path):
 
 def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_path):
     spec_path = write_spec(
-        tmp_path, strategies=["experts", "replay", "ewc"], max_steps=6, lr=0.01, fit_args=FAST, replay_fraction=0.5,
+        tmp_path, strategies=["experts", "replay", "ewc"], max_steps=6, lr=0.01, config=FAST, replay_fraction=0.5,
         stages=[{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
                 {"name": "s1", "datasets": [box(boxes, ["aorta"])]}])
     res = run_protocol(load_protocol(spec_path))[0]
@@ -229,11 +241,10 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     stage0, stage1 = experts["params"]
     assert stage0["trainable"] == stage0["total"] and stage1["total"] == stage0["total"] + stage1["trainable"]
     run = tmp_path / "out" / "seed0" / "runs"
-    args = json.loads((run / "replay_stage1" / "final.json").read_text())["args"]
-    datasets = json.loads(next(a for a in args if a.startswith("--data.datasets="))[len("--data.datasets="):])
-    replayed = [d for d in datasets if d.get("train_fraction") == 0.5]
+    config = json.loads((run / "replay_stage1" / "final.json").read_text())["config"]
+    replayed = [d for d in config["data"]["datasets"] if d.get("train_fraction") == 0.5]
     assert len(replayed) == 1 and replayed[0]["classes"] == ["liver", "spleen"]
-    assert "--model.strategy=finetune" in args
+    assert config["model"]["strategy"] == {"class_path": "cfseg.continual.Replay", "init_args": {"fraction": 0.5}}
     model = load_checkpoint(str(run / "experts_stage1" / "final.ckpt"))
     assert model.n_experts == 2 and model.expert_records[1]["classes"] == ["aorta"]
     from cfseg.continual.experts import DEFAULT_EXPERT_LAYERS, expert_parameter_count
@@ -248,30 +259,31 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     assert "train/ewc_step" in _metrics_columns(run / "ewc_stage1")
 
 
-def test_stage_fit_args_reach_one_stage_of_one_row(boxes, tmp_path):
-    """A row's stage_fit_args go to the named incremental stage only, after its fit_args; bad entries are named."""
+def test_stage_settings_reach_one_stage_of_one_row(boxes, tmp_path):
+    """A row's ``stages`` settings go to the named incremental stage only, over its strategy's init_args; bad
+    entries are named."""
     stages = [{"name": "s0", "datasets": [box(boxes, ["liver", "spleen"])]},
               {"name": "s1", "datasets": [box(boxes, ["aorta"])]},
               {"name": "s2", "datasets": [box(boxes, ["liver", "spleen"])]}]
-    row = {"name": "sched", "strategy": "distill", "fit_args": ["--model.kd_weight=2.0"],
-           "stage_fit_args": {"s1": ["--model.kd_weight=0.0"]}}
-    spec = load_protocol(write_spec(tmp_path, strategies=["distill", row], max_steps=1, lr=0.01, fit_args=FAST,
+    row = {"name": "sched", "strategy": {"class_path": "cfseg.continual.Distill", "init_args": {"kd_weight": 2.0}},
+           "stages": {"s1": {"kd_weight": 0.0}}}
+    spec = load_protocol(write_spec(tmp_path, strategies=["distill", row], max_steps=1, lr=0.01, config=FAST,
                                     stages=stages))
-    assert spec["strategies"][0]["stage_fit_args"] == {}  # the other rows keep their settings
+    assert spec["strategies"][0]["stages"] == {}  # the other rows keep their settings
     res = run_protocol(spec, ["sched"])[0]["sched"]
     run = tmp_path / "out" / "seed0" / "runs"
-    kd = [load_checkpoint(str(run / f"sched_stage{i}" / "final.ckpt")).hparams.kd_weight for i in (1, 2)]
-    assert kd == [0.0, 2.0]  # s1: its stage_fit_args after the row's fit_args; s2: the row's fit_args
-    assert res["stage_fit_args"] == {"s1": ["--model.kd_weight=0.0"]}
-    for bad, match in ((["--model.kd_weight=0"], "maps an incremental stage's name"),
-                       ({"s0": ["--model.kd_weight=0"]}, "'s0' is not an incremental stage"),
-                       ({"s1": ["--model.lr=0.1"]}, r"stage_fit_args.s1.*lr / lr_factor")):
+    kd = [load_checkpoint(str(run / f"sched_stage{i}" / "final.ckpt")).hparams.strategy["init_args"]["kd_weight"]
+          for i in (1, 2)]
+    assert kd == [0.0, 2.0]  # s1: its stage settings over the row's init_args; s2: the row's init_args
+    assert res["stages_settings"] == {"s1": {"kd_weight": 0.0}}
+    for bad, match in (([{"kd_weight": 0}], "maps an incremental stage's name"),
+                       ({"s0": {"kd_weight": 0}}, "'s0' is not an incremental stage"),
+                       ({"s1": {"lr": 0.1}}, r"stages.s1: .*unexpected keyword argument 'lr'")):
         with pytest.raises(ValueError, match=match):
-            load_protocol(write_spec(tmp_path, stages=stages, max_steps=2,
-                                     strategies=[{**row, "stage_fit_args": bad}]))
-    with pytest.raises(ValueError, match="joint trains one model per stage"):
+            load_protocol(write_spec(tmp_path, stages=stages, max_steps=2, strategies=[{**row, "stages": bad}]))
+    with pytest.raises(ValueError, match="trains one model per stage from scratch"):
         load_protocol(write_spec(tmp_path, stages=stages, max_steps=2,
-                                 strategies=[{"name": "j", "strategy": "joint", "stage_fit_args": {"s1": []}}]))
+                                 strategies=[{"name": "j", "strategy": "joint", "stages": {"s1": {}}}]))
 
 
 def test_joint_diagnostic_scales_the_last_joint_budget(boxes, tmp_path):
@@ -283,7 +295,7 @@ def test_joint_diagnostic_scales_the_last_joint_budget(boxes, tmp_path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     spec_path = write_spec(
-        tmp_path, strategies=["joint"], lr=0.01, fit_args=FAST,
+        tmp_path, strategies=["joint"], lr=0.01, config=FAST,
         stages=[{"name": "s0", "max_steps": 2, "datasets": [box(boxes, ["liver", "spleen"], val=0.34)]},
                 {"name": "s1", "max_steps": 2, "classes": ["aorta"], "datasets": [box(boxes, val=0.34)]}])
     res = mod.main(["--config", str(spec_path), "--steps", "1.5", "--lr-factor", "0.5", "--tag", "jd"])

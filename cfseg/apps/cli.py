@@ -30,9 +30,10 @@ from cfseg.module import CFSegModule
 from cfseg.vocab import canonical_name
 
 #: Hyper-parameters of a ``--ckpt_path`` checkpoint never merged into the run's config: a file must not decide
-#: what code is trusted, which other files are read (a teacher), or the class list (that follows the data).
+#: what code is trusted or runs (the continual strategy: a resumed stage takes it from the run's config), which other
+#: files are read (a teacher), or the class list (that follows the data).
 IGNORED_CHECKPOINT_HPARAMS = ("trusted_modules", "previous_checkpoint", "new_classes", "class_names", "preprocessing",
-                              "bank_state", "optimizer")
+                              "bank_state", "optimizer", "strategy")
 
 
 class CFSegCLI(LightningCLI):
@@ -207,12 +208,13 @@ class _ParseOnlyCLI(CFSegCLI):
         pass
 
 
-def resolve_fit_config(args: list[str]) -> dict[str, Any]:
+def resolve_fit_config(args: list[str] | dict[str, Any]) -> dict[str, Any]:
     """The configuration ``cfseg fit <args>`` would train with, as plain data; nothing is built or read beyond
     the config files.
 
     Args:
-        args: ``cfseg fit`` arguments without the ``fit`` subcommand (``--config``, ``--model.x=y``, ...).
+        args: ``cfseg fit`` arguments without the ``fit`` subcommand (``--config``, ``--model.x=y``, ...), or the
+            configuration as a mapping (``{"model": {...}, "data": {...}, "trainer": {...}}``).
 
     Returns:
         ``{"model": {...}, "data": {...}, "trainer": {...}, "seed_everything": ...}`` with every default filled in
@@ -220,7 +222,8 @@ def resolve_fit_config(args: list[str]) -> dict[str, Any]:
     """
     import json
 
-    cli = _ParseOnlyCLI(CFSegModule, SegDataModule, args=list(args), run=False, save_config_callback=None)
+    cli = _ParseOnlyCLI(CFSegModule, SegDataModule, args=args if isinstance(args, dict) else list(args), run=False,
+                        save_config_callback=None)
     cfg = cli.config.clone()
     cfg.pop("config", None)
     return json.loads(json.dumps(cfg.as_dict(), default=str))

@@ -2,26 +2,32 @@
 
 A protocol file names a base training config (trainer/model/data settings shared by every stage), the stages
 (each with its datasets and, optionally, the classes that count as annotated there, image-only datasets of
-earlier domains for distillation, and its own budget) and the strategies to compare:
+earlier domains for distillation, and its own budget) and the strategies to compare, as typed rows::
+
+    strategies:
+      - distill                                   # a short name: the strategy's defaults
+      - {name: distill_kd5, strategy: {class_path: cfseg.continual.Distill, init_args: {kd_weight: 5.0}}}
+      - {name: sched, strategy: distill, stages: {<stage name>: {kd_weight: 0.0}}}   # one stage's settings
+      - {name: ft_bs1, strategy: finetune, config: {data: {batch_size: 1}}}          # other settings of the row
 
 * ``distill``: stage i starts from stage i-1's checkpoint, which is also the frozen teacher (cfseg's method);
+  it also distils on the stage's ``unlabeled`` datasets;
 * ``finetune``: stage i starts from stage i-1's checkpoint, no distillation (the lower bound);
-* ``experts``: stage 0's network is frozen; stage i trains only a new LoRA expert (``model.expert_*``) that serves
-  the stage's classes in the stage's domains, chosen per volume by the analytic router (``model.router_*``);
-* ``ewc`` (reference): ``finetune`` with the EWC penalty (``model.ewc_lambda``) towards the previous stage's weights,
-  weighted by the diagonal Fisher each stage stores in its checkpoint;
-* ``replay`` (reference, not rehearsal-free): ``finetune`` plus ``replay_fraction`` (default 0.25) of every earlier
-  stage's training cases;
+* ``experts``: stage 0's network is frozen; stage i trains only a new LoRA expert that serves the stage's classes in
+  the stage's domains, chosen per volume by the analytic router;
+* ``ewc`` (reference): ``finetune`` with the EWC penalty towards the previous stage's weights, weighted by the
+  diagonal Fisher each stage stores in its checkpoint;
+* ``replay`` (reference, not rehearsal-free): ``finetune`` plus a fraction (``cfseg.continual.Replay``'s
+  ``fraction``, or the protocol's ``replay_fraction`` for the short name) of every earlier stage's training cases;
 * ``joint``: after stage i, one model trained from scratch on the data of stages 0..i at once with the
-  *cumulative* step budget of stages 0..i and stage 0's learning rate (the upper bound; each stage keeps its own
-  annotated classes).
+  *cumulative* step budget of stages 0..i and stage 0's learning rate (each stage keeps its own annotated classes).
 
 Budgets: every stage trains ``max_steps`` steps (per stage, else the protocol's ``max_steps``, else the base
 config's ``trainer.max_steps``) at ``lr * lr_factor`` (``lr``: the protocol's, else the base config's
-``model.lr``, else 2e-3; ``model.incremental_lr_factor`` in a strategy's ``fit_args`` would multiply on top).
-Free-form ``fit_args`` (top level, per stage, per strategy entry ``{name, strategy, fit_args}``) go to ``cfseg
-fit`` after the protocol's own arguments; a strategy entry's ``stage_fit_args`` (``{stage name: [...]}``) go to
-one incremental stage of that row only, after the rest (a distillation schedule that differs between stages).
+``model.lr``, else 2e-3; ``model.incremental_lr_factor`` in a row's ``config`` would multiply on top).
+Each run's configuration is built as data (:func:`stage_config`): the base config, the protocol's settings for the
+stage (datasets, budget, seed, strategy), then the ``config`` overrides of the protocol, the stage and the row; a
+row's ``stages`` settings change its strategy's init_args in one incremental stage only.
 Stage 0 is the same training for every strategy and runs once per seed. In an incremental stage the validation
 cases of the earlier stages join as validation-only datasets, so the validation metrics (``val/dice_<class>``)
 score every class seen so far.
@@ -44,6 +50,7 @@ stage 0 and joint runs copied into another output folder stay reusable.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -53,32 +60,71 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from cfseg.apps.cli import main as cli
 from cfseg.apps.cli import resolve_fit_config
+from cfseg.continual import Finetune
 from cfseg.experiments.protocol import (
-    MODULE_STRATEGY,
     joint_datasets,
     load_protocol,
     replayed_datasets,
+    row_strategy,
     settings_mismatch,
     stage_datasets,
     unlabeled_datasets,
-    val_args,
+    val_config,
     val_only_datasets,
 )
 from cfseg.experiments.report import evaluate_stage_tests, print_results, write_matrix, write_summary
 from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
 
 
-def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous: Path | None, strategy: str,
-                steps: int, lr: float | None, seed: int, extra: list[str] | None = None) -> tuple[Path, float]:
-    """One ``cfseg fit`` run of ``steps`` steps at learning rate ``lr`` under ``out/runs/tag``.
+def merge_config(base: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with each override merged in turn: mappings recursively, except class specs (a mapping with
+    ``class_path``), which an override replaces whole unless it names the same class; other values replace."""
+    out = copy.deepcopy(base)
+    for o in overrides:
+        for k, v in o.items():
+            old = out.get(k)
+            same_class = isinstance(v, dict) and isinstance(old, dict) and v.get("class_path", old.get("class_path")) \
+                == old.get("class_path")
+            out[k] = merge_config(old, v) if isinstance(v, dict) and isinstance(old, dict) and same_class \
+                else copy.deepcopy(v)
+    return out
+
+
+def stage_config(spec: dict[str, Any], run_dir: Path, datasets: list[dict], previous: Path | None,
+                 strategy: dict[str, Any], steps: int, lr: float | None, seed: int,
+                 overrides: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``cfseg fit`` configuration of one stage: the base config, the protocol's settings for the stage, then
+    ``overrides`` (the protocol's, the stage's, the row's ``config``) in that order."""
+    base = yaml.safe_load(Path(spec["base_config"]).read_text()) or {}
+    trainer: dict[str, Any] = {"default_root_dir": str(run_dir), "enable_checkpointing": True, "max_steps": steps,
+                               "max_epochs": -1, **val_config(spec, steps)}
+    logger = (base.get("trainer") or {}).get("logger")
+    if isinstance(logger, dict) and "class_path" in logger:
+        trainer["logger"] = {"class_path": logger["class_path"], "init_args": {"save_dir": str(run_dir)}}
+    model: dict[str, Any] = {"strategy": strategy}
+    if lr is not None:
+        model["lr"] = lr
+    if previous is not None:
+        model["previous_checkpoint"] = str(previous)
+    own = {"seed_everything": seed, "trainer": trainer, "model": model,
+           "data": {"datasets": datasets, "seed": spec.get("split_seed", seed)}}
+    return merge_config(base, own, *overrides)
+
+
+def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous: Path | None,
+                strategy: dict[str, Any], steps: int, lr: float | None, seed: int,
+                overrides: list[dict[str, Any]] | None = None) -> tuple[Path, float]:
+    """One ``cfseg fit`` run of ``steps`` steps at learning rate ``lr`` under ``out/runs/tag``, configured by
+    :func:`stage_config` (``strategy``: a spec ``{class_path, init_args}``).
 
     Returns:
         (checkpoint path, training wall time in s). A finished run of the same tag is reused (its recorded
         wall time is returned); one trained with another budget or other settings (:func:`settings_mismatch`:
-        fit arguments, base config, defaults) is refused.
+        the resolved configuration, base config, defaults) is refused.
     """
     run_dir = out / "runs" / tag
     done, record = run_dir / "final.ckpt", run_dir / "final.json"
@@ -87,40 +133,30 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
         base = d.get("name") or Path(d["path"]).name
         d["name"] = base if base not in names else f"{base}_{len(names)}"
         names.add(d["name"])
-    split_seed = spec.get("split_seed", seed)
-    args = ["fit", "--config", str(spec["base_config"]), f"--data.datasets={json.dumps(datasets)}",
-            f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
-            f"--model.strategy={strategy}", f"--seed_everything={seed}", f"--data.seed={split_seed}",
-            "--trainer.enable_checkpointing=true", f"--trainer.max_steps={steps}", "--trainer.max_epochs=-1",
-            *val_args(spec, steps)]
-    if lr is not None:
-        args.append(f"--model.lr={lr!r}")
-    if previous is not None:
-        args.append(f"--model.previous_checkpoint={previous}")
-    args += list(spec.get("fit_args", [])) + list(extra or [])
+    config = stage_config(spec, run_dir, datasets, previous, strategy, steps, lr, seed, overrides or [])
     if done.is_file():
         info = json.loads(record.read_text()) if record.is_file() else {}
         if info and (info.get("steps"), info.get("lr")) != (steps, lr):
             raise ValueError(f"{done} was trained with max_steps={info.get('steps')}, lr={info.get('lr')}, but the "
                              f"protocol now asks for max_steps={steps}, lr={lr}: delete {run_dir} or use another "
                              "output folder")
-        diffs = settings_mismatch(done, info, resolve_fit_config(args[1:]))
+        diffs = settings_mismatch(done, info, resolve_fit_config(config))
         if diffs:
             raise ValueError(f"{done} was trained with other settings than the protocol now asks for ("
                              + "; ".join(diffs) + f"): delete {run_dir} or use another output folder")
         print(f"[{tag}] reusing {done}")
         return done, float(info.get("wall_time_s", 0.0))
     t0 = time.time()
-    print(f"[{tag}] cfseg {' '.join(args)}", flush=True)
-    run = cli(args)
+    print(f"[{tag}] cfseg fit: {strategy['class_path']} {strategy['init_args']}, {steps} steps, lr {lr}", flush=True)
+    run = cli({"fit": config})
     run.trainer.save_checkpoint(done)
     wall = round(time.time() - t0, 1)
     params = list(run.model.parameters())
     record.write_text(json.dumps({"tag": tag, "steps": steps, "lr": lr, "seed": seed, "wall_time_s": wall,
                                   "global_step": run.trainer.global_step,
                                   "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-                                  "total_params": sum(p.numel() for p in params), "args": args[1:],
-                                  "config": resolve_fit_config(args[1:])}, indent=2))
+                                  "total_params": sum(p.numel() for p in params),
+                                  "config": resolve_fit_config(config)}, indent=2))
     print(f"[{tag}] trained in {wall:.0f} s -> {done}", flush=True)
     return done, wall
 
@@ -142,8 +178,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
     out.mkdir(parents=True, exist_ok=True)
     stages, steps, lrs = spec["stages"], spec["stage_steps"], spec["stage_lr"]
     names = [s["name"] for s in stages]
-    stage0, t_stage0 = train_stage(spec, out, "stage0", stage_datasets(stages[0]), None, "finetune", steps[0],
-                                   lrs[0], seed, stages[0]["fit_args"])
+    stage0, t_stage0 = train_stage(spec, out, "stage0", stage_datasets(stages[0]), None, Finetune().spec(), steps[0],
+                                   lrs[0], seed, [spec["config"], stages[0]["config"]])
     last = len(stages) - 1
     upto = (lambda i: last) if spec.get("full_matrix") else (lambda i: i)  # full_matrix: later stages' tests too
     row0, classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed)
@@ -151,7 +187,8 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
     val0, val_classes0 = evaluate_stage_tests(stage0, spec, upto(0), seed, "val") if score_val else (None, {})
     results: dict[str, Any] = {}
     for entry in strategies:
-        name, strategy = entry["name"], entry["strategy"]
+        name = entry["name"]
+        from_scratch = not row_strategy(entry).allows_previous  # joint: one model per stage on the stages so far
         train_s, eval_s = t_stage0, 0.0
         R, per_class, prev = [row0], classes0, stage0
         R_val, per_class_val = [val0], val_classes0
@@ -159,19 +196,20 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
         routing: list[list[float | None]] = []
         params = [_params(out / "runs" / "stage0")]
         for i in range(1, len(stages)):
-            if strategy == "joint":
+            if from_scratch:
                 datasets = joint_datasets(stages[: i + 1])
                 budget.append(sum(steps[: i + 1]))
-                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, None, "joint", budget[-1], lrs[0],
-                                      seed, stages[0]["fit_args"] + entry["fit_args"])
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, None, entry["strategy"], budget[-1],
+                                      lrs[0], seed, [spec["config"], stages[0]["config"], entry["config"]])
             else:
+                strategy = row_strategy(entry, names[i])
+                replayed = replayed_datasets(strategy, stages[:i])
                 datasets = stage_datasets(stages[i]) \
-                    + (unlabeled_datasets(stages[i]) if strategy == "distill" else []) \
-                    + (replayed_datasets(spec, stages[:i]) if strategy == "replay" else val_only_datasets(stages[:i]))
+                    + (unlabeled_datasets(stages[i]) if strategy.uses_unlabeled else []) \
+                    + (replayed or val_only_datasets(stages[:i]))
                 budget.append(steps[i])
-                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, MODULE_STRATEGY[strategy],
-                                      steps[i], lrs[i], seed, stages[i]["fit_args"] + entry["fit_args"]
-                                      + entry.get("stage_fit_args", {}).get(names[i], []))
+                ckpt, t = train_stage(spec, out, f"{name}_stage{i}", datasets, prev, strategy.spec(), steps[i],
+                                      lrs[i], seed, [spec["config"], stages[i]["config"], entry["config"]])
             train_s += t
             params.append(_params(ckpt.parent))
             t0 = time.time()
@@ -185,11 +223,13 @@ def run_seed(spec: dict[str, Any], seed: int, strategies: list[dict[str, Any]]) 
             R.append(row)
             prev = ckpt
             print(f"[seed {seed} {name}] after {names[i]}: " + ", ".join(f"{v:.3f}" for v in row), flush=True)
-        res = {"strategy": name, "base_strategy": strategy, "seed": seed, "stages": names, "R": R,
+        res = {"strategy": name, "base_strategy": row_strategy(entry).short_name or entry["strategy"]["class_path"],
+               "seed": seed, "stages": names,
+               "R": R,
                "average_dice": average_after_last(R), "bwt": backward_transfer(R), "per_class_dice": per_class,
-               "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if strategy == "joint" else lrs,
-               "fit_args": entry["fit_args"],
-               **({"stage_fit_args": entry["stage_fit_args"]} if entry.get("stage_fit_args") else {}),
+               "stage_steps": budget, "stage_lr": [lrs[0]] * len(stages) if from_scratch else lrs,
+               "strategy_spec": entry["strategy"], **({"stages_settings": entry["stages"]} if entry["stages"] else {}),
+               **({"config": entry["config"]} if entry["config"] else {}),
                "wall_time_s": round(train_s, 1),
                "eval_time_s": round(eval_s, 1), "dice_convention": DICE_CONVENTION, "params": params}
         if any(v is not None for r in routing for v in (r or [])):  # experts: routing accuracy per stage's cases

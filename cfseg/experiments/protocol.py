@@ -14,67 +14,107 @@ from typing import Any
 import torch
 import yaml
 
+from cfseg.checkpoint import effective_settings
+from cfseg.continual import Strategy, build_strategy
+from cfseg.module import DEFAULT_BACKBONE
+
+#: the short names a row may give (any cfseg.continual strategy is also accepted as ``{class_path, init_args}``)
 STRATEGIES = ("distill", "finetune", "joint", "experts", "replay", "ewc")
-#: the module's strategy for each protocol strategy (``replay`` is fine-tuning on the stage's data plus a fraction
-#: of every earlier stage's training cases: a reference row that is not rehearsal-free)
-MODULE_STRATEGY = {"distill": "distill", "finetune": "finetune", "joint": "joint", "experts": "experts",
-                   "replay": "finetune", "ewc": "ewc"}
 DEFAULT_STRATEGIES = ("distill", "finetune", "joint")
-DEFAULT_REPLAY_FRACTION = 0.25  # EvoSAM's experience-replay baseline keeps 25% of each earlier task
 DEFAULT_LR = 2e-3  # CFSegModule's default
-# set through protocol keys (max_steps, lr/lr_factor, seeds), never through fit_args
-RESERVED_ARGS = {"--trainer.max_steps": "max_steps", "--model.lr": "lr / lr_factor",
-                 "--seed_everything": "seeds", "--data.seed": "seeds / split_seed"}
+#: set through protocol keys, never through a ``config`` override
+RESERVED = {"trainer.max_steps": "max_steps", "model.lr": "lr / lr_factor", "seed_everything": "seeds",
+            "data.seed": "seeds / split_seed", "model.strategy": "a row's strategy",
+            "model.previous_checkpoint": "the stage order", "data.datasets": "the stages' datasets"}
+CONFIG_SECTIONS = ("model", "data", "trainer")
 
 
-def _fit_args(value: Any, key: str) -> list[str]:
-    """Check a ``fit_args`` list (strings passed to ``cfseg fit``); returns it as a list."""
-    if value is None:
-        return []
-    if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
-        raise ValueError(f"{key}: fit_args must be a list of strings such as '--trainer.precision=bf16-mixed'")
-    for a in value:
-        if a.split("=")[0] in RESERVED_ARGS:
-            raise ValueError(f"{key}: {a!r} is set by the protocol; use the protocol key "
-                             f"`{RESERVED_ARGS[a.split('=')[0]]}` instead")
-    return list(value)
+def _flat_keys(d: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.append(key)
+        if isinstance(v, dict) and "class_path" not in v:
+            out += _flat_keys(v, key + ".")
+    return out
 
 
-def _stage_fit_args(value: Any, key: str, stage_names: list[str], strategy: str) -> dict[str, list[str]]:
-    """Check a row's ``stage_fit_args`` (``{stage name: fit_args}``, incremental stages only) -> that dict."""
+def _overrides(value: Any, key: str) -> dict[str, Any]:
+    """Check a ``config`` override (``{model: {...}, data: {...}, trainer: {...}}``, merged onto the base config)."""
     if value is None:
         return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{key}: stage_fit_args maps an incremental stage's name to its fit_args, e.g. "
-                         f"{{{stage_names[-1]}: ['--model.kd_weight=5.0']}}")
-    if strategy == "joint":
-        raise ValueError(f"{key}: joint trains one model per stage on the stages so far; give it fit_args, not "
-                         "stage_fit_args")
-    for name in value:
-        if name not in stage_names[1:]:
-            raise ValueError(f"{key}: {name!r} is not an incremental stage (stage 0 is shared by every row); "
-                             f"choose from {stage_names[1:]}")
-    return {name: _fit_args(args, f"{key}.{name}") for name, args in value.items()}
+    if not isinstance(value, dict) or not all(k in CONFIG_SECTIONS and isinstance(v, dict) for k, v in value.items()):
+        raise ValueError(f"{key}: config overrides are a mapping of {CONFIG_SECTIONS} sections, e.g. "
+                         "{trainer: {precision: bf16-mixed}}, got " + repr(value))
+    for k in _flat_keys(value):
+        if k in RESERVED:
+            raise ValueError(f"{key}: {k} is set by the protocol; use {RESERVED[k]} instead")
+    return value
 
 
-def _strategies(value: Any, path: Path, stage_names: list[str]) -> list[dict[str, Any]]:
-    """Normalise ``strategies``: names or ``{name, strategy, fit_args, stage_fit_args}`` entries -> list of such
-    dicts (``fit_args`` go to every incremental stage of the row, ``stage_fit_args[stage name]`` after them to
-    that stage only)."""
+def _no_fit_args(d: dict[str, Any], key: str) -> None:
+    for old, new in (("fit_args", "config: {model|data|trainer: {...}}"),
+                     ("stage_fit_args", "stages: {<stage name>: {<strategy init_args>}}")):
+        if old in d:
+            raise ValueError(f"{key}: {old} (command-line strings) are gone; write {new}")
+
+
+def strategy_spec(value: Any, spec: dict[str, Any], key: str) -> dict[str, Any]:
+    """A row's strategy as a full spec ``{class_path, init_args}`` (defaults resolved); a short ``replay`` takes
+    the protocol's ``replay_fraction``."""
+    if value == "replay" and "replay_fraction" in spec:
+        value = {"class_path": "cfseg.continual.Replay", "init_args": {"fraction": spec["replay_fraction"]}}
+    try:
+        return build_strategy(value).spec()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{key}: {e}") from None
+
+
+def row_strategy(entry: dict[str, Any], stage: str | None = None) -> Strategy:
+    """The strategy object of a row in ``stage`` (its init_args with the stage's overrides)."""
+    spec = entry["strategy"]
+    overrides = entry["stages"].get(stage, {}) if stage else {}
+    return build_strategy({"class_path": spec["class_path"], "init_args": {**spec["init_args"], **overrides}})
+
+
+def _strategies(value: Any, path: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Normalise ``strategies``: short names or typed rows ``{name, strategy, stages, config}`` -> rows with
+    ``strategy`` as a full spec, ``stages`` (``{incremental stage name: init_args overrides}``) and ``config``."""
+    stage_names = [st["name"] for st in spec["stages"]]
     out = []
     for i, s in enumerate(value):
+        key = f"{path}: strategies[{i}]"
         entry = {"name": s, "strategy": s} if isinstance(s, str) else dict(s or {})
+        _no_fit_args(entry, key)
+        unknown = sorted(set(entry) - {"name", "strategy", "stages", "config"})
+        if unknown:
+            raise ValueError(f"{key}: unknown keys {unknown}; a row is {{name, strategy, stages, config}}")
         entry.setdefault("strategy", entry.get("name"))
-        entry.setdefault("name", entry["strategy"])
-        if entry["strategy"] not in STRATEGIES:
-            raise ValueError(f"{path}: strategies[{i}].strategy {entry['strategy']!r} unknown; choose from "
-                             f"{STRATEGIES}")
+        if isinstance(entry["strategy"], str) and entry["strategy"] not in STRATEGIES:
+            raise ValueError(f"{key}.strategy {entry['strategy']!r} unknown; choose from {STRATEGIES} or give "
+                             "{class_path: cfseg.continual.<Strategy>, init_args: {...}}")
+        entry["strategy"] = strategy_spec(entry["strategy"], spec, f"{key}.strategy")
+        entry.setdefault("name", entry["strategy"]["class_path"].rsplit(".", 1)[-1].lower())
         if not str(entry["name"]).replace("_", "").replace("-", "").isalnum():
-            raise ValueError(f"{path}: strategies[{i}].name {entry['name']!r}: letters, digits, '_' or '-' only")
-        entry["fit_args"] = _fit_args(entry.get("fit_args"), f"{path}: strategies[{i}].fit_args")
-        entry["stage_fit_args"] = _stage_fit_args(entry.get("stage_fit_args"),
-                                                  f"{path}: strategies[{i}].stage_fit_args", stage_names,
-                                                  entry["strategy"])
+            raise ValueError(f"{key}.name {entry['name']!r}: letters, digits, '_' or '-' only")
+        stages = entry.get("stages") or {}
+        if not isinstance(stages, dict) or not all(isinstance(v, dict) for v in stages.values()):
+            raise ValueError(f"{key}.stages maps an incremental stage's name to strategy init_args overrides, e.g. "
+                             f"{{{stage_names[-1]}: {{kd_weight: 5.0}}}}")
+        if stages and not build_strategy(entry["strategy"]).allows_previous:
+            raise ValueError(f"{key}: a {entry['strategy']['class_path']} row trains one model per stage from "
+                             "scratch; it takes no per-stage settings (stages)")
+        for name in stages:
+            if name not in stage_names[1:]:
+                raise ValueError(f"{key}.stages: {name!r} is not an incremental stage (stage 0 is shared by every "
+                                 f"row); choose from {stage_names[1:]}")
+        entry["stages"] = stages
+        entry["config"] = _overrides(entry.get("config"), f"{key}.config")
+        for name in stages:  # every stage's settings must build
+            try:
+                row_strategy(entry, name)
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"{key}.stages.{name}: {e}") from None
         out.append(entry)
     names = [e["name"] for e in out]
     if len(set(names)) != len(names):
@@ -119,7 +159,8 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     """Read and check a protocol YAML (paths in it are relative to the working directory).
 
     Returns:
-        the spec with defaults filled in: ``strategies`` as ``{name, strategy, fit_args}`` dicts, ``seeds``,
+        the spec with defaults filled in: ``strategies`` as rows ``{name, strategy (a full spec), stages, config}``,
+        ``config`` overrides (top level and per stage), ``seeds``,
         ``stage_steps`` and ``stage_lr`` (one per stage).
     """
     path = Path(path)
@@ -134,10 +175,11 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
         if not st.get("datasets"):
             raise ValueError(f"{path}: stages[{i}].datasets is empty")
         st.setdefault("name", f"stage{i}")
-        st["fit_args"] = _fit_args(st.get("fit_args"), f"{path}: stages[{i}].fit_args")
-    spec["fit_args"] = _fit_args(spec.get("fit_args"), f"{path}: fit_args")
-    spec["strategies"] = _strategies(spec.get("strategies", DEFAULT_STRATEGIES), path,
-                                     [st["name"] for st in spec["stages"]])
+        _no_fit_args(st, f"{path}: stages[{i}]")
+        st["config"] = _overrides(st.get("config"), f"{path}: stages[{i}].config")
+    _no_fit_args(spec, str(path))
+    spec["config"] = _overrides(spec.get("config"), f"{path}: config")
+    spec["strategies"] = _strategies(spec.get("strategies", DEFAULT_STRATEGIES), path, spec)
     spec.setdefault("output", "results/protocol")
     seeds = spec.get("seeds", [spec.get("seed", 0)])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
@@ -181,20 +223,19 @@ def val_only_datasets(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for st in stages for k, d in enumerate(stage_datasets(st))]
 
 
-def replayed_datasets(spec: dict[str, Any], stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``replay``: every earlier stage's labelled datasets restricted to ``replay_fraction`` of their training
-    cases (their validation cases validate as usual, so no validation-only copies are added)."""
-    fraction = float(spec.get("replay_fraction", DEFAULT_REPLAY_FRACTION))
-    return [{**d, "train_fraction": fraction, "name": f"replay_{st['name']}_{k}_" + Path(d["path"]).name}
-            for st in stages for k, d in enumerate(stage_datasets(st))]
+def replayed_datasets(strategy: Strategy, stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A data-side strategy's (``Replay``) share of every earlier stage's labelled datasets (their validation cases
+    validate as usual, so no validation-only copies are added); [] for any other strategy."""
+    replayed = getattr(strategy, "replayed", None)
+    return replayed([(st["name"], stage_datasets(st)) for st in stages]) if replayed else []
 
 
-def val_args(spec: dict[str, Any], steps: int) -> list[str]:
+def val_config(spec: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Trainer settings that validate at the end of a stage (or every ``val_every_n_steps``)."""
     every = spec.get("val_every_n_steps", "end")
     if every is None:
-        return []
-    return ["--trainer.check_val_every_n_epoch=null",
-            f"--trainer.val_check_interval={steps if every == 'end' else every}"]
+        return {}
+    return {"check_val_every_n_epoch": None, "val_check_interval": steps if every == "end" else every}
 
 
 #: settings that say where a run lives, how its data is held or what it logs, not how it trains: a run copied
@@ -211,30 +252,31 @@ def settings_mismatch(ckpt: Path, record: dict, config: dict) -> list[str]:
     recorded with their configuration (``record["config"]``), its trainer settings and seed.
 
     Not compared: a setting only one side knows (an option added since the run), :data:`RUN_LOCATION_KEYS`, and
-    model settings without effect on the run (:func:`cfseg.module.settings_without_effect`: a stage 0 shared by
-    every strategy stays reusable when a distillation default changes). A default changed in code since the run
-    counts wherever the checkpoint stored the old value.
+    model settings without effect on the run (:func:`cfseg.checkpoint.effective_settings`: a first stage compares
+    only its strategy's class, so a stage 0 shared by every strategy stays reusable when a distillation default
+    changes). A default changed in code since the run counts wherever the checkpoint stored the old value.
 
     Returns:
         One ``"section.key: trained with A, now B"`` line per difference (empty: the run is what the protocol asks).
     """
-    from cfseg.module import resolve_defaults, settings_without_effect
-
     def plain(v: Any) -> Any:
         return json.loads(json.dumps(v, default=str))
 
     stored = torch.load(ckpt, map_location="cpu", weights_only=True)
     recorded = record.get("config") or {}
-    model = plain(resolve_defaults(config.get("model", {})))
-    unused = settings_without_effect(str(model.get("strategy")), model.get("previous_checkpoint") is not None)
-    sides = [("model", model, stored.get("hyper_parameters") or {}),
+    model = effective_settings(config.get("model", {}), DEFAULT_BACKBONE)
+    stored_model = stored.get("hyper_parameters") or {}
+    try:
+        stored_model = effective_settings(stored_model, DEFAULT_BACKBONE)
+    except (TypeError, ValueError):  # a run of an older cfseg whose strategy no longer builds: compared as stored
+        stored_model = plain(stored_model)
+    sides = [("model", model, stored_model),
              ("data", config.get("data", {}), stored.get("datamodule_hyper_parameters") or {}),
              ("trainer", config.get("trainer", {}), recorded.get("trainer") or {})]
     diffs = []
     for section, new, old in sides:
         for key, now in sorted(new.items()):
-            if f"{section}.{key}" in RUN_LOCATION_KEYS or key not in old or key.startswith("_") or (
-                    section == "model" and key in unused):
+            if f"{section}.{key}" in RUN_LOCATION_KEYS or key not in old or key.startswith("_"):
                 continue
             if plain(old[key]) != now:
                 diffs.append(f"{section}.{key}: trained with {plain(old[key])!r}, now {now!r}")

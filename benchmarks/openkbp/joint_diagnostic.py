@@ -4,8 +4,8 @@ The protocol's ``joint`` after the last stage trains ``sum(stage_steps)`` steps 
 compute the sequential strategies spent). This script trains the same joint run (same datasets, seed, crops and
 settings, plus ``--config-override``: a YAML mapping merged onto the base config) with ``--steps`` x that budget
 and ``--lr-factor`` x that lr, under ``<protocol output>/seed<N>/runs/<tag>``, and scores it like the protocol on
-the test and validation cases of every stage (per stage and per class). It is a diagnostic, not a protocol row: a joint run with more steps than the
-sequential strategies bounds nothing.
+the test and validation cases of every stage (per stage and per class). It is a diagnostic, not a protocol row: a
+joint run with more steps than the sequential strategies bounds nothing.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openkbp/joint_diagnostic.py \\
         --config configs/openkbp/incremental_v2.yaml --seed 0 --steps 2 --tag joint_lt_2x \\

@@ -13,8 +13,8 @@ the ``D``-channel embedding map ``W z`` is never built at full resolution. Inste
 
 so the per-voxel cost is ``F * (K + 1 + F)`` multiply-adds. A hand-written backward (``_CosineHead``) keeps
 only the head's input ``z`` and ``||W z||^2`` (one channel) for backward and works in place where it can, so
-the head costs about what a conventional ``1x1x1`` convolution ``F -> K+1`` costs in time and memory (see
-``benchmarks/README.md``). ``cosine_head_autograd`` is the same maths through plain autograd, kept as a
+the head costs about what a conventional ``1x1x1`` convolution ``F -> K+1`` costs in time and memory
+(``benchmarks/head_cost.py`` measures it). ``cosine_head_autograd`` is the same maths through plain autograd, kept as a
 reference for tests and benchmarks (swap ``cfseg.cosine._cosine_head`` to use it).
 """
 

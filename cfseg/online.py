@@ -19,8 +19,8 @@ Per class ``k`` of a case (all on the network grid, i.e. after the checkpoint's 
   network serves every class. Output: one logit map ``z_aux``, resized back into the box.
 * **Residual correction** (``residual``, the default; AuxOL predicts from scratch): ``z_aux = z_main + d``,
   the network predicting the correction ``d`` from a zero-initialised last layer, so a new corrector is the
-  frozen model and the fusion below becomes ``z_main + (1 - alpha) d``. On OpenKBP it learns about twice as
-  much from the same corrections (``benchmarks/online/README.md``).
+  frozen model and the fusion below becomes ``z_main + (1 - alpha) d`` (why it is the default:
+  ``docs/decisions.md``).
 * **Fusion.** ``p = sigmoid(alpha z_main + (1 - alpha) z_aux)`` inside the box, ``z_main = logit(p_main)`` of the
   frozen softmax; outside the box the frozen probability is kept. The fused probability of ``k`` replaces the
   frozen one and background takes what is left (``1 - sum_k p_k``, at least 0), so the label map is the argmax.
@@ -84,8 +84,8 @@ class OnlineConfig:
     """Every constant of the online corrector.
 
     Defaults: AuxOL's, except three chosen on a tuning stream of OpenKBP validation and training cases
-    (``benchmarks/online/README.md``): ``residual`` (AuxOL: False), ``steps_per_update`` 4 (AuxOL: one step per
-    case as the issue reads it) and ``lr`` 5e-3 (AuxOL: 5e-4). AuxOL exactly:
+    (``docs/decisions.md``): ``residual`` (AuxOL: False), ``steps_per_update`` 4 (AuxOL: one step per case) and
+    ``lr`` 5e-3 (AuxOL: 5e-4). AuxOL exactly:
     ``{"residual": false, "steps_per_update": 1, "lr": 5e-4}``.
 
     Attributes:

@@ -160,12 +160,11 @@ def _class_path_specs(value: Any) -> list[dict]:
 def keep_freed_memory() -> bool:
     """Let glibc keep freed large blocks in the heap instead of unmapping them (``mallopt``).
 
-    A training step allocates full-resolution temporaries of 32-70 MiB (4 x 16 x 64^3 float32 features, logits,
-    gradients); glibc hands every block of 32 MiB or more back to the kernel on ``free``, so each step pays the
-    page faults of touching them afresh: about 40 ms per 32 MiB on the 2-core VMs here, 25% of a UNet step
-    (benchmarks/README.md, "Step breakdown", ``--malloc-keep``). Raising the mmap and trim thresholds makes such
-    blocks reusable; the price is a process that keeps its peak heap. Linux/glibc only; ``CFSEG_MALLOC_KEEP=0``
-    turns it off.
+    A training step allocates full-resolution temporaries of tens of MiB (features, logits, gradients); glibc hands
+    every block of 32 MiB or more back to the kernel on ``free``, so each step pays the page faults of touching
+    them afresh (``benchmarks/step_breakdown.py --malloc-keep`` measures it). Raising the mmap and trim
+    thresholds makes such blocks reusable; the price is a process that keeps its peak heap. Linux/glibc only;
+    ``CFSEG_MALLOC_KEEP=0`` turns it off.
 
     Returns:
         True when the thresholds were set.

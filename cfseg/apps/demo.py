@@ -111,8 +111,8 @@ class ThreadsAfterProcess(Callback):
             self.process = None
 
 
-#: the protocol rows ``make demo`` runs (the synthetic protocol's KD and reference rows, replay and ewc, run with
-#: ``cfseg-protocol --config configs/incremental/synthetic_v2.yaml``; benchmarks/README.md)
+#: the protocol rows ``make demo`` runs (the synthetic protocol's other rows run with
+#: ``cfseg-protocol --config configs/incremental/synthetic_v2.yaml``; their numbers: reports/README.md)
 DEMO_STRATEGIES = ("joint", "distill", "finetune", "experts")  # the longest (joint) starts first
 
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from cfseg.continual.pod import resolve_layers
 from cfseg.continual.strategy import Strategy
+from cfseg.nets import CONV_TYPES as _CONVS
 
 if TYPE_CHECKING:  # the module holds the strategy; annotations only
     from cfseg.module import CFSegModule
@@ -39,7 +40,6 @@ if TYPE_CHECKING:  # the module holds the strategy; annotations only
 #: MONAI UNet's up-sampling (decoder) convolutions: ``model.2.conv``, ``model.1.submodule.2.conv``, ... as named
 #: under the segmenter (``backbone.`` prefix).
 DEFAULT_EXPERT_LAYERS: tuple[str, ...] = (r"backbone\.model(\.1\.submodule)*\.2\.conv",)
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 class LoRAConv(nn.Module):

@@ -9,11 +9,8 @@ import numpy as np
 import yaml
 from conftest import write_nifti
 
-try:  # where the package's layering puts the protocol runner (cfseg.apps: front doors)
-    from cfseg.apps.protocol import run_protocol
-    from cfseg.experiments.protocol import load_protocol
-except ImportError:  # before that move
-    from cfseg.continual.protocol import load_protocol, run_protocol
+from cfseg.apps.protocol import run_protocol
+from cfseg.experiments.protocol import load_protocol
 
 CONFIG = Path(__file__).parent / "configs" / "tiny.yaml"
 
@@ -54,7 +51,8 @@ def test_distill_keeps_the_old_classes_that_finetune_forgets(boxes, tmp_path):
         return {"path": str(path), "val_fraction": 0.0, "test_fraction": 0.34, "classes": classes}
 
     spec = {"base_config": str(CONFIG), "output": str(tmp_path / "out"), "strategies": ["distill", "finetune"],
-            "lr": 0.01, "seeds": [0], "fit_args": ["--data.spacing=[4.0, 4.0, 4.0]", "--trainer.limit_val_batches=1.0"],
+            "lr": 0.01, "seeds": [0],
+            "config": {"data": {"spacing": [4.0, 4.0, 4.0]}, "trainer": {"limit_val_batches": 1.0}},
             "stages": [{"name": "s0", "max_steps": 20, "datasets": [entry(boxes, ["liver", "spleen"])]},
                        {"name": "s1", "max_steps": 20, "classes": ["aorta"], "datasets": [entry(new)],
                         "unlabeled": [entry(boxes)]}]}  # the same split settings keep stage 0's test cases out

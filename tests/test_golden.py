@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+
+from cfseg.text.cache import clear_memory_cache
 
 HERE = Path(__file__).resolve().parent
 GOLDEN = HERE / "golden" / "fingerprints.json"
@@ -76,8 +79,11 @@ def record(tmp: Path) -> dict[str, Any]:
     from cfseg.apps.segment import main as segment
     from cfseg.experiments.protocol import load_protocol
 
-    threads = torch.get_num_threads()
+    threads, cache = torch.get_num_threads(), os.environ.get("CFSEG_CACHE_DIR")
     torch.set_num_threads(1)
+    # text embeddings computed here, at one thread: another test's cached ones (other threads) differ in the last bits
+    os.environ["CFSEG_CACHE_DIR"] = str(tmp / "text_cache")
+    clear_memory_cache()
     try:
         boxes = make_boxes(tmp / "Dataset050_boxes")
 
@@ -112,6 +118,11 @@ def record(tmp: Path) -> dict[str, Any]:
         return out
     finally:
         torch.set_num_threads(threads)
+        clear_memory_cache()
+        if cache is None:
+            os.environ.pop("CFSEG_CACHE_DIR", None)
+        else:
+            os.environ["CFSEG_CACHE_DIR"] = cache
 
 
 def test_strategies_and_segmentation_match_the_golden_fingerprints(tmp_path):

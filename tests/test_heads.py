@@ -170,9 +170,11 @@ def test_dynamic_heads_see_normalised_features_and_a_bounded_absent_class_dice(n
                                head.logits(head.features(feats), None, **ctx), rtol=1e-2, atol=1e-3)  # GroupNorm
     target = torch.zeros(1, 5, 4, 3, dtype=torch.long)  # class 1 annotated, absent
     annotated = torch.tensor([[True, True, False, False]])
-    x = torch.full((1, K1, 5, 4, 3), -7.0, dtype=torch.float64, requires_grad=True)
+    # logits -20: sum p over the 60 voxels is 1.2e-7, below the old smoothing 1e-5, where its gradient 1 / smooth
+    # (1e5) is reached; at -7 (sum p 0.05) the old smoothing's gradient was bounded too and this check passed with it
+    x = torch.full((1, K1, 5, 4, 3), -20.0, dtype=torch.float64, requires_grad=True)
     head.loss(x, target, annotated, ce_weight=0.0, dice_weight=1.0).backward()
-    p = torch.sigmoid(torch.tensor(-7.0, dtype=torch.float64))
+    p = torch.sigmoid(torch.tensor(-20.0, dtype=torch.float64))
     assert float(x.grad[0, 1].abs().max()) <= float(p * (1 - p))  # |d Dice / d p| <= 1 / smooth = 1
 
 
@@ -273,32 +275,61 @@ def test_checkpoints_from_before_injected_heads_load_unchanged(head, tmp_path):
         assert torch.equal(loaded(x), model(x))
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_dynamic_heads_learn_the_box_phantoms(name, boxes, tmp_path):
-    """150 steps on the box phantoms: the sigmoid heads must segment the cubes they were trained on.
+def _box_volumes(boxes: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The six box phantoms as whole volumes: images [6, 1, 24, 24, 24] (background 0, class k about k, noise 1/6)
+    and labels [6, 24, 24, 24] (the files' values are the class indices 1..3 of :data:`conftest.BOX_LABELS`)."""
+    import nibabel as nib
+    import numpy as np
 
-    An end-to-end learning check (CLI, loss, label rule). It does not reproduce the OpenKBP collapse (a
-    phantom cube fills about 5 % of a 16^3 patch, far more than an organ of a 64^3 OpenKBP patch; it passes
-    without the fix too): the test above guards the two causes."""
-    from conftest import BOX_LABELS
+    images = [np.asarray(nib.load(boxes / "imagesTr" / f"box{i}_0000.nii.gz").dataobj) for i in range(6)]
+    labels = [np.asarray(nib.load(boxes / "labelsTr" / f"box{i}.nii.gz").dataobj) for i in range(6)]
+    x = (torch.from_numpy(np.stack(images)).float()[:, None] + 100.0) / 60.0
+    return x, torch.from_numpy(np.stack(labels).astype(np.int64))
 
-    from cfseg.apps.cli import main as cli
-    from cfseg.data.transforms import make_label_lut
-    from cfseg.inference import load_case, predict_volume, preprocessing_for
+
+@pytest.mark.parametrize("name", SIGMOID)
+def test_dynamic_heads_loss_goes_down_on_the_box_phantoms(name, boxes):
+    """A dynamic head on a two-convolution backbone, trained 100 steps on four box phantoms (whole volumes, every
+    class annotated) with its own loss: the loss of the last steps is far below the first, and on the two held-out
+    phantoms every class's Dice (the head's label rule) is far above the same network's before training.
+
+    Fails when the generated heads ignore the class (one map for three cubes), when the label rule or the loss
+    mixes up the classes, or when no gradient reaches the network. Measured (seeds 0-5, both heads): loss of the
+    first 5 steps 1.26-1.42, of the last 5 at most 0.35 (seed 0: below 0.01); held-out Dice 0.97 or more per class,
+    untrained 0.36 or less. (A learning check, not a reproduction of the OpenKBP collapse, which the phantoms do
+    not show: test_dynamic_heads_see_normalised_features_and_a_bounded_absent_class_dice guards its two causes.)"""
     from cfseg.metrics import dice_per_class
 
-    run = cli(["fit", "--config", str(CONFIG), f"--data.datasets={json.dumps([box_dataset(boxes)])}",
-               f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
-               "--trainer.max_steps=150", "--trainer.max_epochs=1000", "--data.spacing=[4.0, 4.0, 4.0]",
-               "--model.lr=0.01", "--trainer.check_val_every_n_epoch=100", f"--model.head={json.dumps(SPECS[name])}"])
-    model = run.model.cpu().eval()
-    lut = make_label_lut(BOX_LABELS, list(BOX_LABELS), {n: i for i, n in enumerate(model.bank.names)})
-    dices = []
-    for i in range(4):  # training cases: this checks that the heads can fit, not that they generalise
-        vol = load_case(str(boxes / "imagesTr" / f"box{i}_0000.nii.gz"), preprocessing_for(model, "ct"),
-                        str(boxes / "labelsTr" / f"box{i}.nii.gz"), lut)
-        out = predict_volume(model, vol["image"])
-        dices.append(dice_per_class(out["labels"].long(), vol["label"][0].long(), [1, 2, 3]))
-    assert model.bank.names[1:] == list(BOX_LABELS)
-    mean = torch.stack(dices).mean(0)
-    assert bool((mean > 0.3).all()), f"per-class Dice {mean.tolist()}"
+    x, y = _box_volumes(boxes)
+    width = 8  # features, pooled bottleneck and generated-head width
+    torch.manual_seed(0)
+    backbone = torch.nn.Sequential(torch.nn.Conv3d(1, width, 3, padding=1), torch.nn.ReLU(),
+                                   torch.nn.Conv3d(width, width, 3, padding=1))
+    text = torch.randn(K1, E)
+    head = DoDNetHead(width, K1, width) if name == "dodnet" else UniversalHead(width, E, width, controller_channels=16)
+
+    def logits(images: torch.Tensor) -> torch.Tensor:
+        z = backbone(images)
+        return head.logits(head.features(z), None, pooled=z.mean((2, 3, 4)), text_embeddings=text)
+
+    def held_out_dice() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([dice_per_class(head.labels(logits(x[i:i + 1]))[0], y[i], [1, 2, 3])
+                                for i in (4, 5)]).mean(0)
+
+    before = held_out_dice()
+    opt = torch.optim.Adam([*backbone.parameters(), *head.parameters()], lr=0.01)
+    annotated = torch.ones(2, K1, dtype=torch.bool)
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(100):
+        idx = torch.randint(0, 4, (2,), generator=g)  # training phantoms 0-3 only
+        loss = head.loss(logits(x[idx]), y[idx], annotated)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    after = held_out_dice()
+    print(name, "loss", losses[:5], "...", losses[-5:], "Dice before", before.tolist(), "after", after.tolist())
+    assert sum(losses[-5:]) < 0.5 * sum(losses[:5])
+    assert bool((after > before + 0.5).all()) and bool((after > 0.9).all()), f"per-class Dice {after.tolist()}"

@@ -37,7 +37,7 @@ from cfseg.continual.distill import pseudo_dice_labels
 from cfseg.continual.ewc import stage_fisher
 from cfseg.continual.routing import RoutedExperts
 from cfseg.continual.stages import EndOfStage, StageStatistics, extend_teacher_bank, training_batches
-from cfseg.continual.strategy import StepContext, Strategy, build_strategy
+from cfseg.continual.strategy import StepContext, build_strategy
 from cfseg.folding import folded_predictor
 from cfseg.geometry import labels_to_input_grid
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, head_spec
@@ -106,9 +106,10 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         preprocessing: per-modality preprocessing (linked from the data module); stored in checkpoints.
         previous_checkpoint: the previous stage's checkpoint (an incremental stage): the student starts from its
             network, its prototypes stay bit-identical and new classes are appended; the strategy decides the rest.
-        strategy: the continual strategy: a :class:`cfseg.continual.Strategy`, its spec ``{"class_path":
-            "cfseg.continual.Distill", "init_args": {...}}`` or a short name (``"distill"``, ``"finetune"``,
-            ``"experts"``, ``"ewc"``, ``"replay"``, ``"joint"``).
+        strategy: the continual strategy: its spec ``{"class_path": "cfseg.continual.Distill", "init_args": {...}}``,
+            a short name (``"distill"``, ``"finetune"``, ``"experts"``, ``"ewc"``, ``"replay"``, ``"joint"``) or, from
+            Python, a :class:`cfseg.continual.Strategy` object. Specs go through the strategies' allow-list
+            (:func:`cfseg.continual.build_strategy`): a config naming anything else is refused before it is imported.
         new_classes: the classes this stage adds (checked against the previous checkpoint; inferred from
             ``class_names`` when None).
         statistics: what a stage stores for later stages (:class:`cfseg.continual.StageStatistics`: router and
@@ -148,7 +149,7 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         sw_overlap: float = 0.25,
         preprocessing: dict[str, Any] | None = None,
         previous_checkpoint: str | None = None,
-        strategy: Strategy | str | dict[str, Any] | None = "distill",
+        strategy: str | dict[str, Any] | None = "distill",
         new_classes: list[str] | None = None,
         statistics: StageStatistics | dict[str, Any] | None = None,
         optimizer: Callable[[Iterable], torch.optim.Optimizer] | None = None,

@@ -188,3 +188,17 @@ def test_training_changes_the_modules_own_initial_weights(boxes, tmp_path):
     assert torch.equal(before["bank.prototypes"], after["bank.prototypes"])  # prototypes are fixed
     changed = [k for k in before if k.startswith("net.") and not torch.equal(before[k], after[k])]
     assert "net.head.weight" in changed and any("backbone" in k for k in changed)
+
+
+def test_a_config_naming_a_strategy_outside_the_allow_list_is_refused_before_import(boxes, tmp_path, monkeypatch):
+    """``model.strategy`` goes through the strategies' allow-list like a checkpoint's network: nothing is imported."""
+    (tmp_path / "evil_strategy.py").write_text("import pathlib\npathlib.Path(__file__).with_suffix('.ran').touch()\n"
+                                               "class X: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from cfseg.apps.cli import main as cli
+
+    data = json.dumps([box_dataset(boxes)])
+    with pytest.raises(ValueError, match="refusing strategy 'evil_strategy.X'"):
+        cli(["fit", "--config", str(CONFIG), f"--data.datasets={data}", f"--trainer.default_root_dir={tmp_path}",
+             f"--trainer.logger.init_args.save_dir={tmp_path}", '--model.strategy={"class_path": "evil_strategy.X"}'])
+    assert not (tmp_path / "evil_strategy.ran").exists()

@@ -18,6 +18,7 @@ import torch
 
 from cfseg.continual.stages import StageStatistics
 from cfseg.continual.strategy import build_strategy
+from cfseg.losses import LossWeights
 
 CHECKPOINT_FORMAT = "cfseg-checkpoint-v1"
 
@@ -25,6 +26,8 @@ CHECKPOINT_FORMAT = "cfseg-checkpoint-v1"
 LEGACY_STATISTICS = {"router_layer": "router_layer", "router_gamma": "router_gamma",
                      "router_random_features": "router_random_features", "router_batches": "router_batches",
                      "router_modality_gamma": "router_modality_gamma", "ewc_fisher_batches": "fisher_batches"}
+#: ... and their ``loss_weights`` fields
+LEGACY_LOSS_WEIGHTS = ("ce_weight", "dice_weight", "batch_dice", "exclusion_weight", "entropy_weight")
 
 
 def canonical(value: Any) -> Any:
@@ -97,12 +100,15 @@ def check_fisher(fisher: Any) -> dict[str, torch.Tensor] | None:
 
 
 def module_settings(hparams: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
-    """The module settings a stored ``hyper_parameters`` gives, restricted to ``allowed`` names; the flat router
-    and Fisher settings of older checkpoints become ``statistics``."""
+    """The module settings a stored ``hyper_parameters`` gives, restricted to ``allowed`` names; the flat router,
+    Fisher and loss settings of older checkpoints become ``statistics`` and ``loss_weights``."""
     out = {k: v for k, v in hparams.items() if k in allowed}
     legacy = {new: hparams[old] for old, new in LEGACY_STATISTICS.items() if old in hparams}
     if legacy and "statistics" in allowed and not isinstance(hparams.get("statistics"), dict):
         out["statistics"] = legacy
+    loss = {k: hparams[k] for k in LEGACY_LOSS_WEIGHTS if k in hparams}
+    if loss and "loss_weights" in allowed and not isinstance(hparams.get("loss_weights"), dict):
+        out["loss_weights"] = loss
     return out
 
 
@@ -118,6 +124,8 @@ def effective_settings(model: dict[str, Any], default_backbone: dict[str, Any]) 
         out["strategy"] = spec if incremental else {"class_path": spec["class_path"]}
     if "statistics" in out:
         out["statistics"] = StageStatistics.build(out["statistics"]).to_dict()
+    if "loss_weights" in out:
+        out["loss_weights"] = LossWeights.build(out["loss_weights"]).to_dict()
     if not incremental:
         out.pop("incremental_lr_factor", None)
     return canonical(out)

@@ -35,12 +35,15 @@ log space with ``log_softmax`` / ``logsumexp``, so logits of magnitude 1e4 give 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "LossWeights",
     "ambiguous_entropy",
     "exclusion_loss",
     "masked_sigmoid_loss",
@@ -49,6 +52,49 @@ __all__ = [
     "partial_label_ce",
     "partial_label_loss",
 ]
+
+
+@dataclass
+class LossWeights:
+    """Weights of the supervised loss (the module's ``model.loss_weights``).
+
+    Args:
+        ce_weight: weight of the partial-label cross-entropy.
+        dice_weight: weight of the partial soft Dice.
+        batch_dice: Dice pooled over the batch per class (:func:`partial_dice_loss`).
+        exclusion_weight: weight of the exclusion loss (:func:`exclusion_loss`; softmax-output heads; 0: off).
+        entropy_weight: weight of the entropy minimisation on ambiguous voxels (:func:`ambiguous_entropy`;
+            softmax-output heads; 0: off).
+    """
+
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    batch_dice: bool = True
+    exclusion_weight: float = 0.0
+    entropy_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("ce_weight", "dice_weight", "exclusion_weight", "entropy_weight"):
+            w = getattr(self, name)
+            if not (isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
+
+    @classmethod
+    def build(cls, value: LossWeights | dict[str, Any] | None) -> LossWeights:
+        """From an instance, a mapping of its fields or None (the defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"model.loss_weights must be a mapping of {list(asdict(cls()))}, got {value!r}")
+        unknown = sorted(set(value) - set(asdict(cls())))
+        if unknown:
+            raise ValueError(f"unknown model.loss_weights settings {unknown}; known: {list(asdict(cls()))}")
+        return cls(**value)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from cfseg.continual.strategy import StepContext, build_strategy
 from cfseg.folding import folded_predictor
 from cfseg.geometry import labels_to_input_grid
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, head_spec
-from cfseg.losses import ambiguous_entropy, exclusion_loss
+from cfseg.losses import LossWeights, ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import Segmenter, segmenter
 from cfseg.text.encoders import build_encoder
@@ -94,12 +94,8 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         incremental_lr_factor: multiplies ``lr`` in an incremental stage (built-in AdamW only).
         weight_decay: AdamW weight decay.
         warmup_fraction: fraction of steps with linear warm-up before cosine decay.
-        ce_weight: weight of the partial-label cross-entropy.
-        dice_weight: weight of the partial soft Dice.
-        batch_dice: Dice pooled over the batch per class (:func:`cfseg.losses.partial_dice_loss`).
-        exclusion_weight: weight of the exclusion loss (:func:`cfseg.losses.exclusion_loss`; softmax heads).
-        entropy_weight: weight of the entropy minimisation on ambiguous voxels
-            (:func:`cfseg.losses.ambiguous_entropy`; softmax heads).
+        loss_weights: weights of the supervised loss (:class:`cfseg.losses.LossWeights`: ``ce_weight``,
+            ``dice_weight``, ``batch_dice``, ``exclusion_weight``, ``entropy_weight``).
         roi_size: sliding-window size for validation/inference (linked to the training patch).
         sw_batch_size: windows per forward pass.
         sw_overlap: window overlap.
@@ -139,11 +135,7 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         incremental_lr_factor: float = 1.0,
         weight_decay: float = 1e-5,
         warmup_fraction: float = 0.05,
-        ce_weight: float = 1.0,
-        dice_weight: float = 1.0,
-        batch_dice: bool = True,
-        exclusion_weight: float = 0.0,
-        entropy_weight: float = 0.0,
+        loss_weights: LossWeights | dict[str, Any] | None = None,
         roi_size: tuple[int, int, int] = (64, 64, 64),
         sw_batch_size: int = 2,
         sw_overlap: float = 0.25,
@@ -164,10 +156,9 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         self.strategy = build_strategy(strategy)
         self.strategy.check(head_cls.output, head_cls.__name__, bool(previous_checkpoint))
         self.statistics = StageStatistics.build(statistics)
-        for name, w in (("exclusion_weight", exclusion_weight), ("entropy_weight", entropy_weight)):
-            if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0 (0: off), got {w!r}")
-            if w > 0 and head_cls.output != "softmax":
+        self.loss_weights = LossWeights.build(loss_weights)
+        for name in ("exclusion_weight", "entropy_weight"):
+            if getattr(self.loss_weights, name) > 0 and head_cls.output != "softmax":
                 raise ValueError(f"{name} regularises one softmax distribution over the classes; the "
                                  f"{head_cls.__name__} has one sigmoid per class: set {name}: 0 or use a softmax "
                                  "head (softmax, prototype)")
@@ -176,9 +167,11 @@ class CFSegModule(RoutedExperts, L.LightningModule):
             raise ValueError(f"incremental_lr_factor must be a finite number > 0, got {incremental_lr_factor!r}")
         if bank_state is None and not class_names and not previous_checkpoint:
             raise ValueError("class_names is empty: give model.class_names or link it from the data module")
-        self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state", "strategy", "statistics"])
+        self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state", "strategy", "statistics",
+                                          "loss_weights"])
         self.hparams["strategy"] = self.strategy.spec()  # plain data: a checkpoint never holds code
         self.hparams["statistics"] = self.statistics.to_dict()
+        self.hparams["loss_weights"] = self.loss_weights.to_dict()
         self.hparams["backbone"] = backbone = backbone or DEFAULT_BACKBONE
         teacher = load_checkpoint(previous_checkpoint, trusted_modules=trusted_modules) if previous_checkpoint else None
         self.bank = self._make_bank(teacher, class_names, new_classes, backbone, head_cls, bank_state)
@@ -365,7 +358,7 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         """
         target = batch["label"][:, 0].long() if target is None else target
         annotated = batch["annotated"].bool() if annotated is None else annotated
-        h = self.hparams
+        h = self.loss_weights
         batch_dice = h.batch_dice
         if dice_labels is None:
             partial = self.head.loss(logits, target, annotated, ce_weight=h.ce_weight, dice_weight=h.dice_weight,

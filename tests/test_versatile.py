@@ -154,7 +154,7 @@ def test_module_options_off_change_nothing_and_on_add_the_weighted_terms(head):
     assert list(terms) == ["partial"]
     plain = partial_label_loss(logits, target, annotated, batch_dice=True)
     assert torch.equal(off.loss(logits, batch), plain)
-    on = _module(head=head, exclusion_weight=0.5, entropy_weight=0.25)
+    on = _module(head=head, loss_weights={"exclusion_weight": 0.5, "entropy_weight": 0.25})
     terms = on.loss_terms(logits, batch)
     assert set(terms) == {"partial", "exclusion", "entropy"}
     torch.testing.assert_close(terms["exclusion"], 0.5 * exclusion_loss(logits, target, annotated))
@@ -165,9 +165,9 @@ def test_module_options_off_change_nothing_and_on_add_the_weighted_terms(head):
 def test_module_refuses_the_terms_on_a_sigmoid_head_and_negative_weights():
     with pytest.raises(ValueError, match="exclusion_weight regularises one softmax"):
         _module(head={"class_path": "cfseg.heads.UniversalHead", "init_args": {"controller_channels": 4}},
-                exclusion_weight=1.0)
+                loss_weights={"exclusion_weight": 1.0})
     with pytest.raises(ValueError, match="entropy_weight must be a finite number >= 0"):
-        _module(head="softmax", entropy_weight=-1.0)
+        _module(head="softmax", loss_weights={"entropy_weight": -1.0})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -251,14 +251,15 @@ def test_fit_with_the_versatile_options_from_the_cli(two_box_sets, tmp_path):
     from cfseg.apps.cli import main as cli
 
     example = yaml.safe_load((Path(__file__).parents[1] / "configs/openkbp/heads/versatile.yaml").read_text())
-    assert example["model"] == {"head": "softmax", "exclusion_weight": 1.0, "entropy_weight": 0.1}
+    assert example["model"] == {"head": "softmax", "loss_weights": {"exclusion_weight": 1.0, "entropy_weight": 0.1}}
     assert example["data"] == {"sampling": "hierarchical"}
     config = Path(__file__).parent / "configs" / "tiny.yaml"
     run = cli(["fit", "--config", str(config), f"--data.datasets={json.dumps(two_box_sets)}",
                f"--trainer.logger.init_args.save_dir={tmp_path}", f"--trainer.default_root_dir={tmp_path}",
                "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--data.spacing=[4.0, 4.0, 4.0]",
-               "--data.patch_size=[8, 8, 8]", "--model.head=softmax", "--model.exclusion_weight=1.0",
-               "--model.entropy_weight=0.1", "--data.sampling=hierarchical"])
+               "--data.patch_size=[8, 8, 8]", "--model.head=softmax",
+               "--model.loss_weights.exclusion_weight=1.0", "--model.loss_weights.entropy_weight=0.1",
+               "--data.sampling=hierarchical"])
     assert run.trainer.global_step == 2
     rows = list(csv.DictReader(open(Path(run.trainer.logger.log_dir) / "metrics.csv")))
     for name in ("train/exclusion_step", "train/entropy_step"):

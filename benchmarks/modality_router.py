@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             variants.append(("ct_no_hu_offset", nib.Nifti1Image(shifted, img.affine), shifted))
         for variant, im, values in variants:
             with torch.no_grad():
-                feats = module._window_features(modality_view(module, im))
+                feats = module.window_features(modality_view(module, im))
             row = {"split": split, "case": Path(path).name, "truth": truth, "variant": variant}
             for g, ridge in ridges.items():
                 s = ridge.scores(feats).mean(0)

@@ -1,7 +1,7 @@
 """Routing accuracy of the analytic ridge router of strategy ``experts``: feature expansion and ridge strength.
 
 The router (:class:`cfseg.continual.router.RidgeRouter`) is fitted, as in the protocol, from the features of the
-frozen stage-0 network (:meth:`cfseg.module.CFSegModule._router_features`: per-channel mean and standard
+frozen stage-0 network (:meth:`cfseg.module.CFSegModule.router_features`: per-channel mean and standard
 deviation of the bottleneck convolution's output, before its instance norm) on *training patches* of every
 stage, and it routes *whole volumes* (:meth:`cfseg.module.CFSegModule.route`: non-overlapping ``roi_size``
 windows, mean score). This script computes those features once per scenario and fits every router setting of the
@@ -17,7 +17,7 @@ What is the same as in training:
   annotated set, as the protocol passes them) in a :class:`cfseg.data.datamodule.SegDataModule` with the base
   config's ``data`` settings (patch size, batch size, patches per volume, class-balanced crops, crop ratios,
   augmentation) and the checkpoint's preprocessing; its seeded training loader (``torch.manual_seed(--seed)``) gives
-  ``--batches`` batches (passes repeat, as ``_collect_router_statistics``); one expert per stage.
+  ``--batches`` batches (passes repeat, as ``collect_expert_router_statistics``); one expert per stage.
   The crops are not the very crops of a training run (there, the loader has already been iterated by training).
 * Volumes: the validation and test cases of every stage's datasets (split seed of the YAML; split files), loaded
   as :mod:`cfseg.evaluation` does (``build_transforms(dm.preprocessing(modality), train=False)``), windows as
@@ -106,18 +106,18 @@ def _datamodule(module, entries: list[dict[str, Any]], data: dict[str, Any], tra
 
 
 def layer_features(module, x, layers: list[str]) -> dict[str, Any]:
-    """``{layer pattern: router features [B, 2C]}`` of images ``x`` (``_router_features`` with each layer)."""
+    """``{layer pattern: router features [B, 2C]}`` of images ``x`` (``router_features`` with each layer)."""
     from contextlib import suppress
 
-    saved = module.hparams.router_layer
+    saved = module.statistics.router_layer
     out = {}
     try:
         for layer in layers:
-            module.hparams.router_layer = layer
-            out[layer] = module._router_features(x).cpu()
+            module.statistics.router_layer = layer
+            out[layer] = module.router_features(x).cpu()
     finally:
         with suppress(Exception):
-            module.hparams.router_layer = saved
+            module.statistics.router_layer = saved
     return out
 
 
@@ -130,7 +130,7 @@ def _cat(parts: list[dict[str, Any]], layers: list[str]) -> dict[str, Any]:
 def patch_features(module, entries: list[dict[str, Any]], data: dict[str, Any], batches: int, seed: int,
                    layers: list[str]) -> tuple[dict[str, Any], int]:
     """Router features ``{layer: [N, 2C]}`` of ``batches`` training batches of one stage (as
-    ``_collect_router_statistics``: passes over the seeded loader repeat until enough batches), and
+    ``collect_expert_router_statistics``: passes over the seeded loader repeat until enough batches), and
     ``"rows_per_batch"``; the first ``n`` batches are those that ``batches=n`` would give."""
     import torch
 
@@ -276,13 +276,13 @@ def run_scenario(name: str, args: argparse.Namespace) -> dict[str, Any]:
     ckpt = args.checkpoint.get(name, sc["checkpoint"])
     t0 = time.time()
     module = load_checkpoint(ckpt).eval()
-    default_layer = module.hparams.router_layer
+    default_layer = module.statistics.router_layer
     layers = [default_layer] + [x for x in args.layers if x != default_layer]
     layer_names = {}
     for layer in layers:
-        module.hparams.router_layer = layer
-        layer_names[layer] = module._router_layer_name()
-    module.hparams.router_layer = default_layer
+        module.statistics.router_layer = layer
+        layer_names[layer] = module.router_layer_name()
+    module.statistics.router_layer = default_layer
     data, stages = stage_plan(sc["protocol"])
     domains: list[str] = []
     expert_domain: list[int] = []

@@ -393,7 +393,7 @@ def test_distill_labeled_auto_is_off_only_in_a_domain_stage(stage0_ckpt, tiny_ph
 
 
 def test_pseudo_label_dice_true_keeps_pseudo_labels_in_the_dice(stage0_ckpt):
-    """``pseudo_label_dice=True`` (runs before 2026-11-26): one fused loss on the pseudo-labels, no separate Dice."""
+    """``pseudo_label_dice=True``: one fused loss on the pseudo-labels, no separate Dice."""
     m = _distill_module(stage0_ckpt, pseudo_label=True, pseudo_label_dice=True, pseudo_entropy_floor=0.5)
     m.log = lambda *a, **k: None
     seen = _spy_loss_terms(m)

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import threading
+import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,12 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import nibabel as nib
 import numpy as np
 import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from torch.utils.data import ConcatDataset, DataLoader
 
-from cfseg.data.formats import CaseRecord, DatasetError, DatasetInfo, read_dataset
+from cfseg.data.formats import CaseRecord, DatasetError, DatasetInfo, ct_offset_problem, read_dataset
 from cfseg.data.transforms import (
     CT_WINDOW,
     CheckedCompose,
@@ -661,6 +663,25 @@ class SegDataModule(L.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}
         for split in wanted.get(stage, SPLITS) if stage else SPLITS:
             self.split_dataset(split)
+        if stage == "fit":
+            self.warn_ct_offsets()
+
+    def warn_ct_offsets(self) -> list[str]:
+        """Warn (and return the lines) for CT datasets whose first training image is not in Hounsfield units
+        (:func:`cfseg.data.formats.ct_offset_problem`: a CT stored without its HU offset trains without error but
+        learns intensities no other CT has)."""
+        lines = []
+        for d in self.datasets:
+            items = self.items(d, "train") if d.info.modality == "ct" else []
+            if not items:
+                continue
+            path = items[0]["image"]
+            path = path[0] if isinstance(path, list) else path  # the first channel is the CT
+            problem = ct_offset_problem(np.asarray(nib.load(str(path)).dataobj))
+            if problem:
+                lines.append(f"dataset {d.name}: {path}: {problem}")
+                warnings.warn(lines[-1], stacklevel=2)
+        return lines
 
     def _loader(self, split: str, shuffle: bool, batch_size: int, labeled: bool = True) -> DataLoader:
         ds = self.split_dataset(split, labeled)

@@ -227,6 +227,37 @@ def _read_partial_labels(root: Path, labels: dict[str, int], case_ids: list[str]
     return out
 
 
+#: Hounsfield units at or below which a voxel is air (CT air is about -1000 HU)
+CT_AIR_HU = -500.0
+#: a CT in Hounsfield units has at least this fraction of air voxels (outside the body, lungs, airways, sinuses)
+CT_MIN_AIR_FRACTION = 1e-3
+
+
+def ct_offset_problem(array: np.ndarray, max_samples: int = 2_000_000) -> str | None:
+    """Why a CT volume does not look like Hounsfield units, or None.
+
+    A CT in HU has air near -1000; one stored without its HU offset (the DICOM RescaleIntercept, typically -1024,
+    not applied) has no air and essentially non-negative intensities (air at 0, soft tissue near +1040). A CT cropped
+    inside the body has no air either but keeps fat below 0, so it is not flagged.
+
+    Args:
+        array: intensities of one CT volume, any shape (a regular subsample of at most ``max_samples`` is read).
+    """
+    a = np.asarray(array).ravel()
+    if a.size > max_samples:
+        a = a[:: -(-a.size // max_samples)]
+    a = a.astype(np.float32, copy=False)
+    a = a[np.isfinite(a)]
+    if a.size == 0 or float(np.mean(a <= CT_AIR_HU)) >= CT_MIN_AIR_FRACTION:
+        return None
+    lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5]))
+    if lo < -0.05 * abs(hi):  # fat below 0: Hounsfield units without air (a crop inside the body)
+        return None
+    return (f"CT intensities do not look like Hounsfield units: no air near -1000 HU and non-negative values "
+            f"(0.5th-99.5th percentile {lo:g} to {hi:g}), as a CT stored without its HU offset; apply the "
+            "rescale intercept (typically -1024) or check that the channel is CT")
+
+
 def read_error_message(path: str | Path, err: BaseException) -> str:
     """One line ``<path>: <what is wrong> (<hint>)`` for a NIfTI file nibabel/MONAI failed to read."""
     import gzip

@@ -8,12 +8,14 @@ problem it finds, one line each naming the file:
 - images are 3D (one file per channel), affines are finite and non-singular;
 - the channels and the label of a case agree in shape and affine (spacing, origin, direction);
 - images have no NaN/infinite intensities; label values are integers declared in ``dataset.json``;
+- a CT channel is in Hounsfield units (air near -1000: :func:`cfseg.data.formats.ct_offset_problem`);
 - ``partial_labels.json`` names only cases of the dataset and classes declared in ``dataset.json``.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.pool import ThreadPool
 from pathlib import Path
@@ -25,7 +27,9 @@ from cfseg.data.formats import (
     DatasetError,
     affine_problem,
     affines_match,
+    ct_offset_problem,
     describe_affine_difference,
+    modality_from_channel,
     read_dataset,
     read_error_message,
 )
@@ -75,8 +79,10 @@ def _read_volume(path: Path, problems: list[str]) -> tuple[np.ndarray, np.ndarra
     return None if bad else (arr, affine)
 
 
-def check_case(case: CaseRecord, labels: dict[str, int]) -> tuple[list[str], int, int]:
-    """Read every voxel of one case and check it (see the module docstring).
+def check_case(case: CaseRecord, labels: dict[str, int],
+               channels: Sequence[str] = ()) -> tuple[list[str], int, int]:
+    """Read every voxel of one case and check it (see the module docstring); ``channels``: the dataset's channel
+    modalities in order (``"ct"`` channels are checked for Hounsfield units).
 
     Returns:
         (problems, files read, voxels read).
@@ -96,6 +102,11 @@ def check_case(case: CaseRecord, labels: dict[str, int]) -> tuple[list[str], int
         if not is_label and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
             n = int((~np.isfinite(arr)).sum())
             problems.append(f"{path}: {n} NaN/infinite intensities (fix or mask them before training)")
+        channel = case.images.index(path) if not is_label else -1
+        if not is_label and channel < len(channels) and channels[channel] == "ct":
+            offset = ct_offset_problem(arr)
+            if offset:
+                problems.append(f"{path}: {offset}")
         if is_label:
             values = np.unique(arr)
             if np.issubdtype(values.dtype, np.floating):
@@ -119,10 +130,17 @@ def check_case(case: CaseRecord, labels: dict[str, int]) -> tuple[list[str], int
     return problems, n_files, n_vox
 
 
+def _channel_modality(name: str) -> str:
+    try:
+        return modality_from_channel(name)
+    except DatasetError:  # a channel of unknown modality: no modality-specific check
+        return ""
+
+
 def check_datasets(roots: list[str | Path], jobs: int | None = None) -> CheckReport:
     """Integrity check of dataset folders: every problem of every file (see the module docstring)."""
     report = CheckReport(problems=[])
-    work: list[tuple[CaseRecord, dict[str, int]]] = []
+    work: list[tuple[CaseRecord, dict[str, int], list[str]]] = []
     for root in roots:
         report.datasets += 1
         try:
@@ -130,7 +148,8 @@ def check_datasets(roots: list[str | Path], jobs: int | None = None) -> CheckRep
         except DatasetError as e:  # dataset.json itself: nothing more can be checked in this dataset
             report.problems.append(one_line(str(e)))
             continue
-        work += [(case, info.labels) for case in info.cases]
+        channels = [info.modality, *(_channel_modality(c) for c in info.channel_names[1:])]
+        work += [(case, info.labels, channels) for case in info.cases]
     report.cases = len(work)
     pool = ThreadPool(jobs or min(4, os.cpu_count() or 1))  # gzip inflation releases the GIL
     try:

@@ -38,12 +38,14 @@ from cfseg.continual.ewc import stage_fisher
 from cfseg.continual.routing import RoutedExperts
 from cfseg.continual.stages import EndOfStage, StageStatistics, extend_teacher_bank, training_batches
 from cfseg.continual.strategy import StepContext, build_strategy
+from cfseg.data.transforms import Preprocessing, neutral_view
 from cfseg.folding import folded_predictor
 from cfseg.geometry import labels_to_input_grid
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, head_spec
 from cfseg.losses import LossWeights, ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
 from cfseg.nets import Segmenter, segmenter
+from cfseg.ood import DomainStatistics, fit_domain_statistics
 from cfseg.text.encoders import build_encoder
 from cfseg.vocab import Vocabulary
 
@@ -186,6 +188,7 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         self.n_old = 0  # classes of the previous stage (background excluded)
         self._stage_done = True  # end-of-stage statistics are collected once per fit (reset when training starts)
         self.ewc_fisher: dict[str, torch.Tensor] | None = None  # accumulated importance, saved in the checkpoint
+        self.domain_statistics: DomainStatistics | None = None  # what training images looked like (cfseg.ood)
         self.init_experts()
         if experts_state is not None:
             self.restore_experts(experts_state)
@@ -498,6 +501,32 @@ class CFSegModule(RoutedExperts, L.LightningModule):
             return
         self._stage_done = True
         self.strategy.end_of_stage(self)
+        self.collect_domain_statistics()
+
+    def collect_domain_statistics(self) -> None:
+        """This stage's out-of-domain statistics (:mod:`cfseg.ood`) from up to ``statistics.router_batches``
+        training cases per dataset, calibrated on the validation cases, with the network as it ends the stage."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self.statistics.router_batches <= 0 or not getattr(dm, "datasets", None):
+            return
+        if self.modality_router is not None:
+            view = Preprocessing.from_dict(self.modality_router.view)
+        else:
+            first = dm.preprocessing(dm.datasets[0].info.modality)
+            view = neutral_view(first.spacing, first.orientation)
+        was_training = self.training
+        self.eval()
+        try:
+            self.domain_statistics = fit_domain_statistics(self, dm, view, self.statistics.router_batches)
+        finally:
+            self.train(was_training)
+
+    def ood_score(self, view: torch.Tensor) -> tuple[float, float] | None:
+        """``(score, threshold)`` of one volume in the modality-neutral view [1, C, *S] (:mod:`cfseg.ood`); None
+        when the checkpoint has no domain statistics."""
+        if self.domain_statistics is None or self.domain_statistics.threshold is None:
+            return None
+        return self.domain_statistics.score(self.window_features(view)), self.domain_statistics.threshold
 
     def collect_fisher(self, previous: dict[str, torch.Tensor] | None = None) -> None:
         """The diagonal Fisher of this stage's loss (``statistics.fisher_batches`` training batches) at the final
@@ -546,6 +575,7 @@ class CFSegModule(RoutedExperts, L.LightningModule):
             "experts": self.experts_state(),
             "ewc_fisher": self.ewc_fisher,
             "strategy_state": self.strategy.state_dict(),
+            "ood": self.domain_statistics.state() if self.domain_statistics is not None else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -571,6 +601,8 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         self.preprocessing = merge_preprocessing(meta.get("preprocessing") or {}, self.preprocessing, "this run")
         self.stage_history = list(meta.get("stage_history", []))
         self.ewc_fisher = check_fisher(meta.get("ewc_fisher"))
+        ood = meta.get("ood")
+        self.domain_statistics = DomainStatistics.from_state(ood) if ood is not None else None
 
 
 def load_checkpoint(path: str, map_location: str | torch.device = "cpu",

@@ -31,12 +31,14 @@ class DomainStatistics:
 
     Args:
         in_features: width ``F`` of the features.
+        view: the preprocessing (:meth:`cfseg.data.transforms.Preprocessing.to_dict`) images are scored in.
     """
 
-    def __init__(self, in_features: int) -> None:
+    def __init__(self, in_features: int, view: dict[str, Any] | None = None) -> None:
         if not isinstance(in_features, int) or in_features < 1:
             raise ValueError(f"in_features must be a positive int, got {in_features!r}")
         self.in_features = in_features
+        self.view = dict(view) if view is not None else None
         self.names: list[str] = []
         self.sums = torch.zeros(0, in_features, dtype=torch.float64)
         self.counts = torch.zeros(0, dtype=torch.float64)
@@ -97,7 +99,7 @@ class DomainStatistics:
 
     def state(self) -> dict[str, Any]:
         """Plain state loadable with ``torch.load(weights_only=True)``."""
-        return {"in_features": self.in_features, "names": list(self.names), "sums": self.sums.clone(),
+        return {"in_features": self.in_features, "view": self.view, "names": list(self.names), "sums": self.sums.clone(),
                 "counts": self.counts.clone(), "outer": self.outer.clone(), "threshold": self.threshold,
                 "calibration": list(self.calibration)}
 
@@ -112,7 +114,7 @@ class DomainStatistics:
         if not isinstance(state, dict) or not keys <= set(state):
             raise ValueError(f"domain statistics need keys {sorted(keys)}, got "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
-        out = cls(int(state["in_features"]))
+        out = cls(int(state["in_features"]), state.get("view"))
         f, m = out.in_features, len(state["names"])
         sums, counts, outer = state["sums"], state["counts"], state["outer"]
         if not (isinstance(sums, Tensor) and isinstance(counts, Tensor) and isinstance(outer, Tensor)
@@ -153,7 +155,7 @@ def fit_domain_statistics(module: Any, datamodule: Any, view: Preprocessing, n_c
     stats: DomainStatistics | None = None
     for d, item in train:
         feats = features(item)
-        stats = stats or DomainStatistics(int(feats.shape[1]))
+        stats = stats or DomainStatistics(int(feats.shape[1]), view.to_dict())
         stats.update(feats, str(d.info.modality))
     stats.calibrate([stats.score(features(it)) for it in (val or [it for _, it in train])], factor)
     return stats

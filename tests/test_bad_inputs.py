@@ -26,6 +26,9 @@ cfseg fit and incremental stages (``cfseg.apps.cli.run``: exit 2, one line ``cfs
     ``--ckpt_path`` of a checkpoint with another vocabulary or of a file that is no checkpoint; a previous
     checkpoint naming code as its backbone (nothing created); a stage whose CT preprocessing differs from the
     one the checkpoint learnt; ``new_classes`` that differ from the classes the data add.
+cfseg-protocol (the console entry: exit 2, one line ``cfseg-protocol: error: ...``):
+    malformed YAML; an unknown strategy; a stage that is a string; a missing base config; a negative max_steps;
+    a missing dataset.
 Data layer (``KINDS`` below: undeclared label value, truncated image or label, truncated uncompressed data,
 corrupt gzip, empty image, shape/spacing/origin mismatch, singular affine, NaN, inf, 4D image, missing label or
 channel, unreadable or label-less dataset.json, unknown class in partial_labels.json, missing MSD image, stray
@@ -44,6 +47,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -653,3 +657,66 @@ def test_missing_image_msd_and_stray_label_nnunet(tmp_path, capsys):
     assert len(out) == 2, out
     assert out[0].startswith(f"{msd.resolve() / 'imagesTr' / 'c1.nii.gz'}: file not found")
     assert out[1].startswith(f"{_label(nn, 'case2')}: label without an image")
+
+
+# ---- cfseg-protocol: configuration errors are one line, exit 2 -------------------------------------------------
+PROTOCOL = Path(sys.executable).with_name("cfseg-protocol")
+
+
+def _protocol_file(kind: str, tmp: Path) -> tuple[Path, str]:
+    """A protocol YAML broken in one way, and the pattern its one-line error must match."""
+    good = {"base_config": str(ROOT / "configs" / "incremental" / "base.yaml"), "output": str(tmp / "out"),
+            "seeds": [0], "max_steps": 2, "strategies": ["finetune"],
+            "stages": [{"name": "s0", "datasets": [{"path": str(tmp / "Dataset001_missing")}]}]}
+    spec, pattern = json.loads(json.dumps(good)), ""
+    if kind == "malformed_yaml":
+        text = "base_config: [unclosed\n"
+        pattern = r"not valid YAML \(line 2"
+    else:
+        if kind == "unknown_strategy":
+            spec["strategies"], pattern = ["nosuchstrategy"], r"strategies\[0\]\.strategy 'nosuchstrategy' unknown"
+        elif kind == "stage_is_a_string":
+            spec["stages"], pattern = ["s0"], r"stages\[0\] is 's0': a stage is a mapping"
+        elif kind == "missing_base_config":
+            spec["base_config"], pattern = str(tmp / "none.yaml"), r"base_config .*none\.yaml not found"
+        elif kind == "negative_max_steps":
+            spec["max_steps"], pattern = -3, r"max_steps is -3: give a positive step budget"
+        elif kind == "missing_dataset":
+            pattern = r"Dataset001_missing: dataset folder not found"
+        text = json.dumps(spec)
+    path = tmp / f"{kind}.yaml"
+    tmp.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path, pattern
+
+
+PROTOCOL_KINDS = ["malformed_yaml", "unknown_strategy", "stage_is_a_string", "missing_base_config",
+                  "negative_max_steps", "missing_dataset"]
+
+
+def test_cfseg_protocol_errors_are_one_line_exit_2(tmp_path):
+    """Every configuration error of ``cfseg-protocol`` (the console entry) ends in one line and exit status 2."""
+    env = {k: v for k, v in os.environ.items() if k != "CFSEG_DEBUG"}
+    runs = []
+    for kind in PROTOCOL_KINDS:
+        path, pattern = _protocol_file(kind, tmp_path / kind)
+        proc = subprocess.Popen([str(PROTOCOL), "--config", str(path)], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        runs.append((kind, proc, pattern))
+    for kind, proc, pattern in runs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 2, (kind, proc.returncode, err[-3000:])
+        errors = [line for line in err.splitlines() if line.startswith("cfseg-protocol: error:")]
+        assert len(errors) == 1 and "Traceback" not in err, (kind, err[-3000:])
+        assert re.search(pattern, errors[0]), (kind, errors[0])
+        assert "args parameter is intended" not in err, (kind, err[-3000:])  # cfseg passes its own arguments
+
+
+def test_cfseg_protocol_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    from cfseg.apps.protocol import main as protocol_main
+
+    path, _ = _protocol_file("stage_is_a_string", tmp_path)
+    assert protocol_main(["--config", str(path)]) == 2
+    monkeypatch.setenv("CFSEG_DEBUG", "1")
+    with pytest.raises(ValueError, match="a stage is a mapping"):
+        protocol_main(["--config", str(path)])

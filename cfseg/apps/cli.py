@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +138,6 @@ def warn_slow_bf16(precision: str, accelerator: str) -> bool:
     Measured on an AVX2-only AMD EPYC: one MONAI UNet step (16-256 channels, 4 x 64^3) takes 1.0 s in float32
     and 24-27 s under bf16 autocast, where the conversions are emulated.
     """
-    import warnings
-
     if "bf16" not in precision or "CPU" not in accelerator or native_bf16():
         return False
     warnings.warn(f"precision {precision!r} on a CPU without native bfloat16 (capability "
@@ -185,6 +184,9 @@ def main(args: list[str] | None = None, callbacks: list[Callback] | None = None)
     """Run the CLI (``args`` default to ``sys.argv[1:]``); ``callbacks`` are added to the config's (Python callers:
     objects no config file can describe, e.g. one that watches a process)."""
     keep_freed_memory()
+    # cfseg passes its own arguments (run(): sys.argv[1:]; the protocol and the demo: their configs), so Lightning's
+    # warning about `args` beside a command line only repeats the whole command line
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
     return CFSegCLI(
         CFSegModule,
         SegDataModule,

@@ -166,12 +166,21 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: protocol file not found")
-    spec = yaml.safe_load(path.read_text())
-    if not isinstance(spec, dict) or not spec.get("stages"):
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ValueError(f"{path}: not valid YAML{where}: {problem}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("stages"), list) or not spec["stages"]:
         raise ValueError(f"{path}: a protocol needs a non-empty 'stages' list")
     if not spec.get("base_config"):
         raise ValueError(f"{path}: base_config (the cfseg fit config every stage shares) is missing")
     for i, st in enumerate(spec["stages"]):
+        if not isinstance(st, dict):
+            raise ValueError(f"{path}: stages[{i}] is {st!r}: a stage is a mapping with at least 'datasets' "
+                             "(e.g. {name: ct, datasets: [data/Dataset001]})")
         if not st.get("datasets"):
             raise ValueError(f"{path}: stages[{i}].datasets is empty")
         st.setdefault("name", f"stage{i}")

@@ -100,8 +100,8 @@ class DomainStatistics:
     def state(self) -> dict[str, Any]:
         """Plain state loadable with ``torch.load(weights_only=True)``."""
         return {"in_features": self.in_features, "view": self.view, "names": list(self.names),
-                "sums": self.sums.clone(), "counts": self.counts.clone(), "outer": self.outer.clone(), "threshold": self.threshold,
-                "calibration": list(self.calibration)}
+                "sums": self.sums.clone(), "counts": self.counts.clone(), "outer": self.outer.clone(),
+                "threshold": self.threshold, "calibration": list(self.calibration)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> DomainStatistics:

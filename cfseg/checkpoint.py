@@ -70,9 +70,34 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises several types for non-checkpoints
-        raise ValueError(f"{p}: not a loadable cfseg checkpoint ({type(e).__name__}: {str(e)[:200]})") from e
+        raise ValueError(load_error_message(p, e)) from e
     check_format(ckpt, str(p))
     return ckpt
+
+
+def load_error_message(path: str | Path, err: BaseException) -> str:
+    """One whole line ``<path>: not a loadable cfseg checkpoint: <why>`` for a file ``torch.load(weights_only=True)``
+    refused. torch's own messages are not passed on: they are long, and for a file holding more than tensors and
+    numbers they suggest loading with ``weights_only`` off, which would run whatever code the file names."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        size, head = -1, b""
+    kind = type(err).__name__
+    if size == 0:
+        why = "empty file (0 bytes)"
+    elif head != b"PK\x03\x04":
+        why = "the file is damaged or not a cfseg checkpoint (it is not a torch zip archive)"
+    elif "weights only load failed" in str(err).lower() or kind == "UnpicklingError":
+        why = ("the file is damaged or not a cfseg checkpoint: it holds something other than tensors, numbers and "
+               "strings (cfseg never loads code from a checkpoint)")
+    else:  # a zip archive torch cannot read: cut off (central directory missing) or corrupt
+        why = (f"the file is damaged: its zip archive ends early or is corrupt ({size} bytes, {kind}; a truncated "
+               "or interrupted copy?); re-copy or re-save it")
+    return f"{p}: not a loadable cfseg checkpoint: {why}"
 
 
 def check_format(ckpt: Any, where: str = "checkpoint") -> dict[str, Any]:

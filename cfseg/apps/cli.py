@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from cfseg.apps.writers import NiftiPredictionWriter
 from cfseg.builder import UntrustedSpecError, check_spec
+from cfseg.checkpoint import load_error_message
 from cfseg.data.datamodule import SegDataModule, checkpoint_classes
 from cfseg.data.formats import DatasetError
 from cfseg.module import CFSegModule
@@ -55,7 +56,7 @@ class CFSegCLI(LightningCLI):
         try:
             ckpt = torch.load(ckpt_path, weights_only=True, map_location="cpu")
         except Exception as e:  # torch raises several types for files that are not checkpoints
-            raise ValueError(f"{ckpt_path}: not a loadable cfseg checkpoint ({type(e).__name__})") from None
+            raise ValueError(load_error_message(ckpt_path, e)) from None
         self._ckpt_path_read = (str(ckpt_path), ckpt)  # read once: the class checks below reuse it
         hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
         if not isinstance(hparams, dict):

@@ -381,7 +381,9 @@ def checkpoint_classes(path: str | Path, ckpt: Any = None) -> list[str]:
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for files that are not checkpoints
-            raise ValueError(f"{p}: not a loadable cfseg checkpoint ({type(e).__name__})") from e
+            from cfseg.checkpoint import load_error_message
+
+            raise ValueError(load_error_message(p, e)) from e
     try:
         return list(ckpt["cfseg"]["class_names"])
     except (KeyError, TypeError) as e:

@@ -258,6 +258,30 @@ def ct_offset_problem(array: np.ndarray, max_samples: int = 2_000_000) -> str | 
             "rescale intercept (typically -1024) or check that the channel is CT")
 
 
+#: NIfTI's vector data types, by the fields nibabel reads them with
+_VECTOR_DTYPES = {("R", "G", "B"): "RGB24", ("R", "G", "B", "A"): "RGBA32"}
+
+
+def dtype_problem(dtype: Any) -> str | None:
+    """What is wrong with a NIfTI file's data type for cfseg (one scalar intensity or label per voxel), or None.
+
+    RGB24/RGBA32 (colour) and complex data are read by nibabel but are no scalar images; casting them to float
+    fails with a numpy error that says nothing about the file.
+    """
+    dt = np.dtype(dtype)
+    if dt.names:
+        kind = _VECTOR_DTYPES.get(tuple(dt.names), f"multi-field ({', '.join(dt.names)})")
+        what = f"{kind} data"
+    elif np.issubdtype(dt, np.complexfloating):
+        what = f"complex data ({dt})"
+    elif not (np.issubdtype(dt, np.number) or np.issubdtype(dt, np.bool_)):
+        what = f"{dt} data"
+    else:
+        return None
+    return (f"{what}: cfseg reads single-channel scalar images (convert it to one scalar channel, e.g. grayscale "
+            "or magnitude, or one file per channel)")
+
+
 def read_error_message(path: str | Path, err: BaseException) -> str:
     """One line ``<path>: <what is wrong> (<hint>)`` for a NIfTI file nibabel/MONAI failed to read."""
     import gzip
@@ -348,6 +372,9 @@ def _check_headers(case: CaseRecord) -> None:
             img = nib.load(str(path))
         except Exception as e:  # nibabel raises several types for unreadable files
             raise DatasetError(read_error_message(path, e)) from e
+        problem = dtype_problem(img.get_data_dtype())
+        if problem:
+            raise DatasetError(f"{path}: {problem}")
         shape = tuple(img.shape[:3])
         if len(img.shape) != 3 and not (len(img.shape) == 4 and img.shape[3] == 1):
             raise DatasetError(f"{path}: expected a 3D volume, got shape {tuple(img.shape)} (one file per channel)")

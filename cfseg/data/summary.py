@@ -29,6 +29,7 @@ from cfseg.data.formats import (
     affines_match,
     ct_offset_problem,
     describe_affine_difference,
+    dtype_problem,
     modality_from_channel,
     read_dataset,
     read_error_message,
@@ -61,6 +62,10 @@ def _read_volume(path: Path, problems: list[str]) -> tuple[np.ndarray, np.ndarra
 
     try:
         img = nib.load(str(path))
+        problem = dtype_problem(img.get_data_dtype())
+        if problem:
+            problems.append(f"{path}: {problem}")
+            return None
         arr = np.asarray(img.dataobj)
     except Exception as e:  # noqa: BLE001 - nibabel/gzip/zlib raise many types; each becomes one line
         problems.append(read_error_message(path, e))

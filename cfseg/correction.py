@@ -4,22 +4,29 @@
 The corrected masks come in one of three forms (:func:`read_correction`):
 
 * a label map with a ``labels.json`` (value -> class name, as ``cfseg-segment --multilabel`` writes it): every
-  class the JSON lists counts as corrected (absent from the map: the organ is not there);
+  class the JSON lists counts as corrected (absent from the map: the organ is not there, learnt so only with
+  ``allow_empty``, see below);
 * per-class binary masks with their class names, one name per file, in order;
 * a folder as ``cfseg-segment -o`` wrote it and the user edited: ``labels.nii.gz`` + ``labels.json``, or
   ``<class>.nii.gz`` per class.
 
-Class names given with a label map restrict learning to those classes. Every mask must have the image's shape and
-affine (a mask saved on another grid is refused, not resampled). The checkpoint's model segments the image
-(frozen, all its classes), the corrector fuses and scores its output against the correction, records the best
-fusion weight, learns from the crops and saves its state atomically. A missing or empty state folder starts a new
-state; a folder holding other files, a damaged state or one made for another checkpoint is refused. Any error
-leaves the state as it was.
+Class names given with a label map restrict learning to those classes; a ``labels.json`` naming one class under two
+values (``"1": "liver", "2": "Liver"``: names compare as cfseg's vocabulary reads them, :mod:`cfseg.vocab`) is
+refused. Every mask must have the image's shape and affine (a mask saved on another grid is refused, not resampled).
+A class whose corrected mask is all background (no voxel of it in the volume) or all foreground (every voxel) is
+most likely a slip (a mask saved empty, a fill that flooded the volume): it is not learnt from, with a warning
+(:class:`CorrectionWarning`), unless ``allow_empty`` (the organ is truly absent) or ``allow_full`` says it is meant;
+when no class is left, nothing is learnt and the state is left as it was. The checkpoint's model segments the image
+(frozen, all its classes), the corrector fuses and scores its output against the correction, records the best fusion
+weight, learns from the crops and saves its state atomically. A missing or empty state folder starts a new state; a
+folder holding other files, a damaged state or one made for another checkpoint is refused. Any error leaves the
+state as it was.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +41,29 @@ from cfseg.online import OnlineCorrector, OnlineStateError
 from cfseg.segmentation import SegmentError, load_input, modality_view, preprocess, safe_name
 
 AFFINE_TOLERANCE = 1e-3  # mm: two grids whose affines differ by less are the same grid
+
+
+class CorrectionWarning(UserWarning):
+    """A corrected mask that is not learnt from (all background or all foreground; see the module doc)."""
+
+
+def suspicious_masks(module, corrected: dict[int, np.ndarray], allow_empty: bool = False,
+                     allow_full: bool = False, where: str = "") -> tuple[dict[int, np.ndarray], list[str]]:
+    """The corrections to learn from and a warning per class left out: all background unless ``allow_empty``,
+    all foreground unless ``allow_full``."""
+    keep, notes = {}, []
+    prefix = f"{where}: " if where else ""
+    for k, m in corrected.items():
+        name = module.bank.names[k]
+        if not m.any() and not allow_empty:
+            notes.append(f"{prefix}the correction of {name!r} is all background (no voxel of it in the volume); not "
+                         f"learnt from (if the organ is truly absent, pass --allow-empty / allow_empty=True)")
+        elif m.all() and not allow_full:
+            notes.append(f"{prefix}the correction of {name!r} is all foreground (every voxel of the volume); not "
+                         f"learnt from (if that is meant, pass --allow-full / allow_full=True)")
+        else:
+            keep[k] = m
+    return keep, notes
 
 
 def _read_mask(path: Path, image: nib.Nifti1Image) -> np.ndarray:
@@ -106,6 +136,12 @@ def read_correction(module, image: nib.Nifti1Image, masks: Sequence[str | Path],
             raise SegmentError(f"{labels}: not a labels.json of value -> class name ({e})") from None
         data = _read_mask(paths[0], image)
         named = {v: _class_index(module, n, str(labels)) for v, n in table.items() if v != 0}
+        first: dict[int, int] = {}
+        for v, k in sorted(named.items()):
+            if k in first:
+                raise SegmentError(f"{labels}: values {first[k]} ({table[first[k]]!r}) and {v} ({table[v]!r}) both "
+                                   f"name the class {module.bank.names[k]!r}; give each class one value")
+            first[k] = v
         stray = sorted(set(np.unique(data).tolist()) - set(named) - {0})
         if stray:
             raise SegmentError(f"{paths[0]}: label values {stray} are not in {labels}")
@@ -131,7 +167,8 @@ def read_correction(module, image: nib.Nifti1Image, masks: Sequence[str | Path],
 
 def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], checkpoint: str | Path | Any,
             state: str | Path, labels: str | Path | None = None, classes: Sequence[str] | None = None,
-            modality: str | None = None, device: str = "cpu", config: dict | None = None):
+            modality: str | None = None, device: str = "cpu", config: dict | None = None,
+            allow_empty: bool = False, allow_full: bool = False):
     """Learn from one corrected case and save the online state (the Python API of ``cfseg-correct``).
 
     Args:
@@ -142,13 +179,15 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
         labels, classes: what the masks mean (see the module doc).
         modality: ``"ct"``/``"mri"``; None: detected.
         config: :class:`~cfseg.online.OnlineConfig` fields for a new state.
+        allow_empty, allow_full: learn from a class's correction that is all background / all foreground (else
+            left out with a :class:`CorrectionWarning`).
 
     Returns:
         ``(corrector, report)``: the :class:`~cfseg.online.OnlineCorrector` after the update and its
         :class:`~cfseg.online.CaseReport`.
 
     Raises:
-        SegmentError: bad inputs or state (nothing is written then).
+        SegmentError: bad inputs or state, or no class left to learn from (nothing is written then).
     """
     module = checkpoint if isinstance(checkpoint, CFSegModule) else load_checkpoint(str(checkpoint))
     try:
@@ -157,6 +196,11 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
         raise SegmentError(str(e)) from None
     img, where = load_input(image)
     corrected = read_correction(module, img, masks, labels, classes)
+    corrected, notes = suspicious_masks(module, corrected, allow_empty, allow_full, where)
+    for note in notes:
+        warnings.warn(note, CorrectionWarning, stacklevel=2)
+    if not corrected:
+        raise SegmentError(f"{where}: no class left to learn from" + (" (see the warnings above)" if notes else ""))
     try:
         chosen, _, _ = choose_modality(module, np.asarray(img.dataobj), modality, modality_view(module, img, modality))
     except ModalityError as e:

@@ -6,7 +6,12 @@ Limits are checked on the header alone, before any voxel is read or any grid is 
 * voxel spacing (the length of each affine column) must lie within :data:`SPACING_RANGE` mm;
 * the input grid and the grid it is resampled to for the network (``shape * spacing / target spacing``, axes
   matched through the orientation) must each hold at most ``max_voxels`` voxels (default
-  :data:`DEFAULT_MAX_VOXELS` = 2**28 = 512 x 512 x 1024).
+  :data:`DEFAULT_MAX_VOXELS` = 2**28 = 512 x 512 x 1024);
+* a NIfTI header must hold a qform or an sform (:func:`check_header`: with both codes 0 the orientation would be
+  guessed) and a finite, non-zero ``pixdim`` on each spatial axis, whatever affine nibabel substitutes;
+* each axis of the input grid needs at least :data:`MIN_AXIS_VOXELS` voxels, and each axis of the resampled grid
+  at least the network's total stride (:func:`check_min_size`; never fewer than :data:`MIN_AXIS_VOXELS`): below
+  that the deepest level of the network sees less than one voxel of the image and the output is noise.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ import torch
 DEFAULT_MAX_VOXELS = 2**28
 #: Accepted voxel spacing in mm, exclusive bounds.
 SPACING_RANGE = (1e-3, 100.0)
+#: Fewest voxels along any axis of an input grid, and of the grid it is resampled to (the network's total stride
+#: raises the latter; :func:`check_min_size`).
+MIN_AXIS_VOXELS = 4
 _WORLD_AXIS = {"R": 0, "L": 0, "A": 1, "P": 1, "S": 2, "I": 2}
 
 
@@ -47,6 +55,38 @@ def check_affine(affine: np.ndarray) -> np.ndarray:
         raise GeometryError(f"voxel spacing {_fmt(zooms)} mm is outside ({lo:g}, {hi:g}) mm (a broken header or "
                             f"units other than mm)")
     return zooms
+
+
+def check_header(header) -> None:
+    """Refuse a NIfTI header whose geometry would be guessed (before any voxel is read).
+
+    Checks the qform/sform codes (both 0: nibabel falls back to a diagonal affine from ``pixdim``, so the
+    orientation is a guess) and ``pixdim[1:4]`` (0 or non-finite: nibabel substitutes 1 mm, or the sform says
+    something the header itself contradicts). Headers that are not NIfTI (no ``qform_code``) pass.
+
+    Raises:
+        GeometryError: what is missing and how to fix it.
+    """
+    try:
+        qcode, scode = int(header["qform_code"]), int(header["sform_code"])
+        pixdim = np.asarray(header["pixdim"], np.float64)[1:4]
+    except (KeyError, TypeError, ValueError, IndexError):
+        return
+    if qcode == 0 and scode == 0:
+        raise GeometryError("the header has neither a qform nor an sform (qform_code and sform_code are 0): the "
+                            "image's orientation in the body would be guessed; set its qform/sform (the scanner "
+                            "geometry) before segmenting")
+    if len(pixdim) == 3 and not (np.isfinite(pixdim) & (pixdim != 0)).all():
+        raise GeometryError(f"the header's voxel size pixdim[1:4] is {_fmt(pixdim)} (a zero or non-finite spacing "
+                            f"is a broken header, whatever affine is read from it; fix its pixdim)")
+
+
+def check_min_size(shape: Sequence[int], min_voxels: int = MIN_AXIS_VOXELS, what: str = "the image",
+                   why: str = "") -> None:
+    """Refuse a grid with fewer than ``min_voxels`` voxels along some axis (too small for the network)."""
+    if min(int(s) for s in shape) < min_voxels:
+        raise GeometryError(f"{what} has {_fmt(shape, 'x')} voxels, fewer than {min_voxels} along an axis"
+                            f"{why}: too small to segment")
 
 
 def resampled_shape(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float],

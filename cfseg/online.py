@@ -33,9 +33,13 @@ Per class ``k`` of a case (all on the network grid, i.e. after the checkpoint's 
   buffer (Dice + BCE, MONAI ``DiceCELoss``), so the batch grows with the stream until the buffer is full.
 
 State (:meth:`OnlineCorrector.save` / :meth:`OnlineCorrector.load`): one directory holding ``state.json``
-(configuration, fusion-weight histories, box sizes, the optimiser's hyper-parameters, the fingerprint of the
-base model and its class list, and the SHA-256 of each tensor file) and two safetensors files (auxiliary weights
-with the optimiser's moments; the buffer). No pickled code: the auxiliary network is built through
+(configuration, fusion-weight histories, box sizes, the optimiser's hyper-parameters, the fingerprint of the base
+model and its class list, the SHA-256 of each tensor file, and a ``checksum``: the SHA-256 of ``state.json``'s own
+content without that field) and two safetensors files (auxiliary weights with the optimiser's moments; the buffer).
+Loading checks every checksum and every field (known keys only; the configuration as :class:`OnlineConfig` checks
+it; fusion weights in [0, 1]; box sizes finite and non-negative; the update count a non-negative integer; the
+optimiser's learning rate, betas, epsilon and weight decay in range): an edited or damaged ``state.json`` is
+refused, naming the field or the failed checksum. No pickled code: the auxiliary network is built through
 :mod:`cfseg.builder`'s allow-list. A save writes new tensor files, then replaces ``state.json`` atomically, then
 deletes the files it no longer names: a crash at any point leaves the previous or the new state, both loadable.
 """
@@ -63,6 +67,11 @@ from cfseg.builder import build_network
 
 STATE_FORMAT = "cfseg-online/1"
 STATE_FILE = "state.json"
+STATE_KEYS = ("format", "base", "config", "n_updates", "alphas", "extents", "optimizer", "files", "sha256",
+              "checksum")
+MIN_CROP_SIZE, MAX_CROP_SIZE = 8, 128  # voxels per axis (128^3 crops: about 2 GB while learning)
+MAX_STEPS_PER_UPDATE = 1000
+MAX_BUFFER_SIZE = 4096
 _LOGIT_EPS = 1e-6
 
 
@@ -91,14 +100,15 @@ class OnlineConfig:
     Attributes:
         network: auxiliary network spec (``class_path`` in ``monai.networks.nets``/``cfseg.nets``; its
             ``in_channels``/``out_channels`` are filled in).
-        crop_size: the fixed size crops are resized to, voxels.
+        crop_size: the fixed size crops are resized to, voxels: 3 sizes from 8 to 128 (memory grows with their
+            product: 32^3 learns in about 0.75 GB, 160^3 needed 3.5 GB).
         margin: box expansion on each side, as a fraction of the box's extent along that axis.
         min_margin: at least this many voxels of expansion on each side.
         prior: ``"probability"`` or ``"mask"``: which frozen output the auxiliary network sees.
         class_code: give the auxiliary network a one-hot class code (one network for every class).
-        buffer_size: FIFO buffer of corrected crops (AuxOL: 32).
-        steps_per_update: AdamW steps on the whole buffer per corrected case.
-        lr, weight_decay: AdamW (weight decay: AuxOL's 5e-4).
+        buffer_size: FIFO buffer of corrected crops (AuxOL: 32); 1 to 4096.
+        steps_per_update: AdamW steps on the whole buffer per corrected case; 1 to 1000.
+        lr, weight_decay: AdamW (weight decay: AuxOL's 5e-4); lr in (0, 1], weight decay in [0, 1].
         alpha_step: grid step of the fusion weight search (AuxOL: 0.05).
         alpha_window: the next case uses the mean of this many latest best weights (AuxOL: 5).
         warmup: the frozen model alone until this many best weights are recorded (AuxOL: 5).
@@ -127,9 +137,27 @@ class OnlineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.network, dict):
+            raise ValueError(f"network must be a {{class_path, init_args}} spec, got {self.network!r}")
+        for name in ("class_code", "alpha_per_class", "residual"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("min_margin", "buffer_size", "steps_per_update", "alpha_window", "warmup", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (
+                    isinstance(v, float) and v.is_integer()):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            setattr(self, name, int(v))
+        for name in ("margin", "lr", "weight_decay", "alpha_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.number)) or not np.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if (not isinstance(self.crop_size, (list, tuple)) or len(self.crop_size) != 3
+                or not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in self.crop_size)
+                or not all(MIN_CROP_SIZE <= c <= MAX_CROP_SIZE for c in self.crop_size)):
+            raise ValueError(f"crop_size must be 3 whole sizes from {MIN_CROP_SIZE} to {MAX_CROP_SIZE} voxels, got "
+                             f"{self.crop_size!r}")
         self.crop_size = tuple(int(s) for s in self.crop_size)  # type: ignore[assignment]
-        if len(self.crop_size) != 3 or min(self.crop_size) < 8:
-            raise ValueError(f"crop_size must be 3 sizes of at least 8 voxels, got {self.crop_size}")
         if self.prior not in ("probability", "mask"):
             raise ValueError(f"prior must be 'probability' or 'mask', got {self.prior!r}")
         if self.residual and self.prior != "probability":
@@ -138,12 +166,15 @@ class OnlineConfig:
         for name in ("buffer_size", "steps_per_update", "alpha_window"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)!r}")
+        if self.buffer_size > MAX_BUFFER_SIZE or self.steps_per_update > MAX_STEPS_PER_UPDATE:
+            raise ValueError(f"buffer_size must be at most {MAX_BUFFER_SIZE} and steps_per_update at most "
+                             f"{MAX_STEPS_PER_UPDATE}, got {self.buffer_size}, {self.steps_per_update}")
         if self.warmup < 0 or self.min_margin < 0 or self.margin < 0:
             raise ValueError("warmup, min_margin and margin must be non-negative")
         if not 0 < self.alpha_step <= 1:
             raise ValueError(f"alpha_step must be in (0, 1], got {self.alpha_step}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be positive and weight_decay non-negative, got {self.lr}, {self.weight_decay}")
+        if not 0 < self.lr <= 1 or not 0 <= self.weight_decay <= 1:
+            raise ValueError(f"lr must be in (0, 1] and weight_decay in [0, 1], got {self.lr}, {self.weight_decay}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -621,6 +652,7 @@ class OnlineCorrector:
                 _fsync(path)
             meta["files"] = files
             meta["sha256"] = {name: _sha256_file(d / name) for name in files.values()}
+            meta["checksum"] = state_checksum(meta)
             tmp = d / f".{STATE_FILE}.{tag}.tmp"
             tmp.write_text(json.dumps(meta, indent=1))
             written.append(tmp)
@@ -667,6 +699,13 @@ class OnlineCorrector:
             raise OnlineStateError(f"{d}: this online state was made for another checkpoint (weights fingerprint "
                                    f"{str(base.get('fingerprint'))[:12]}..., this checkpoint {fp[:12]}...); an "
                                    f"online state is bound to the model it corrects: start a new state directory")
+        if meta.get("checksum") != state_checksum(meta):
+            raise OnlineStateError(f"{d}: damaged online state ({STATE_FILE} does not match its checksum: it was "
+                                   f"edited or damaged; a state is changed only by cfseg-correct)")
+        try:
+            check_state_fields(meta, names)
+        except ValueError as e:
+            raise OnlineStateError(f"{d}: damaged online state ({STATE_FILE}: {e})") from None
         try:
             files = meta["files"]
             for name in files.values():
@@ -690,6 +729,10 @@ class OnlineCorrector:
             n_params = len(list(obj.aux.parameters()))
             if len(groups) != 1:
                 raise OnlineStateError(f"{d}: damaged online state (expected one optimiser group, got {len(groups)})")
+            fresh = {k for k in obj.optimizer.param_groups[0] if k != "params"}
+            if set(groups[0]) - fresh:
+                raise OnlineStateError(f"{d}: damaged online state ({STATE_FILE}: unknown optimiser setting(s) "
+                                       f"{sorted(set(groups[0]) - fresh)})")
             obj.optimizer.load_state_dict({"state": opt_state, "param_groups": [{**groups[0],
                                                                                   "params": list(range(n_params))}]})
             if buffer:
@@ -723,6 +766,88 @@ class OnlineCorrector:
             return cls.load(d, module, trusted_modules)
         check_state_dir(d, must_exist=False)
         return cls(module, config, trusted_modules)
+
+
+def state_checksum(meta: Mapping[str, Any]) -> str:
+    """SHA-256 of a state's ``state.json`` content without its ``checksum`` field (keys sorted, compact JSON)."""
+    body = {k: v for k, v in meta.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _number(v: Any, where: str, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    """``v`` as a float inside [lo, hi] (``lo_open``/``hi_open``: that end excluded); else a ValueError naming
+    ``where``."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+        raise ValueError(f"{where} = {v!r} is not a finite number")
+    if v < lo or v > hi or (lo_open and v == lo) or (hi_open and v == hi):
+        raise ValueError(f"{where} = {v!r} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
+    return float(v)
+
+
+def check_state_fields(meta: Mapping[str, Any], class_names: Sequence[str]) -> None:
+    """Range-check every field of a state's ``state.json`` (see the module doc).
+
+    Raises:
+        ValueError: naming the first field out of range, of the wrong type or unknown.
+    """
+    unknown = sorted(set(meta) - set(STATE_KEYS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}")
+    missing = sorted(set(STATE_KEYS) - set(meta))
+    if missing:
+        raise ValueError(f"missing field(s) {missing}")
+    if not isinstance(meta["config"], dict):
+        raise ValueError(f"config = {meta['config']!r} is not a mapping")
+    try:
+        config = OnlineConfig.from_dict(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config: {e}") from None
+    n = meta["n_updates"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n_updates = {n!r} is not a non-negative integer")
+    classes = set(class_names[1:])
+    keys = classes if config.alpha_per_class else {"*"}
+    for field_name, rows, width in (("alphas", meta["alphas"], None), ("extents", meta["extents"], 4)):
+        if not isinstance(rows, dict):
+            raise ValueError(f"{field_name} = {rows!r} is not a mapping")
+        for key, values in rows.items():
+            if key not in (keys if field_name == "alphas" else classes):
+                raise ValueError(f"{field_name} has an entry for {key!r}, not a class of this model")
+            if not isinstance(values, list) or (width is not None and len(values) != width):
+                raise ValueError(f"{field_name}[{key!r}] = {values!r} is not a list"
+                                 + (f" of {width} numbers" if width else ""))
+            for i, v in enumerate(values):
+                if field_name == "alphas":
+                    _number(v, f"alphas[{key!r}][{i}]", 0.0, 1.0)
+                else:
+                    _number(v, f"extents[{key!r}][{i}]", 0.0, float("inf"))
+    opt = meta["optimizer"]
+    if not isinstance(opt, dict) or set(opt) != {"param_groups", "state_keys"}:
+        raise ValueError(f"optimizer = {opt!r} is not a mapping of param_groups and state_keys")
+    groups = opt["param_groups"]
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(groups[0], dict):
+        raise ValueError("optimizer.param_groups must be one group of settings")
+    g = groups[0]
+    _number(g.get("lr"), "optimizer.param_groups[0].lr", 0.0, 1.0, lo_open=True)
+    _number(g.get("eps"), "optimizer.param_groups[0].eps", 0.0, 1.0, lo_open=True)
+    _number(g.get("weight_decay"), "optimizer.param_groups[0].weight_decay", 0.0, 1.0)
+    betas = g.get("betas")
+    if not isinstance(betas, list) or len(betas) != 2:
+        raise ValueError(f"optimizer.param_groups[0].betas = {betas!r} is not two numbers")
+    for i, b in enumerate(betas):
+        _number(b, f"optimizer.param_groups[0].betas[{i}]", 0.0, 1.0, hi_open=True)
+    for key, v in g.items():
+        if key not in ("lr", "eps", "weight_decay", "betas") and not (v is None or isinstance(v, bool)):
+            raise ValueError(f"optimizer.param_groups[0].{key} = {v!r} is not true, false or null")
+    if not isinstance(opt["state_keys"], dict):
+        raise ValueError("optimizer.state_keys is not a mapping")
+    files = meta["files"]
+    if not isinstance(files, dict) or set(files) != {"weights", "buffer"} or not all(
+            isinstance(f, str) for f in files.values()):
+        raise ValueError(f"files = {files!r} is not a mapping of weights and buffer file names")
+    sha = meta["sha256"]
+    if not isinstance(sha, dict) or set(sha) != set(files.values()):
+        raise ValueError("sha256 does not name exactly the state's files")
 
 
 def _in_channels(module) -> int:

@@ -8,18 +8,28 @@ the image or chosen by the checkpoint's modality router (:func:`cfseg.inference.
 with LoRA experts segments each class with the expert of the stage that trained it; an online corrector
 (:mod:`cfseg.online`) may be fused with the checkpoint's output.
 
-Inputs are checked before any voxel is read (:func:`load_input`: finite invertible affine, spacing in range, at
-most ``max_voxels`` voxels, :mod:`cfseg.geometry`) and after (readable in full, finite, not constant or
-near-empty); a problem is a :class:`SegmentError` naming the file.
+Inputs are checked before any voxel is read (:func:`load_input`: one 3D volume of real, single-channel voxels; a
+qform or sform and a finite non-zero ``pixdim`` in the header as stored; finite invertible affine, spacing in range,
+at least :data:`~cfseg.geometry.MIN_AXIS_VOXELS` and at most ``max_voxels`` voxels, :mod:`cfseg.geometry`), in
+:func:`segment` the resampled grid against the backbone's total stride (:func:`min_network_voxels`), and after
+reading (readable in full, finite, not constant or near-empty); a problem is a :class:`SegmentError` naming the
+file.
 
 Outputs: :func:`write_flat` writes one input's files directly into a folder (each replaced atomically; the files an
 earlier run wrote there but this one does not are removed, as listed in ``.cfseg-segment.json``);
 :func:`write_case_dir` writes ``<out>/<case>/`` in a temporary directory and swaps it in whole; :class:`OutputLock`
-keeps a second writer out of the same folder.
+keeps a second writer out of the same folder. Reviewers' files are never overwritten or deleted: each manifest
+(``<folder>/.cfseg-segment.json``) records the sha256 of every file written; a file a rerun would replace or remove
+whose content differs from the record (or that cfseg did not write) makes the writer refuse with
+:class:`EditedFilesError` naming it, before anything is written, or, with ``keep_edited`` (``--keep-edited``), keep
+it and write the new output beside it (``labels.new.nii.gz``). A manifest without hashes (an older cfseg) protects
+every file it lists.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -42,8 +52,11 @@ from monai.transforms import Compose, EnsureTyped, Orientationd, Spacingd
 from cfseg.data.transforms import Preprocessing, intensity_transform
 from cfseg.geometry import (
     DEFAULT_MAX_VOXELS,
+    MIN_AXIS_VOXELS,
     GeometryError,
     check_affine,
+    check_header,
+    check_min_size,
     check_size,
     grids_align,
     labels_to_input_grid,
@@ -155,15 +168,28 @@ def load_input(image: str | Path | nib.Nifti1Image,
         where = str(path)
         check_path(path)
         try:
-            img = nib.load(str(path))
+            with _quiet_nibabel():  # its header "fixes" (pixdim 0 -> 1) are checked below, in one line
+                img = nib.load(str(path))
         except Exception as e:  # nibabel raises several types
             raise SegmentError(f"{path}: not a readable NIfTI file ({one_line(e)})") from e
     shape = tuple(int(s) for s in img.shape)
-    if len(shape) not in (3, 4) or (len(shape) == 4 and shape[3] != 1):
+    if len(shape) == 4 and shape[3] > 1:
+        raise SegmentError(f"{where}: expected a 3D image, got shape {shape}: {shape[3]} volumes or channels in one "
+                           f"file (cfseg segments one 3D volume of one channel; split it and segment each)")
+    if len(shape) not in (3, 4):
         raise SegmentError(f"{where}: expected a 3D image, got shape {shape}")
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.fields is not None or dtype.kind == "V":
+        raise SegmentError(f"{where}: multi-channel voxels (data type {_dtype_name(img, dtype)}: several values "
+                           f"per voxel, e.g. RGB colour); expected one intensity per voxel (a grey-scale scan)")
+    if dtype.kind == "c":
+        raise SegmentError(f"{where}: complex-valued voxels (data type {dtype.name}); expected real intensities "
+                           f"(take the magnitude image)")
     try:
+        check_header(_raw_header(image, img))
         check_affine(img.affine)
         check_size(shape[:3], max_voxels)
+        check_min_size(shape[:3], MIN_AXIS_VOXELS)
     except GeometryError as e:
         raise SegmentError(f"{where}: {e}") from None
     try:
@@ -184,6 +210,63 @@ def load_input(image: str | Path | nib.Nifti1Image,
         raise SegmentError(f"{where}: near-empty image (only {n_off} of {data.size} voxels differ from {med:g}); "
                            f"nothing to segment")
     return nib.Nifti1Image(data, img.affine), where
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    logger = nib.imageglobals.logger
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _raw_header(image: Any, img: Any) -> Any:
+    """The header as stored in the file (nibabel "fixes" some fields on load, e.g. a zero pixdim becomes 1)."""
+    if isinstance(image, nib.spatialimages.SpatialImage) or not isinstance(img.header, nib.Nifti1Header):
+        return img.header
+    try:
+        with nib.openers.ImageOpener(str(image)) as f:
+            return type(img.header).from_fileobj(f, check=False)
+    except Exception:  # unreadable raw header: the loaded one is all there is
+        return img.header
+
+
+def _dtype_name(img, dtype: np.dtype) -> str:
+    try:
+        code = int(img.header["datatype"])
+        return str(img.header._field_recoders["datatype"].label[code])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return str(dtype)
+
+
+def network_stride(module) -> int:
+    """The backbone's total downsampling factor along its most downsampled axis, from its recorded spec (the
+    product of ``strides``, as MONAI's ``UNet`` and ``DynUNet`` record them); 1 when the spec records none.
+    """
+    spec = module.hparams.get("backbone") or {}
+    strides = (spec.get("init_args") or {}).get("strides") if isinstance(spec, dict) else None
+    if not isinstance(strides, (list, tuple)):
+        return 1
+    total = np.ones(3, np.int64)
+    for level in strides:
+        try:
+            v = np.asarray(level, np.int64).reshape(-1)
+        except (TypeError, ValueError):
+            return 1
+        if v.size == 1:
+            v = np.repeat(v, 3)
+        if v.size == 3:
+            total *= np.maximum(v, 1)
+    return int(total.max())
+
+
+def min_network_voxels(module) -> int:
+    """Fewest voxels along each axis of the resampled (network) grid: the backbone's total stride
+    (:func:`network_stride`), never below :data:`cfseg.geometry.MIN_AXIS_VOXELS`."""
+    return max(MIN_AXIS_VOXELS, network_stride(module))
 
 
 def resolve_classes(module, classes: Sequence[str] | None) -> list[int]:
@@ -333,6 +416,13 @@ def segment(
         _notify(notify, "warning", f"{where}: {warning}")
     pre: Preprocessing = preprocessing_for(module, chosen)
     full_shape, full_affine = img.shape, img.affine
+    need = min_network_voxels(module)
+    try:
+        check_min_size(resampled_shape(img.shape, img.affine, pre.spacing, pre.orientation), need,
+                       f"resampled to {'x'.join(f'{s:g}' for s in pre.spacing)} mm, the image",
+                       f" (the network downsamples by {network_stride(module)}; it needs at least {need})")
+    except GeometryError as e:
+        raise SegmentError(f"{where}: {e}") from None
     region = None
     if box is not None:
         try:
@@ -497,45 +587,169 @@ def _fresh_dir(parent: Path) -> Path:
     return tmp
 
 
-def _write_outputs(folder: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> list[str]:
+def output_names(images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> list[str]:
+    """The file names :func:`_write_outputs` gives ``images`` (and ``labels.json``), in order."""
     names = [f"{safe_name(n)}.nii.gz" for n in images]
     if len(set(names)) != len(names):
         raise SegmentError(f"two outputs would share a file name: {sorted(images)}")
-    for name, img in zip(names, images.values(), strict=True):
-        nib.save(img, str(folder / name))
+    return [*names, "labels.json"] if labels is not None else names
+
+
+def _write_outputs(folder: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None,
+                   rename: dict[str, str] | None = None) -> list[str]:
+    """Write the outputs into ``folder`` under :func:`output_names` (``rename`` maps some of them to other names);
+    returns the names written."""
+    rename = rename or {}
+    names = output_names(images, labels)
+    for name, img in zip(names, images.values(), strict=False):
+        nib.save(img, str(folder / rename.get(name, name)))
     if labels is not None:
-        (folder / "labels.json").write_text(json.dumps(labels, indent=2))
-        names.append("labels.json")
-    return names
+        (folder / rename.get("labels.json", "labels.json")).write_text(json.dumps(labels, indent=2))
+    return [rename.get(n, n) for n in names]
 
 
-def write_case_dir(out: Path, case: str, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> Path:
-    """Write a case's outputs as ``out/<case>/``, replacing an earlier one whole (never a mix of two runs)."""
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, in hex (what the manifest records of every file cfseg-segment writes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class EditedFilesError(SegmentError):
+    """Files cfseg-segment would replace or delete were changed since it wrote them (or were never its own)."""
+
+
+def _read_manifest(path: Path) -> dict[str, set[str]]:
+    """File name -> the sha256 values a file written by an earlier run may have (empty: none recorded, as in a
+    manifest of a cfseg before hashes; such a file counts as changed). Only plain output names are kept."""
+    try:
+        data = json.loads(path.read_text())
+        files, hashes = data.get("files", []), data.get("sha256", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+    if not isinstance(files, list):
+        return {}
+    if not isinstance(hashes, dict):
+        hashes = {}
+    out: dict[str, set[str]] = {}
+    for f in files:
+        if isinstance(f, str) and safe_name(f) == f and (f.endswith(".nii.gz") or f.endswith(".json")):
+            h = hashes.get(f)
+            h = [h] if isinstance(h, str) else h if isinstance(h, list) else []
+            out[f] = {x for x in h if isinstance(x, str)}
+    return out
+
+
+def _unchanged(folder: Path, name: str, recorded: dict[str, set[str]]) -> bool:
+    """Whether ``folder/name`` is a plain file an earlier run recorded, with the content it recorded."""
+    p = folder / name
+    return (name in recorded and p.is_file() and not p.is_symlink()
+            and file_sha256(p) in recorded[name])
+
+
+def _beside(name: str, avoid: set[str], folder: Path, replaceable: set[str]) -> str:
+    """``labels.nii.gz`` -> ``labels.new.nii.gz`` (``labels.new2.nii.gz``, ...): a name for a new output whose
+    usual name is held by a kept file; never one in ``avoid`` nor an existing file outside ``replaceable``."""
+    suffix = next((s for s in (".nii.gz", ".json") if name.endswith(s)), "")
+    stem = name[: len(name) - len(suffix)]
+    k = 1
+    while True:
+        alt = f"{stem}.new{k if k > 1 else ''}{suffix}"
+        p = folder / alt
+        if alt not in avoid and (alt in replaceable or not (p.exists() or p.is_symlink())):
+            return alt
+        k += 1
+
+
+def _refusal(folder: Path, changed: list[str], names: list[str], recorded: dict[str, set[str]]) -> EditedFilesError:
+    them = "it" if len(changed) == 1 else "them"
+    clash = next((n for n in names if n in changed), None)
+    example = "" if clash is None else \
+        f" (e.g. {_beside(clash, set(names) | set(changed), folder, set(recorded) - set(changed))})"
+    return EditedFilesError(
+        f"{folder}: {', '.join(changed)} {'differs' if them == 'it' else 'differ'} from what cfseg-segment wrote "
+        f"(edited by a reviewer, or not written by it): nothing was written or deleted; move {them} away, choose "
+        f"another -o, or rerun with --keep-edited to keep {them} and write the new outputs beside {them}{example}")
+
+
+def _write_in_place(folder: Path, source: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None,
+                    recorded: dict[str, set[str]], changed: list[str]) -> list[str]:
+    """Write the outputs into ``folder`` (each replaced atomically), new names for those whose usual name a file
+    in ``changed`` holds, then remove the recorded files this run does not write (never one in ``changed``)."""
+    names = output_names(images, labels)
+    kept = set(changed)
+    replaceable = {n for n in recorded if n not in kept}
+    rename: dict[str, str] = {}
+    for n in names:
+        if n in kept:
+            rename[n] = _beside(n, set(names) | set(rename.values()) | kept, folder, replaceable)
+    tmp = _fresh_dir(folder)
+    try:
+        new = _write_outputs(tmp, images, labels, rename)
+        hashes = {n: file_sha256(tmp / n) for n in new}
+        manifest = folder / MANIFEST_NAME
+        superset = {n: sorted(v) for n, v in recorded.items() if n in replaceable}  # crash-safe: old or new content
+        for n, h in hashes.items():
+            superset[n] = sorted({*superset.get(n, []), h})
+        _write_json(manifest, {"input": str(source), "files": sorted(superset), "sha256": superset})
+        for name in new:
+            os.replace(tmp / name, folder / name)
+        for name in sorted(replaceable - set(new)):
+            if _unchanged(folder, name, recorded):  # checked again: never delete what changed meanwhile
+                (folder / name).unlink(missing_ok=True)
+        _write_json(manifest, {"input": str(source), "files": new, "sha256": hashes})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    notes = [f"{folder / n}: differs from what cfseg-segment wrote, kept as it is (--keep-edited); the new output "
+             f"is {folder / rename[n]}" for n in names if n in rename]
+    notes += [f"{folder / n}: differs from what cfseg-segment wrote, kept as it is (--keep-edited)"
+              for n in changed if n not in rename and n in recorded]
+    return notes
+
+
+def write_case_dir(out: Path, case: str, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None,
+                   source: Path | None = None, keep_edited: bool = False) -> list[str]:
+    """Write a case's outputs as ``out/<case>/``, replacing an earlier one whole (never a mix of two runs), with
+    its manifest (``<case>/.cfseg-segment.json``: file names and sha256).
+
+    An earlier case folder holding anything but the unchanged files its manifest lists (a reviewer's edit, a file
+    cfseg did not write) is not replaced: :class:`EditedFilesError` naming them, or with ``keep_edited`` the new
+    outputs are written into it in place, beside the kept files (:func:`write_flat`'s rules).
+
+    Returns:
+        one line per kept file (empty when nothing was kept).
+    """
+    dest = out / case
+    source = Path(source) if source is not None else dest
+    if dest.is_symlink() or (dest.exists() and not dest.is_dir()):
+        raise EditedFilesError(f"{dest}: exists and is not a case folder cfseg-segment wrote; nothing was written; "
+                               f"move it away or choose another -o")
+    if dest.exists():
+        recorded = _read_manifest(dest / MANIFEST_NAME)
+        changed = sorted(p.name for p in dest.iterdir()
+                         if p.name != MANIFEST_NAME and not _unchanged(dest, p.name, recorded))
+        if changed:
+            if not keep_edited:
+                raise _refusal(dest, changed, output_names(images, labels), recorded)
+            return _write_in_place(dest, source, images, labels, recorded, changed)
     tmp = _fresh_dir(out)
     try:
-        _write_outputs(tmp, images, labels)
-        dest = out / case
+        new = _write_outputs(tmp, images, labels)
+        _write_json(tmp / MANIFEST_NAME, {"input": str(source), "files": new,
+                                          "sha256": {n: file_sha256(tmp / n) for n in new}})
         old = None
-        if dest.exists() or dest.is_symlink():
+        if dest.exists():
             old = out / f"{OLD_PREFIX}{uuid.uuid4().hex}"
             os.rename(dest, old)
         os.rename(tmp, dest)
         if old is not None:
             _remove(old)
-        return dest
+        return []
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _read_manifest(path: Path) -> list[str]:
-    """File names an earlier single-file run wrote (only plain output names; anything else is ignored)."""
-    try:
-        files = json.loads(path.read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [f for f in files if isinstance(f, str) and safe_name(f) == f
-            and (f.endswith(".nii.gz") or f == "labels.json")]
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -544,19 +758,23 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_flat(out: Path, source: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> None:
+def write_flat(out: Path, source: Path, images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None,
+               keep_edited: bool = False) -> list[str]:
     """Write one input's outputs directly into ``out`` (each file replaced atomically), then remove the files the
-    previous single-file run wrote there that this one does not (tracked in ``out/.cfseg-segment.json``)."""
-    tmp = _fresh_dir(out)
-    try:
-        new = _write_outputs(tmp, images, labels)
-        manifest = out / MANIFEST_NAME
-        old = _read_manifest(manifest)
-        _write_json(manifest, {"input": str(source), "files": sorted(set(old) | set(new))})  # crash-safe superset
-        for name in new:
-            os.replace(tmp / name, out / name)
-        for name in sorted(set(old) - set(new)):
-            (out / name).unlink(missing_ok=True)
-        _write_json(manifest, {"input": str(source), "files": new})
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    previous single-file run wrote there that this one does not (tracked, with their sha256, in
+    ``out/.cfseg-segment.json``).
+
+    A file this run would replace or remove whose content is not what an earlier run recorded (a reviewer edited
+    it, or cfseg did not write it) is never touched: :class:`EditedFilesError` naming it before anything is
+    written, or with ``keep_edited`` it is kept and the new output goes beside it (``labels.new.nii.gz``).
+
+    Returns:
+        one line per kept file (empty when nothing was kept).
+    """
+    recorded = _read_manifest(out / MANIFEST_NAME)
+    names = output_names(images, labels)
+    changed = sorted(n for n in set(recorded) | set(names)
+                     if ((out / n).exists() or (out / n).is_symlink()) and not _unchanged(out, n, recorded))
+    if changed and not keep_edited:
+        raise _refusal(out, changed, names, recorded)
+    return _write_in_place(out, source, images, labels, recorded, changed)

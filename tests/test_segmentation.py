@@ -294,10 +294,9 @@ def test_folder_run_names_and_stale_outputs(ckpt, tmp_path, capsys):
     args = ["-i", str(d), "-o", str(out), "--ckpt", str(ckpt)]
     assert segment_main([*args, "--classes", "liver", "spleen"]) == 0
     assert _visible(out) == sorted(p.name for p in out.iterdir()) == ["a_0000_nii_gz", "a_nii_gz", "unnamed"]
-    (out / "a_nii_gz" / "notes.txt").write_text("from an earlier run")
     assert segment_main([*args, "--classes", "liver"]) == 0  # spleen no longer requested
-    for case in ("a_0000_nii_gz", "a_nii_gz", "unnamed"):
-        assert sorted(p.name for p in (out / case).iterdir()) == ["liver.nii.gz"]  # the case folder swapped whole
+    for case in ("a_0000_nii_gz", "a_nii_gz", "unnamed"):  # the case folder swapped whole (with its manifest)
+        assert sorted(p.name for p in (out / case).iterdir()) == [".cfseg-segment.json", "liver.nii.gz"]
     assert sorted(p.name for p in tmp_path.glob("*.nii.gz")) == ["src.nii.gz"]  # nothing escaped -o
     capsys.readouterr()
 
@@ -314,7 +313,8 @@ def test_single_file_replaces_its_own_outputs(ckpt, tmp_path, capsys):
     assert segment_main([*args, "--multilabel", "--classes", "liver"]) == 0
     assert _visible(out) == ["labels.json", "labels.nii.gz", "mine.txt"]  # stale masks gone, user's file kept
     manifest = json.loads((out / ".cfseg-segment.json").read_text())
-    assert manifest == {"input": str(image), "files": ["labels.nii.gz", "labels.json"]}
+    assert manifest["input"] == str(image) and manifest["files"] == ["labels.nii.gz", "labels.json"]
+    assert sorted(manifest["sha256"]) == ["labels.json", "labels.nii.gz"]  # what protects a reviewer's edits
     capsys.readouterr()
 
 

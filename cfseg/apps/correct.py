@@ -8,18 +8,23 @@
 The corrected masks come in one of three forms:
 
 * a label map with ``--labels labels.json`` (value -> class name, as ``cfseg-segment --multilabel`` writes it):
-  every class the JSON lists counts as corrected (absent from the map: the organ is not there);
+  every class the JSON lists counts as corrected (absent from the map: the organ is not there, learnt so only
+  with ``--allow-empty``, see below);
 * per-class binary masks with ``--classes``, one name per file, in order;
 * a folder as ``cfseg-segment -o`` wrote it and the user edited: ``labels.nii.gz`` + ``labels.json``, or
   ``<class>.nii.gz`` per class.
 
-``--classes`` with a label map restricts learning to those classes. Every mask must have the image's shape and
-affine (a mask saved on another grid is refused, not resampled). The checkpoint's model segments the image
-(frozen, all its classes), the corrector fuses and scores its output against the correction, records the best
-fusion weight, learns from the crops and saves its state (:mod:`cfseg.online`) atomically into ``--state``.
-A missing or empty ``--state`` starts a new state (``--config settings.json`` sets :class:`~cfseg.online.
-OnlineConfig` then); a folder holding other files, a damaged state or one made for another checkpoint is
-refused. Any error leaves the state as it was. Then ``cfseg-segment --online DIR`` segments with the fused output.
+``--classes`` with a label map restricts learning to those classes; a ``labels.json`` naming one class under two
+values (``"1": "liver", "2": "Liver"``) is refused. Every mask must have the image's shape and affine (a mask saved
+on another grid is refused, not resampled). A class whose corrected mask is all background (no voxel of it) or all
+foreground (every voxel) is not learnt from, with a warning on stderr, unless ``--allow-empty`` (the organ is truly
+absent) or ``--allow-full`` says it is meant; when no class is left, nothing is learnt (exit 2). The checkpoint's
+model segments the image (frozen, all its classes), the corrector fuses and scores its output against the
+correction, records the best fusion weight, learns from the crops and saves its state (:mod:`cfseg.online`)
+atomically into ``--state``. A missing or empty ``--state`` starts a new state (``--config settings.json`` sets
+:class:`~cfseg.online.OnlineConfig` then); a folder holding other files, a damaged state or one made for another
+checkpoint is refused. Any error leaves the state as it was. Then ``cfseg-segment --online DIR`` segments with the
+fused output.
 
 Output: one line per corrected class (Dice of the checkpoint and of the fused output against the correction,
 before learning from it; the fusion weight used and the best one) and the update's seconds. Exit codes: 0 done,
@@ -31,11 +36,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from cfseg.apps.segment import OneLineParser
-from cfseg.correction import correct
+from cfseg.correction import CorrectionWarning, correct
 from cfseg.module import load_checkpoint
 from cfseg.online import CaseReport
 from cfseg.segmentation import SegmentError
@@ -67,6 +73,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--modality", default=None, choices=["ct", "mri"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--config", type=Path, default=None, help="JSON of online settings for a new state")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="learn from a class's correction with no voxel of it (the organ is truly absent)")
+    p.add_argument("--allow-full", action="store_true",
+                   help="learn from a class's correction that covers every voxel of the volume")
     a = p.parse_args(argv)
     try:
         module = load_checkpoint(str(a.ckpt))
@@ -78,11 +88,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         print(f"cfseg-correct: error: {a.config}: {e}", file=sys.stderr)
         return 2
-    try:
-        corrector, report = correct(a.image, a.mask, module, a.state, a.labels, a.classes, a.modality, a.device,
-                                    config)
-    except (SegmentError, ValueError, OSError) as e:
-        print(f"cfseg-correct: error: {' '.join(str(e).split())}", file=sys.stderr)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CorrectionWarning)
+        try:
+            corrector, report = correct(a.image, a.mask, module, a.state, a.labels, a.classes, a.modality, a.device,
+                                        config, allow_empty=a.allow_empty, allow_full=a.allow_full)
+            error = None
+        except (SegmentError, ValueError, OSError) as e:
+            error = e
+    for w in caught:
+        if issubclass(w.category, CorrectionWarning):
+            print(f"cfseg-correct: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    if error is not None:
+        print(f"cfseg-correct: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     print(f"{a.image}: learnt from the correction ({corrector.n_updates} corrected cases in {a.state})")
     for line in format_report(report):

@@ -2,7 +2,7 @@
 
     cfseg-segment -i ct.nii.gz -o masks/ --ckpt model.ckpt [--classes liver spleen] [--multilabel]
                   [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--modality ct|mri]
-                  [--max-voxels N] [--expert N] [--online DIR] [--list-classes]
+                  [--max-voxels N] [--expert N] [--online DIR] [--keep-edited] [--list-classes]
 
 The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding
 windows over background plus the requested classes in one forward pass, and the result is resampled back onto
@@ -28,18 +28,30 @@ Online corrector: ``--online DIR`` fuses the checkpoint's output with the auxili
 (1: the checkpoint alone).
 
 Output layout: for one input file, ``-o/<class>.nii.gz`` (or ``labels.nii.gz`` + ``labels.json``,
-``similarity_<class>.nii.gz``); each file is replaced atomically and the files the previous single-file run
-wrote into ``-o`` but this one does not (e.g. a class no longer requested) are removed (they are listed in
-``-o/.cfseg-segment.json``). For a folder, ``-o/<case>/...`` per input, ``<case>`` being the file name without
-``.nii``/``.nii.gz`` and ``_0000`` (characters other than letters, digits, ``_ . -`` become ``_``, leading dots
-are dropped, so it stays inside ``-o``; inputs whose case names would coincide keep their full file name,
-``a.nii`` -> ``a_nii``). A case directory is written in a temporary directory inside ``-o`` and swapped in
-whole, so it never mixes two runs' files. A lock (``-o/.cfseg-segment.lock``) stops a second run writing into
-the same ``-o`` at the same time.
+``similarity_<class>.nii.gz``); each file is replaced atomically and the files the previous single-file run wrote
+into ``-o`` but this one does not (e.g. a class no longer requested) are removed (they are listed, with the sha256
+of their content, in ``-o/.cfseg-segment.json``). For a folder, ``-o/<case>/...`` per input, ``<case>`` being the
+file name without ``.nii``/``.nii.gz`` and ``_0000`` (characters other than letters, digits, ``_ . -`` become
+``_``, leading dots are dropped, so it stays inside ``-o``; inputs whose case names would coincide keep their full
+file name, ``a.nii`` -> ``a_nii``). A case directory is written in a temporary directory inside ``-o`` and swapped
+in whole, so it never mixes two runs' files (its manifest is ``-o/<case>/.cfseg-segment.json``). A lock
+(``-o/.cfseg-segment.lock``) stops a second run writing into the same ``-o`` at the same time.
 
-Sanity limits, checked on the header before any voxel is read: finite, invertible affine; voxel spacing in
-(0.001, 100) mm; at most ``--max-voxels`` voxels (default 2**28 = 512 x 512 x 1024) in the input and in the
-grid it is resampled to. Constant or near-empty images are refused.
+Reviewers' files are never overwritten or deleted: a file a rerun would replace or remove whose content is not
+the one the manifest recorded (a mask edited in a viewer, a file cfseg-segment did not write; in a case folder,
+any file it did not write) makes the run refuse that output folder with one line naming the files (exit 2 for one
+file; in a folder run that case fails, exit 1), before anything is written or deleted. ``--keep-edited`` keeps
+them as they are and writes the new outputs beside them (``labels.nii.gz`` kept: the new one is
+``labels.new.nii.gz``, then ``labels.new2.nii.gz``, ...), with a warning per kept file. Outputs written by a
+cfseg-segment that recorded no hashes count as changed.
+
+Sanity limits, checked on the header before any voxel is read: a qform or an sform (both codes 0: the
+orientation would be guessed); finite, non-zero ``pixdim``; finite, invertible affine; voxel spacing in
+(0.001, 100) mm; one real intensity per voxel (complex, RGB and 4D multi-volume files are refused); at least 4
+voxels along each axis; at most ``--max-voxels`` voxels (default 2**28 = 512 x 512 x 1024) in the input and in the
+grid it is resampled to, which needs at least the backbone's total stride (at least 4) voxels per axis (below it
+the network's deepest level sees less than a voxel: 8 for the default 3-level UNet, e.g. 12 mm at 1.5 mm).
+Constant or near-empty images are refused.
 
 Errors: one line ``cfseg-segment: error: <file>: <problem>`` on stderr, never a traceback. Exit codes: 0 all
 done; 1 a folder run in which some cases failed (the others are written; the failed ones are listed at the
@@ -119,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--online", type=Path, default=None, metavar="DIR",
                    help="fuse the checkpoint's output with the online corrector in DIR (what cfseg-correct --state "
                         "DIR learnt from corrected cases)")
+    p.add_argument("--keep-edited", action="store_true",
+                   help="keep output files changed since cfseg-segment wrote them (a reviewer's edits) and write the "
+                        "new outputs beside them (<name>.new.nii.gz); without it such a folder is refused")
     p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
     a = p.parse_args(argv)
     if a.ckpt.is_dir():
@@ -210,9 +225,11 @@ def _run(a, module, online, files: list[Path], cases: dict[Path, str], out: Path
             images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
                              max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online)
             if folder:
-                write_case_dir(out, cases[f], images, labels)
+                kept = write_case_dir(out, cases[f], images, labels, f, keep_edited=a.keep_edited)
             else:
-                write_flat(out, f, images, labels)
+                kept = write_flat(out, f, images, labels, keep_edited=a.keep_edited)
+            for line in kept:
+                notify("warning", line)
             done += 1
         except Exception as e:  # one case's failure is reported in one line; the others go on
             failures.append(_where(f, e))

@@ -26,8 +26,8 @@ def _small(out: Path) -> list[str]:
             "--trainer.check_val_every_n_epoch=null", "--trainer.val_check_interval=3",
             "--trainer.enable_progress_bar=false", "--data.spacing=[3.0, 3.0, 3.0]", "--data.patch_size=[32, 32, 32]",
             "--data.cache=none", "--data.num_workers=0", "--data.augment=none",
-            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-            f"--trainer.callbacks.init_args.dirpath={out / 'checkpoints'}"]
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}"]
+    # no --trainer.callbacks.init_args.dirpath: the checkpoints follow default_root_dir, as the README says
 
 
 def test_train_on_your_datasets_then_add_a_class_then_segment(tmp_path):

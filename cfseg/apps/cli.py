@@ -25,6 +25,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from cfseg.apps.writers import NiftiPredictionWriter
 from cfseg.builder import UntrustedSpecError, check_spec
+from cfseg.callbacks import Checkpoint, overwrite_problem
 from cfseg.checkpoint import load_error_message
 from cfseg.data.datamodule import SegDataModule, checkpoint_classes
 from cfseg.data.formats import DatasetError
@@ -90,6 +91,9 @@ class CFSegCLI(LightningCLI):
         """Before fit/validate/test/predict: ``--ckpt_path`` loads with ``torch.load(weights_only=True)`` unless the
         user says otherwise; warn when bf16 autocast would run emulated on this CPU."""
         warn_slow_bf16(str(self.trainer.precision), type(self.trainer.accelerator).__name__)
+        for cb in self.trainer.callbacks:  # before --ckpt_path last is looked up
+            if isinstance(cb, Checkpoint):
+                cb.follow(self.trainer)
         cfg = self.config_init[self.subcommand]
         if "weights_only" in cfg and cfg.get("weights_only") is None:
             cfg["weights_only"] = True
@@ -112,9 +116,13 @@ class CFSegCLI(LightningCLI):
             cfg["return_predictions"] = False
 
     def before_fit(self) -> None:
-        """``fit --ckpt_path`` resumes one stage: data annotating classes the checkpoint lacks are refused."""
+        """A fit never overwrites a checkpoint file it does not resume from (:func:`cfseg.callbacks.overwrite_problem`);
+        ``fit --ckpt_path`` resumes one stage: data annotating classes the checkpoint lacks are refused."""
         self._before_run()
         ckpt = self.config.fit.get("ckpt_path")
+        problem = overwrite_problem(self.trainer.callbacks, ckpt)
+        if problem:
+            raise FileExistsError(problem)
         if not ckpt or not Path(str(ckpt)).is_file() or self.model.hparams.get("previous_checkpoint"):
             return
         known = set(self._ckpt_path_classes(ckpt))
@@ -235,7 +243,7 @@ def run(args: list[str] | None = None) -> int:
     """Console entry point (``cfseg ...``): 0 on success, 2 with one line on a user error."""
     try:
         main(sys.argv[1:] if args is None else args)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get("CFSEG_DEBUG"):
             raise
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

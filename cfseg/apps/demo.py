@@ -186,7 +186,7 @@ def last_callback_is_checkpoint(config: Path) -> bool:
 
     callbacks = ((yaml.safe_load(config.read_text()) or {}).get("trainer") or {}).get("callbacks") or []
     last = callbacks[-1] if isinstance(callbacks, list) and callbacks else {}
-    return isinstance(last, dict) and str(last.get("class_path", "")).endswith("ModelCheckpoint")
+    return isinstance(last, dict) and str(last.get("class_path", "")).endswith(("ModelCheckpoint", ".Checkpoint"))
 
 
 def _joint_then_protocol(a: argparse.Namespace, paths: list[Path], protocol, t0: float) -> int:
@@ -202,6 +202,11 @@ def _joint_then_protocol(a: argparse.Namespace, paths: list[Path], protocol, t0:
         args.append(f"--trainer.callbacks.init_args.dirpath={a.out / 'checkpoints'}")
     if a.max_epochs is not None:
         args.append(f"--trainer.max_epochs={a.max_epochs}")
+    previous = sorted((a.out / "checkpoints").glob("*.ckpt"))  # a re-run retrains: its own earlier checkpoints go
+    for f in previous:  # (cfseg fit refuses to overwrite a checkpoint it does not resume from)
+        f.unlink()
+    if previous:
+        print(f"\nremoved the previous demo run's checkpoints: {', '.join(str(f) for f in previous)}")
     print(f"\nTraining: cfseg {' '.join(args)}\n")
     callbacks = []
     if protocol is not None:

@@ -320,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     data error (``CFSEG_DEBUG=1``: the traceback)."""
     try:
         return _main(argv)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
         if os.environ.get("CFSEG_DEBUG"):
             raise
         msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

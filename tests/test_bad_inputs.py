@@ -68,7 +68,7 @@ from cfseg.data.datamodule import CheckedCacheDataset, DatasetConfig, SegDataMod
 from cfseg.data.formats import DatasetError
 from cfseg.data.transforms import Preprocessing
 from cfseg.module import CFSegModule
-from cfseg.segmentation import OutputLock
+from cfseg.outputs import OutputLock
 
 BACKBONE = {"class_path": "monai.networks.nets.UNet",
             "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 8, "channels": [8, 16],
@@ -373,7 +373,7 @@ def test_folder_run_writes_good_cases_and_lists_failed_ones(ckpts, tmp_path, cap
     assert str(d / "flat.nii.gz") in lines[0] + lines[1] and str(d / "cut.nii.gz") in lines[0] + lines[1]
     assert lines[-1].startswith("cfseg-segment: 2 of 3 cases failed") and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["good"]
-    assert sorted(p.name for p in (out / "good").iterdir()) == ["liver.nii.gz"]
+    assert sorted(p.name for p in (out / "good").iterdir()) == [".cfseg-segment.json", "liver.nii.gz"]  # + manifest
     assert "good_0000.nii.gz: modality ct (detected:" in stdout
 
 
@@ -660,7 +660,7 @@ def test_missing_image_msd_and_stray_label_nnunet(tmp_path, capsys):
     msd = tmp_path / "Task01_x"
     training = []
     for i in range(2):
-        write_nifti(msd / "imagesTr" / f"c{i}.nii.gz", np.ones((8, 8, 6), np.float32))
+        write_nifti(msd / "imagesTr" / f"c{i}.nii.gz", np.full((8, 8, 6), -1000.0, np.float32))  # HU: air
         write_nifti(msd / "labelsTr" / f"c{i}.nii.gz", np.zeros((8, 8, 6), np.uint8))
         training.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
     (msd / "dataset.json").write_text(json.dumps({"modality": {"0": "CT"}, "labels": {"0": "background", "1": "liver"},

@@ -37,7 +37,8 @@ import torch
 
 from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
 from cfseg.module import CFSegModule, load_checkpoint
-from cfseg.online import OnlineCorrector, OnlineStateError
+from cfseg.online import OnlineCorrector
+from cfseg.online_state import OnlineStateError
 from cfseg.segmentation import SegmentError, load_input, modality_view, preprocess, safe_name
 
 AFFINE_TOLERANCE = 1e-3  # mm: two grids whose affines differ by less are the same grid
@@ -178,7 +179,7 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
         state: the online state directory (missing or empty: a new state).
         labels, classes: what the masks mean (see the module doc).
         modality: ``"ct"``/``"mri"``; None: detected.
-        config: :class:`~cfseg.online.OnlineConfig` fields for a new state.
+        config: :class:`~cfseg.online_state.OnlineConfig` fields for a new state.
         allow_empty, allow_full: learn from a class's correction that is all background / all foreground (else
             left out with a :class:`CorrectionWarning`).
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from cfseg.online import OnlineConfig, OnlineCorrector, OnlineStateError, state_checksum
+from cfseg.online import OnlineCorrector
+from cfseg.online_state import OnlineConfig, OnlineStateError, state_checksum
 
 SMALL = {"network": {"class_path": "monai.networks.nets.UNet",
                      "init_args": {"spatial_dims": 3, "channels": [4, 8], "strides": [2], "num_res_units": 0}},

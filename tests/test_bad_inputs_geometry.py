@@ -21,7 +21,8 @@ import torch
 from cfseg.apps.segment import main as segment_main
 from cfseg.data.transforms import Preprocessing
 from cfseg.module import CFSegModule
-from cfseg.segmentation import EditedFilesError, SegmentError, load_input, network_stride, segment
+from cfseg.outputs import EditedFilesError
+from cfseg.segmentation import SegmentError, load_input, network_stride, segment
 
 BACKBONE = {"class_path": "monai.networks.nets.UNet",
             "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 8, "channels": [8, 16, 16],

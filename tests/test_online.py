@@ -12,14 +12,13 @@ import pytest
 import torch
 
 from cfseg.online import (
-    OnlineConfig,
     OnlineCorrector,
-    OnlineStateError,
     best_alpha,
     centred_box,
     expand_box,
     largest_component_box,
 )
+from cfseg.online_state import OnlineConfig, OnlineStateError
 
 SMALL = {"network": {"class_path": "monai.networks.nets.UNet",
                      "init_args": {"spatial_dims": 3, "channels": [4, 8], "strides": [2], "num_res_units": 0}},

@@ -71,3 +71,46 @@ def test_a_fit_stores_calibrated_statistics_that_tell_noise_from_its_images(boxe
     assert score < threshold
     noise = torch.rand_like(view_image) * 50 - 25
     assert model.ood_score(noise)[0] > score
+
+
+def test_segment_warns_refuses_with_strict_and_records_the_score(boxes, tmp_path):
+    """cfseg-segment scores every input against the checkpoint's statistics: an in-domain case passes with its score
+    in the manifest; an input above the threshold is warned about (exit 0, recorded) and refused with --strict.
+
+    A 2-step model on four tiny cases cannot place its threshold well (its calibration cases are few windows in a
+    wide feature space; benchmarks/ood.py measures a trained model), so the checkpoint's threshold is set between
+    the case's score and the noise's: this test checks what segment does with a score, not where it lies."""
+    from cfseg.apps.segment import main as segment_cli
+    from cfseg.segmentation import segment
+
+    data = json.dumps([{**box_dataset(boxes), "val_fraction": 0.34}])
+    run = cli(["fit", "--config", str(Path(__file__).parent / "configs" / "tiny.yaml"), f"--data.datasets={data}",
+               "--data.spacing=[4.0, 4.0, 4.0]", "--trainer.max_steps=2", "--trainer.max_epochs=-1",
+               f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
+    ckpt = tmp_path / "stage.ckpt"
+    run.trainer.save_checkpoint(ckpt)
+    case = sorted((boxes / "imagesTr").glob("*.nii.gz"))[0]
+    ref = nib.load(str(case))
+    noise = tmp_path / "noise.nii.gz"
+    rng = torch.Generator().manual_seed(0)
+    nib.save(nib.Nifti1Image((torch.rand(ref.shape, generator=rng) * 2000 - 1000).numpy(), ref.affine), str(noise))
+    model = load_checkpoint(str(ckpt))
+    view = Preprocessing.from_dict(model.domain_statistics.view)
+    s_case, s_noise = (model.ood_score(preprocess(nib.load(str(f)), view)["image"][None])[0] for f in (case, noise))
+    assert s_case < s_noise
+    stored = torch.load(ckpt, weights_only=True)
+    stored["cfseg"]["ood"]["threshold"] = (s_case + s_noise) / 2
+    torch.save(stored, ckpt)
+
+    assert segment_cli(["-i", str(case), "-o", str(tmp_path / "ok"), "--ckpt", str(ckpt), "--modality", "ct"]) == 0
+    checks = json.loads((tmp_path / "ok" / ".cfseg-segment.json").read_text())["checks"]
+    assert checks["out_of_domain"] is False and checks["ood_score"] == pytest.approx(s_case, abs=1e-4)
+    with pytest.warns(UserWarning, match="unlike the images this checkpoint was trained on"):
+        segment(noise, str(ckpt), modality="ct")
+    assert segment_cli(["-i", str(noise), "-o", str(tmp_path / "noise"), "--ckpt", str(ckpt),
+                        "--modality", "ct"]) == 0
+    checks = json.loads((tmp_path / "noise" / ".cfseg-segment.json").read_text())["checks"]
+    assert checks["out_of_domain"] is True and checks["ood_score"] > checks["ood_threshold"]
+    assert segment_cli(["-i", str(noise), "-o", str(tmp_path / "strict"), "--ckpt", str(ckpt), "--modality", "ct",
+                        "--strict"]) == 2
+    assert not list((tmp_path / "strict").glob("*.nii.gz"))

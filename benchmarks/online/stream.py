@@ -33,7 +33,8 @@ from cfseg.data.transforms import build_transforms
 from cfseg.inference import predict_volume
 from cfseg.metrics import DICE_CONVENTION, dice_per_class
 from cfseg.module import load_checkpoint
-from cfseg.online import OnlineConfig, OnlineCorrector, model_fingerprint
+from cfseg.online import OnlineCorrector, model_fingerprint
+from cfseg.online_state import OnlineConfig
 
 
 def stream_cases(module, dataset: str, split_file: str, splits: list[str]):

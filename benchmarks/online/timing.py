@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stream import frozen_probs, stream_cases  # noqa: E402
 
 from cfseg.module import load_checkpoint  # noqa: E402
-from cfseg.online import OnlineConfig, OnlineCorrector, model_fingerprint  # noqa: E402
+from cfseg.online import OnlineCorrector, model_fingerprint  # noqa: E402
+from cfseg.online_state import OnlineConfig  # noqa: E402
 
 
 def to_128(image, probs, label, size=(128, 128, 128)):

@@ -22,7 +22,7 @@ absent) or ``--allow-full`` says it is meant; when no class is left, nothing is 
 model segments the image (frozen, all its classes), the corrector fuses and scores its output against the
 correction, records the best fusion weight, learns from the crops and saves its state (:mod:`cfseg.online`)
 atomically into ``--state``. A missing or empty ``--state`` starts a new state (``--config settings.json`` sets
-:class:`~cfseg.online.OnlineConfig` then); a folder holding other files, a damaged state or one made for another
+:class:`~cfseg.online_state.OnlineConfig` then); a folder holding other files, a damaged state or one made for another
 checkpoint is refused. Any error leaves the state as it was. Then ``cfseg-segment --online DIR`` segments with the
 fused output.
 

@@ -73,9 +73,8 @@ from tqdm import tqdm
 
 from cfseg.geometry import DEFAULT_MAX_VOXELS
 from cfseg.module import load_checkpoint
+from cfseg.outputs import LOCK_NAME, OutputLock, remove_stale_temporaries, write_case_dir, write_flat
 from cfseg.segmentation import (
-    LOCK_NAME,
-    OutputLock,
     SegmentError,
     case_names,
     check_expert,
@@ -84,11 +83,8 @@ from cfseg.segmentation import (
     labels_json,
     one_line,
     open_online,
-    remove_stale_temporaries,
     resolve_classes,
     segment,
-    write_case_dir,
-    write_flat,
 )
 
 
@@ -134,6 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep-edited", action="store_true",
                    help="keep output files changed since cfseg-segment wrote them (a reviewer's edits) and write the "
                         "new outputs beside them (<name>.new.nii.gz); without it such a folder is refused")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse an image unlike the checkpoint's training images (out-of-domain score above its "
+                        "threshold) instead of warning")
     p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
     a = p.parse_args(argv)
     if a.ckpt.is_dir():
@@ -222,12 +221,14 @@ def _run(a, module, online, files: list[Path], cases: dict[Path, str], out: Path
     done, failures = 0, []
     for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
         try:
+            checks: dict = {}
             images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
-                             max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online)
+                             max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online,
+                             strict=a.strict, report=checks)
             if folder:
-                kept = write_case_dir(out, cases[f], images, labels, f, keep_edited=a.keep_edited)
+                kept = write_case_dir(out, cases[f], images, labels, f, keep_edited=a.keep_edited, checks=checks)
             else:
-                kept = write_flat(out, f, images, labels, keep_edited=a.keep_edited)
+                kept = write_flat(out, f, images, labels, keep_edited=a.keep_edited, checks=checks)
             for line in kept:
                 notify("warning", line)
             done += 1

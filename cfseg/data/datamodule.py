@@ -38,6 +38,7 @@ import torch
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from torch.utils.data import ConcatDataset, DataLoader
 
+from cfseg.checkpoint import load_error_message
 from cfseg.data.formats import CaseRecord, DatasetError, DatasetInfo, ct_offset_problem, read_dataset
 from cfseg.data.transforms import (
     CT_WINDOW,
@@ -381,8 +382,6 @@ def checkpoint_classes(path: str | Path, ckpt: Any = None) -> list[str]:
         try:
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises several types for files that are not checkpoints
-            from cfseg.checkpoint import load_error_message
-
             raise ValueError(load_error_message(p, e)) from e
     try:
         return list(ckpt["cfseg"]["class_names"])

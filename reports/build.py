@@ -652,6 +652,30 @@ def routers(b: Builder) -> None:
                               f"{'the intensity rule' if answer == 'rule' else 'the router'} names correctly")
 
 
+def ood(b: Builder) -> None:
+    src = "ood/demo.json"
+    doc = _load(src)
+    kw = {"config": "the make demo checkpoint (configs/demo.yaml, seed 0); statistics from 16 training cases per "
+                    "site, threshold 3 x the largest validation-case score",
+          "command": ".venv/bin/python benchmarks/ood.py --ckpt results/demo/cfseg-demo.ckpt "
+                     "--config configs/demo.yaml --datasets data/synthetic/Dataset001_site_a_ct "
+                     "data/synthetic/Dataset002_site_b_ct --group "
+                     "in_domain_test='data/synthetic/Dataset003_test_ct/imagesTr/*.nii.gz' --group "
+                     "synthetic_mri='data/synthetic/Dataset013_stage2_mri/imagesTr/*.nii.gz' --group "
+                     "real_ct_openkbp='../shared/data/openkbp_oar/imagesTr/*.nii.gz' --group "
+                     "real_ct_totalseg='../shared/data/totalseg_ct/imagesTr/*.nii.gz' --group "
+                     "real_mr_totalseg='../shared/data/totalseg_mr/imagesTr/*.nii.gz' --max-files 8 "
+                     "--out reports/data/ood/demo.json", "source": src}
+    b.add("ood.demo.threshold", doc["threshold"], {}, **kw, description="out-of-domain threshold of the demo model")
+    for group, g in doc["groups"].items():
+        b.add(f"ood.demo.{group}.warned_fraction", g["warned_fraction"], {}, **kw,
+              description=f"fraction of {len(g['scores'])} {group} inputs warned as out of domain")
+        b.add(f"ood.demo.{group}.max_score" if group == "in_domain_test" else f"ood.demo.{group}.min_score",
+              max(g["scores"]) if group == "in_domain_test" else min(g["scores"]), {}, **kw,
+              description=f"{'highest' if group == 'in_domain_test' else 'lowest'} out-of-domain score of the "
+                          f"{group} inputs")
+
+
 def build() -> Entries:
     b = Builder()
     demo(b)
@@ -664,6 +688,7 @@ def build() -> Entries:
     speed(b)
     online(b)
     routers(b)
+    ood(b)
     return dict(sorted(b.entries.items()))
 
 

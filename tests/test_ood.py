@@ -4,6 +4,7 @@ a fit that stores them in its checkpoint."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -54,17 +55,23 @@ def test_calibration_and_state_round_trip():
         DomainStatistics(4).score(x)
 
 
-def test_a_fit_stores_calibrated_statistics_that_tell_noise_from_its_images(boxes, tmp_path):
+@pytest.fixture(scope="module")
+def fitted(boxes, tmp_path_factory) -> tuple[Path, str]:
+    """A 2-step fit on the boxes (a third of the cases validate): its checkpoint and one validation case."""
+    tmp = tmp_path_factory.mktemp("ood_fit")
     data = json.dumps([{**box_dataset(boxes), "val_fraction": 0.34}])
     run = cli(["fit", "--config", str(Path(__file__).parent / "configs" / "tiny.yaml"), f"--data.datasets={data}",
                "--data.spacing=[4.0, 4.0, 4.0]", "--trainer.max_steps=2", "--trainer.max_epochs=-1",
-               f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
-    ckpt = tmp_path / "stage.ckpt"
-    run.trainer.save_checkpoint(ckpt)
+               f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}"])
+    run.trainer.save_checkpoint(tmp / "stage.ckpt")
+    return tmp / "stage.ckpt", run.datamodule.items(run.datamodule.datasets[0], "val")[0]["image"]
+
+
+def test_a_fit_stores_calibrated_statistics_that_tell_noise_from_its_images(fitted):
+    ckpt, case = fitted
     model = load_checkpoint(str(ckpt))
     stats = model.domain_statistics
     assert stats is not None and stats.names == ["ct"] and stats.threshold == pytest.approx(3 * max(stats.calibration))
-    case = run.datamodule.items(run.datamodule.datasets[0], "val")[0]["image"]
     view = Preprocessing.from_dict(model.modality_router.view)  # the neutral view the statistics were taken in
     view_image = preprocess(nib.load(case), view)["image"][None]
     score, threshold = model.ood_score(view_image)
@@ -73,7 +80,7 @@ def test_a_fit_stores_calibrated_statistics_that_tell_noise_from_its_images(boxe
     assert model.ood_score(noise)[0] > score
 
 
-def test_segment_warns_refuses_with_strict_and_records_the_score(boxes, tmp_path):
+def test_segment_warns_refuses_with_strict_and_records_the_score(boxes, fitted, tmp_path):
     """cfseg-segment scores every input against the checkpoint's statistics: an in-domain case passes with its score
     in the manifest; an input above the threshold is warned about (exit 0, recorded) and refused with --strict.
 
@@ -83,12 +90,8 @@ def test_segment_warns_refuses_with_strict_and_records_the_score(boxes, tmp_path
     from cfseg.apps.segment import main as segment_cli
     from cfseg.segmentation import segment
 
-    data = json.dumps([{**box_dataset(boxes), "val_fraction": 0.34}])
-    run = cli(["fit", "--config", str(Path(__file__).parent / "configs" / "tiny.yaml"), f"--data.datasets={data}",
-               "--data.spacing=[4.0, 4.0, 4.0]", "--trainer.max_steps=2", "--trainer.max_epochs=-1",
-               f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"])
     ckpt = tmp_path / "stage.ckpt"
-    run.trainer.save_checkpoint(ckpt)
+    shutil.copy(fitted[0], ckpt)  # its threshold is changed below
     case = sorted((boxes / "imagesTr").glob("*.nii.gz"))[0]
     ref = nib.load(str(case))
     noise = tmp_path / "noise.nii.gz"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from cfseg.callbacks import Checkpoint, overwrite_problem
 from cfseg.checkpoint import load_error_message
 from cfseg.data.datamodule import SegDataModule, checkpoint_classes
 from cfseg.data.formats import DatasetError
+from cfseg.data.summary import one_line
 from cfseg.module import CFSegModule
 from cfseg.vocab import canonical_name
 
@@ -239,17 +241,26 @@ def resolve_fit_config(args: list[str] | dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(cfg.as_dict(), default=str))
 
 
-def run(args: list[str] | None = None) -> int:
-    """Console entry point (``cfseg ...``): 0 on success, 2 with one line on a user error."""
+#: errors a user can cause (a bad path, config, dataset or checkpoint): one line, exit 2
+USER_ERRORS = (DatasetError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def reporting_user_errors(prog: str, fn: Callable[[], Any]) -> int:
+    """Run ``fn``: its exit status (0 when it returns no int), or 2 after one line ``<prog>: error: ...`` on stderr
+    for a :data:`USER_ERRORS` error (``CFSEG_DEBUG=1``: the traceback instead)."""
     try:
-        main(sys.argv[1:] if args is None else args)
-    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
+        rc = fn()
+    except USER_ERRORS as e:
         if os.environ.get("CFSEG_DEBUG"):
             raise
-        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        print(f"cfseg: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(str(e)) or type(e).__name__}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
+
+
+def run(args: list[str] | None = None) -> int:
+    """Console entry point (``cfseg ...``): 0 on success, 2 with one line on a user error."""
+    return reporting_user_errors("cfseg", lambda: main(sys.argv[1:] if args is None else args))
 
 
 if __name__ == "__main__":

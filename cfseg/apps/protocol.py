@@ -63,9 +63,8 @@ import torch
 import yaml
 
 from cfseg.apps.cli import main as cli
-from cfseg.apps.cli import resolve_fit_config
+from cfseg.apps.cli import reporting_user_errors, resolve_fit_config
 from cfseg.continual import Finetune
-from cfseg.data.formats import DatasetError
 from cfseg.experiments.protocol import (
     joint_datasets,
     load_protocol,
@@ -318,14 +317,7 @@ def _run_seed_parallel(spec: dict[str, Any], seed: int, strategies: list[dict[st
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: 0 on success, 2 with one line ``cfseg-protocol: error: ...`` on a configuration or
     data error (``CFSEG_DEBUG=1``: the traceback)."""
-    try:
-        return _main(argv)
-    except (DatasetError, FileNotFoundError, FileExistsError, ValueError) as e:
-        if os.environ.get("CFSEG_DEBUG"):
-            raise
-        msg = "; ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
-        print(f"cfseg-protocol: error: {msg}", file=sys.stderr)
-        return 2
+    return reporting_user_errors("cfseg-protocol", lambda: _main(argv))
 
 
 def _main(argv: list[str] | None = None) -> int:

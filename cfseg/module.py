@@ -39,6 +39,7 @@ from cfseg.continual.routing import RoutedExperts
 from cfseg.continual.stages import EndOfStage, StageStatistics, extend_teacher_bank, training_batches
 from cfseg.continual.strategy import StepContext, build_strategy
 from cfseg.data.transforms import Preprocessing, neutral_view
+from cfseg.distributed import check_identical, gather_objects
 from cfseg.folding import folded_predictor
 from cfseg.geometry import labels_to_input_grid
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, head_spec
@@ -201,6 +202,8 @@ class CFSegModule(RoutedExperts, L.LightningModule):
             self.n_old = len(teacher.bank.names) - 1
             self.strategy.setup(self, teacher)
         self.val_dice = PerClassDice(len(self.bank.names))
+        self._cases: list[dict[str, Any]] = []  # this process's scored cases of the running evaluation
+        self.case_scores: list[dict[str, Any]] = []  # the last evaluation's cases, every process's
 
     def _make_bank(self, teacher: CFSegModule | None, class_names: list[str] | None, new_classes: list[str] | None,
                    backbone: dict[str, Any], head_cls: type[Head],
@@ -411,11 +414,21 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         target = batch["label"][:, 0].long()
         for b in range(pred.shape[0]):
             ks = [k for k in torch.nonzero(batch["annotated"][b]).flatten().tolist() if k > 0]
-            self.val_dice.update(ks, dice_per_class(pred[b].cpu(), target[b].cpu(), ks))
+            dice = dice_per_class(pred[b].cpu(), target[b].cpu(), ks)
+            self.val_dice.update(ks, dice)
+            self._cases.append({"dataset": str(batch.get("dataset", ["?"] * len(pred))[b]),
+                                "case_id": str(batch.get("case_id", ["?"] * len(pred))[b]),
+                                "dice": {self.bank.names[k]: float(d) for k, d in zip(ks, dice.tolist(), strict=True)}})
 
     def _log_dice(self, prefix: str) -> None:
+        """Log the mean Dice per class and over classes, and keep :attr:`case_scores`: every process's cases
+        (gathered, so under DDP too), sorted by dataset and case."""
         per_class = self.val_dice.compute()  # every rank calls this once (DDP-safe)
         self.val_dice.reset()
+        self.case_scores = sorted((c for part in gather_objects(self._cases) for c in part),
+                                  key=lambda c: (c["dataset"], c["case_id"]))
+        self._cases = []
+        self.log(f"{prefix}/n_cases", float(len(self.case_scores)), rank_zero_only=True)
         scored = [(n, per_class[k]) for k, n in enumerate(self.bank.names) if k > 0 and not per_class[k].isnan()]
         for name, v in scored:  # classes never annotated in these cases are not scored
             self.log(f"{prefix}/dice_{name}", v.float(), rank_zero_only=True)
@@ -502,6 +515,18 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         self._stage_done = True
         self.strategy.end_of_stage(self)
         self.collect_domain_statistics()
+        check_identical(self.global_statistics(), "end of stage")
+
+    def global_statistics(self) -> dict[str, Any]:
+        """Everything a stage accumulated over batches and keeps (router and modality-router statistics, Fisher,
+        out-of-domain statistics, the strategy's :meth:`~cfseg.continual.Strategy.statistics` and state): under DDP
+        each is reduced across processes and so the same on every rank (:func:`cfseg.distributed.check_identical`).
+        """
+        return {"router": self.router.state() if self.router is not None else None,
+                "modality_router": self.modality_router.state() if self.modality_router is not None else None,
+                "ewc_fisher": self.ewc_fisher,
+                "ood": self.domain_statistics.state() if self.domain_statistics is not None else None,
+                "strategy": self.strategy.statistics(), "strategy_state": self.strategy.state_dict()}
 
     def collect_domain_statistics(self) -> None:
         """This stage's out-of-domain statistics (:mod:`cfseg.ood`) from up to ``statistics.router_batches``

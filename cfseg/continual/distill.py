@@ -34,6 +34,7 @@ from torch import Tensor
 
 from cfseg.continual.pod import DEFAULT_POD_LAYERS, capture_activations, local_pod, resolve_layers
 from cfseg.continual.strategy import StepContext, Strategy
+from cfseg.distributed import global_sum, per_rank
 from cfseg.losses import as_compute_dtype, check_class_tensor, check_mask, masked_mean
 
 if TYPE_CHECKING:  # the module holds the strategy; annotations only
@@ -418,7 +419,8 @@ class Distill(Strategy):
         pseudo_entropy_floor: lowest per-class threshold (entropy / log(n_old + 1)).
         pseudo_entropy_cap: highest per-class threshold (1: no cap).
         pseudo_threshold_batches: the thresholds are the per-class median entropies of the stage's first N
-            training batches (a running histogram, then frozen).
+            training batches (a running histogram, then frozen; under DDP the N batches are shared out over the
+            processes and their histograms summed).
         pseudo_ignore_uncertain: in a case that gained a pseudo-labelled class, leave the label-0 voxels where the
             teacher is not confident out of the loss (PLOP's label 255).
         pseudo_label_dice: pseudo-labelled classes enter the stage's Dice term too (otherwise the cross-entropy
@@ -572,13 +574,29 @@ class Distill(Strategy):
         if self.entropy_hist.shape[0] != c or self.entropy_hist.device != teacher_logits.device:
             self.entropy_hist = torch.zeros(c, ENTROPY_BINS, dtype=torch.long, device=teacher_logits.device)
             self.hist_batches = 0
-        if self.hist_batches < self.pseudo_threshold_batches:
-            self.entropy_hist += entropy_histogram(teacher_logits, target, ENTROPY_BINS)
+        if self.hist_batches < per_rank(self.pseudo_threshold_batches):  # the batches of every process count
+            counts = entropy_histogram(teacher_logits, target, ENTROPY_BINS).as_subclass(Tensor)  # plain data
+            self.entropy_hist += global_sum(counts)
             self.hist_batches += 1
-        thresholds = median_thresholds(self.entropy_hist, self.pseudo_entropy_floor, self.pseudo_entropy_cap)
+        thresholds = self.pseudo_thresholds()
         ignore = PSEUDO_IGNORE if self.pseudo_ignore_uncertain else None
         new_target, new_annotated = pseudo_label(target, annotated, teacher_logits, thresholds, ignore)
         return new_target, new_annotated, ignore
+
+    def pseudo_thresholds(self) -> Tensor:
+        """[n_old + 1] per-class entropy thresholds from the histogram so far (:func:`median_thresholds`)."""
+        return median_thresholds(self.entropy_hist, self.pseudo_entropy_floor, self.pseudo_entropy_cap)
+
+    def statistics(self) -> dict[str, Tensor]:
+        """The pseudo-label entropy histogram (summed over processes at every batch), once it has counts."""
+        return {"entropy_hist": self.entropy_hist} if self.hist_batches else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The pseudo-label histogram, its batch count per process and the thresholds it gives (when used)."""
+        if not self.hist_batches:
+            return {}
+        return {"entropy_hist": self.entropy_hist.cpu().clone(), "hist_batches": self.hist_batches,
+                "pseudo_thresholds": self.pseudo_thresholds().cpu()}
 
     def targets(self, module: CFSegModule, step: StepContext) -> None:
         """The teacher's outputs on the batch (when a term needs them) and PLOP pseudo-labels."""

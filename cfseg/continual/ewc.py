@@ -28,11 +28,13 @@ import torch
 from torch import Tensor, nn
 
 from cfseg.continual.strategy import StepContext, Strategy
+from cfseg.distributed import global_sum, global_sums, per_rank
 
 if TYPE_CHECKING:  # the module holds the strategy; annotations only
     from cfseg.module import CFSegModule
 
-__all__ = ["EWC", "EWCState", "diagonal_fisher", "ewc_penalty", "merge_fisher", "stage_fisher"]
+__all__ = ["EWC", "EWCState", "diagonal_fisher", "ewc_penalty", "merge_fisher", "squared_gradient_sums",
+           "stage_fisher"]
 
 
 def diagonal_fisher(
@@ -65,6 +67,18 @@ def diagonal_fisher(
         ValueError: ``max_batches < 1``, no batch in ``batches``, a loss that is not a scalar, or no trainable
             parameter.
     """
+    sums, seen = squared_gradient_sums(model, batches, loss_fn, max_batches)
+    return {n: (s / seen).cpu() for n, s in sums.items()}
+
+
+def squared_gradient_sums(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    max_batches: int,
+) -> tuple[dict[str, Tensor], int]:
+    """``({name: sum_b g_b^2}, N)``: the sums :func:`diagonal_fisher` divides by the ``N`` batches it read (float32,
+    on the parameters' device), so that sums over several processes can be added before the division."""
     if max_batches < 1:
         raise ValueError(f"max_batches must be >= 1, got {max_batches}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -92,7 +106,7 @@ def diagonal_fisher(
         model.train(was_training)
     if seen == 0:
         raise ValueError("diagonal_fisher saw no batch: the batch iterable is empty")
-    return {n: (s / seen).cpu() for (n, _), s in zip(named, sums, strict=True)}
+    return {n: s for (n, _), s in zip(named, sums, strict=True)}, seen
 
 
 def _check_shape(name: str, what: str, t: Tensor, p: Tensor) -> None:
@@ -189,7 +203,12 @@ class EWCState:
 def stage_fisher(module: CFSegModule, batches: Iterable[dict[str, Any]], n_batches: int,
                  previous: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """The diagonal Fisher of ``module``'s supervised loss over ``n_batches`` of ``batches`` at its current
-    weights, added to ``previous`` (the accumulated importance of earlier stages; :func:`merge_fisher`)."""
+    weights, added to ``previous`` (the accumulated importance of earlier stages; :func:`merge_fisher`).
+
+    Under DDP ``batches`` are this process's share: each process reads :func:`cfseg.distributed.per_rank` of the
+    ``n_batches`` and the squared-gradient sums and batch counts are summed over processes before the division, so
+    every process holds the Fisher of all the batches read.
+    """
 
     def loss_fn(net: nn.Module, batch: dict[str, Any]) -> Tensor:
         x = batch["image"].to(module.device).as_subclass(Tensor)
@@ -198,7 +217,9 @@ def stage_fisher(module: CFSegModule, batches: Iterable[dict[str, Any]], n_batch
         return module.loss(module.logits_from_features(*net.encode(x)), batch).float()
 
     with torch.enable_grad():
-        new = diagonal_fisher(module.net, batches, loss_fn, n_batches)
+        sums, seen = squared_gradient_sums(module.net, batches, loss_fn, per_rank(n_batches))
+    total = global_sum(torch.tensor(float(seen), dtype=torch.float64))
+    new = {n: (s / total.to(s)).cpu() for n, s in global_sums(sums).items()}
     return merge_fisher({n: f.cpu() for n, f in previous.items()} if previous else None, new)
 
 

@@ -22,6 +22,7 @@ from cfseg.continual import experts
 from cfseg.continual.router import ModalityRouter, RidgeRouter, pooled_features
 from cfseg.continual.stages import training_batches
 from cfseg.data.transforms import Preprocessing, deterministic_transforms, neutral_view
+from cfseg.distributed import gather_rows, per_rank
 from cfseg.heads import deepest_layer
 
 
@@ -220,15 +221,21 @@ class RoutedExperts:
             self.train(was_training)
 
     def collect_expert_router_statistics(self, expert: int) -> None:
-        """Router statistics of this stage's training images for ``expert`` (``router_batches`` batches)."""
+        """Router statistics of this stage's training images for ``expert`` (``router_batches`` batches).
+
+        Under DDP each process reads its share of the batches (:func:`cfseg.distributed.per_rank`) and every
+        process updates the router with the features of all of them (:func:`cfseg.distributed.gather_rows`), so
+        ``G``, ``Q`` and the sample counts are those of one process over the same cases, on every rank.
+        """
         h = self.statistics
         loader = self.trainer.train_dataloader if self._trainer is not None else None
         if loader is None or h.router_batches <= 0:
             return
         if self.router is None and expert != 0:
             return  # no statistics for the earlier experts: routing would be wrong, so none is kept
-        for batch in itertools.islice(training_batches(loader), h.router_batches):
-            feats = self.router_features(batch["image"].to(self.device, next(self.parameters()).dtype)).cpu()
+        dtype = next(self.parameters()).dtype
+        for batch in itertools.islice(training_batches(loader), per_rank(h.router_batches)):
+            feats = gather_rows(self.router_features(batch["image"].to(self.device, dtype)).cpu())
             if self.router is None:  # the feature width comes from the first batch
                 self.router = RidgeRouter(feats.shape[1], gamma=h.router_gamma,
                                           random_features=h.router_random_features,

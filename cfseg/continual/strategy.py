@@ -10,7 +10,13 @@ strategy's name. A strategy (as Lightning's callbacks or Avalanche's plugins) ca
 * :meth:`Strategy.encode`: run the student (e.g. capturing intermediate activations);
 * :meth:`Strategy.penalty`: extra loss terms (distillation, EWC);
 * :meth:`Strategy.end_of_stage`: statistics later stages read (router statistics, Fisher);
+* :meth:`Strategy.statistics`: what it accumulated over batches, each reduced across processes (DDP);
 * :meth:`Strategy.state_dict`: what it keeps in the checkpoint.
+
+Under DDP each process sees its own share of the batches: whatever a strategy accumulates over batches must be
+reduced across processes (:mod:`cfseg.distributed`) as it is accumulated. A strategy declares those statistics in
+:meth:`Strategy.statistics`; at the end of the stage the module checks that each of them, and every tensor of
+:meth:`Strategy.state_dict`, is the same on every process, and refuses to go on when one is not.
 
 YAML picks one by class path (``model.strategy: {class_path: cfseg.continual.Distill, init_args: {kd_weight: 5}}``)
 or by short name (``model.strategy: distill``); :func:`build_strategy` resolves both through an allow-list.
@@ -150,6 +156,17 @@ class Strategy:
         if module.first_stage and self.keeps_first_stage_statistics:
             module.collect_router_statistics(expert=0)
             module.collect_fisher()
+
+    def statistics(self) -> dict[str, torch.Tensor]:
+        """The statistics this strategy accumulated over the stage's batches, by name (default: none).
+
+        Each must be global: reduced across processes as it is accumulated (a sum over ranks of each rank's part,
+        :func:`cfseg.distributed.global_sum`; rows gathered, :func:`cfseg.distributed.gather_rows`), and counts of
+        batches global too (:func:`cfseg.distributed.per_rank`), so that two processes give what one process gives
+        over the same cases. :meth:`cfseg.module.CFSegModule.end_of_stage` checks that every one is identical on
+        every process.
+        """
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """What the strategy keeps in the checkpoint (plain data; default: nothing)."""

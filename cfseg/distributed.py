@@ -13,6 +13,7 @@ Counts of batches that configure a statistic (``statistics.router_batches``, ``f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["check_identical", "gather_objects", "gather_rows", "global_sum", "global_sums", "numeric_leaves",
-           "per_rank", "rank", "world_size"]
+           "per_rank", "rank", "shared_map", "world_size"]
 
 
 def _running() -> bool:
@@ -79,6 +80,16 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shared_map(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[Any]:
+    """``[fn(item) for item in items]`` on every rank, each rank computing every ``world_size``-th item (results
+    must be picklable: CPU tensors, plain data); the list is in ``items``' order everywhere."""
+    if world_size() == 1:
+        return [fn(item) for item in items]
+    mine = {i: fn(items[i]) for i in range(rank(), len(items), world_size())}
+    merged = {i: r for part in gather_objects(mine) for i, r in part.items()}
+    return [merged[i] for i in range(len(items))]
 
 
 def gather_rows(t: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from monai import transforms as mt
 from torch import Tensor
 
 from cfseg.data.transforms import Preprocessing, deterministic_transforms
+from cfseg.distributed import shared_map
 
 #: threshold = OOD_FACTOR x the largest score of the calibration cases
 OOD_FACTOR = 3.0
@@ -152,10 +153,12 @@ def fit_domain_statistics(module: Any, datamodule: Any, view: Preprocessing, n_c
     def features(item: dict[str, Any]) -> Tensor:
         return module.window_features(load({"image": item["image"]})["image"][None])
 
+    # under DDP each process computes its share of the cases' features; every process fits on all of them
+    train_features = shared_map(features, [it for _, it in train])
     stats: DomainStatistics | None = None
-    for d, item in train:
-        feats = features(item)
+    for (d, _), feats in zip(train, train_features, strict=True):
         stats = stats or DomainStatistics(int(feats.shape[1]), view.to_dict())
         stats.update(feats, str(d.info.modality))
-    stats.calibrate([stats.score(features(it)) for it in (val or [it for _, it in train])], factor)
+    calibration = shared_map(features, val) if val else train_features
+    stats.calibrate([stats.score(f) for f in calibration], factor)
     return stats

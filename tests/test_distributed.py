@@ -26,6 +26,9 @@ def _worker(rank: int, port: int, results) -> None:
         out["sums"] = {k: v.tolist() for k, v in sums.items()}
         out["rows"] = D.gather_rows(torch.full((rank + 1, 3), float(rank))).tolist()  # 1 row, then 2 rows
         out["objects"] = D.gather_objects({"rank": rank})
+        seen = []
+        out["mapped"] = D.shared_map(lambda i: (seen.append(i), i * 10)[1], list(range(5)))
+        out["computed"] = seen
         D.check_identical({"same": torch.ones(3), "nested": {"n": 4, "t": [torch.zeros(2)]}}, "test")
         for bad in ({"x": torch.full((3,), float(rank))}, {"only_on_1": torch.ones(1)} if rank else {}):
             try:
@@ -48,6 +51,8 @@ def test_helpers_across_two_processes():
     assert r0["sums"] == r1["sums"] == {"a": [[1.0, 1.0], [1.0, 1.0]], "b": [1]}
     assert r0["rows"] == r1["rows"] == [[0.0] * 3, [1.0] * 3, [1.0] * 3]  # rank order, unequal row counts
     assert r0["objects"] == [{"rank": 0}, {"rank": 1}]
+    assert r0["mapped"] == r1["mapped"] == [0, 10, 20, 30, 40]  # every result everywhere, in order
+    assert (r0["computed"], r1["computed"]) == ([0, 2, 4], [1, 3])  # each item computed once
     for r in (r0, r1):  # a per-rank value and a statistic one rank lacks are both refused, on every rank
         assert all(msg is not None and "differ between the 2 processes" in msg for msg in r["raised"]), r["raised"]
     assert "x: sums per rank [0.0, 3.0]" in r0["raised"][0]
@@ -58,6 +63,7 @@ def test_helpers_are_the_identity_in_one_process():
     assert D.world_size() == 1 and D.rank() == 0 and D.per_rank(5) == 5
     assert D.global_sum(t) is t and torch.equal(D.gather_rows(t), t)
     assert D.gather_objects("x") == ["x"]
+    assert D.shared_map(lambda i: i + 1, [1, 2]) == [2, 3]
     D.check_identical({"anything": torch.randn(3)}, "one process")  # nothing to compare with
 
 

@@ -138,3 +138,23 @@ def test_keep_freed_memory_sets_glibc_thresholds_or_says_no(monkeypatch):
     monkeypatch.delenv("CFSEG_MALLOC_KEEP")
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert c.keep_freed_memory() is expected  # set on Linux/glibc (the CI image); elsewhere nothing is changed
+
+
+def test_test_writes_the_dice_of_every_case(box_model, boxes, tmp_path):
+    """``cfseg test`` writes ``test_cases.csv`` (one row per test case, a column per class); each class's mean over
+    the rows is the logged ``test/dice_<class>`` and the row count is ``test/n_cases``."""
+    import csv
+
+    from conftest import BOX_LABELS, box_dataset
+
+    data = box_dataset(boxes, val_fraction=0.0, test_fraction=0.5)
+    run = cli(["test", "--config", str(CONFIG), f"--data.datasets={json.dumps([data])}",
+               f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.spacing=[4.0, 4.0, 4.0]",
+               f"--ckpt_path={box_model}"])
+    logged = {k: float(v) for k, v in run.trainer.logged_metrics.items()}
+    (path,) = tmp_path.rglob("test_cases.csv")
+    rows = list(csv.DictReader(path.open()))
+    assert len(rows) == logged["test/n_cases"] == 3
+    assert {r["case_id"] for r in rows} == {c["case_id"] for c in run.model.case_scores}
+    for c in BOX_LABELS:
+        assert sum(float(r[c]) for r in rows) / len(rows) == pytest.approx(logged[f"test/dice_{c}"], abs=1e-5), c

@@ -106,6 +106,14 @@ class CFSegCLI(LightningCLI):
     def before_test(self) -> None:
         self._before_run()
 
+    def after_test(self) -> None:
+        """``cfseg test`` also writes the Dice of every test case (every process's, each case once) as
+        ``<log dir>/test_cases.csv``."""
+        if self.trainer.is_global_zero and self.model.case_scores:
+            folder = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+            path = write_case_scores(self.model.case_scores, self.model.class_names, folder / "test_cases.csv")
+            print(f"cfseg test: per-case Dice of {len(self.model.case_scores)} cases in {path}")
+
     def before_predict(self) -> None:
         """``cfseg predict`` writes NIfTI label maps (a :class:`NiftiPredictionWriter` under the run's folder unless
         the config names one) and does not also keep every prediction in memory."""
@@ -136,6 +144,23 @@ class CFSegCLI(LightningCLI):
                 f"{ckpt}: the data annotate {extra}, which this checkpoint does not know; resuming cannot add "
                 "classes: start an incremental stage (model.previous_checkpoint=...) instead"
             )
+
+
+def write_case_scores(cases: list[dict[str, Any]], classes: list[str], path: Path) -> Path:
+    """A CSV of per-case Dice: ``dataset, case_id`` and one column per class (empty where a case does not annotate
+    the class), written under a temporary name and renamed."""
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["dataset", "case_id", *classes])
+        for c in cases:
+            dice = c["dice"]
+            w.writerow([c["dataset"], c["case_id"], *(f"{dice[k]:.6f}" if k in dice else "" for k in classes)])
+    os.replace(tmp, path)
+    return path
 
 
 def native_bf16() -> bool:

@@ -22,7 +22,7 @@ from cfseg.continual import experts
 from cfseg.continual.router import ModalityRouter, RidgeRouter, pooled_features
 from cfseg.continual.stages import training_batches
 from cfseg.data.transforms import Preprocessing, deterministic_transforms, neutral_view
-from cfseg.distributed import gather_rows, per_rank
+from cfseg.distributed import gather_rows, per_rank, shared_map
 from cfseg.heads import deepest_layer
 
 
@@ -198,14 +198,18 @@ class RoutedExperts:
             first = dm.preprocessing(datasets[0][0].info.modality)
             view = neutral_view(first.spacing, first.orientation)
         load = mt.Compose(deterministic_transforms(view, labeled=False))
+        cases = []
         for d, items in datasets:
             k = min(self.statistics.router_batches, len(items))  # k cases spread evenly over the training cases
-            for i in sorted({round(j * (len(items) - 1) / max(1, k - 1)) for j in range(k)}):
-                feats = self.window_features(load({"image": items[i]["image"]})["image"][None])
-                if self.modality_router is None:  # the feature width comes from the first case
-                    self.modality_router = ModalityRouter(feats.shape[1], view.to_dict(),
-                                                          gamma=self.statistics.router_modality_gamma)
-                self.modality_router.update(feats, d.info.modality)
+            cases += [(d.info.modality, items[i]["image"])
+                      for i in sorted({round(j * (len(items) - 1) / max(1, k - 1)) for j in range(k)})]
+        # under DDP each process computes its share of the cases and every process updates with all of them
+        features = shared_map(lambda case: self.window_features(load({"image": case[1]})["image"][None]), cases)
+        for (modality, _), feats in zip(cases, features, strict=True):
+            if self.modality_router is None:  # the feature width comes from the first case
+                self.modality_router = ModalityRouter(feats.shape[1], view.to_dict(),
+                                                      gamma=self.statistics.router_modality_gamma)
+            self.modality_router.update(feats, modality)
 
     def collect_router_statistics(self, expert: int) -> None:
         """Router statistics of this stage's training images for ``expert`` (``router_batches`` batches, from the

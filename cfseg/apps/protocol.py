@@ -45,6 +45,19 @@ With ``score_val: true`` the same matrix is also computed on the stages' validat
 A finished run (``runs/<tag>/final.ckpt``) is reused when the protocol runs again, and only if it was trained with
 the settings the protocol now asks for (budget, lr, and the resolved fit configuration: :func:`settings_mismatch`);
 stage 0 and joint runs copied into another output folder stay reusable.
+
+Several devices and nodes: a row's ``config`` (or the protocol's or a stage's) may set ``trainer.devices``,
+``trainer.strategy`` and ``trainer.num_nodes``, e.g. ``{name: ft_ddp, strategy: finetune, config: {trainer:
+{devices: 2, strategy: ddp}}}``. A stage that trains on more than one process (:func:`own_process`) runs as its
+own training process, ``<launcher> cfseg.apps.protocol --train-stage <run dir>/stage.json``, while the protocol
+stays one process that scores every stage and writes every report once; its ``final.json`` records the world size
+it trained with. ``launcher`` (protocol key, or ``--launcher``; a command split like a shell's) defaults to this
+Python's ``python -m``, for which Lightning starts the other processes of the node itself. On a cluster it names
+what starts the processes: ``launcher: "srun python -m"`` inside an sbatch allocation (rows with ``trainer:
+{num_nodes: 2, devices: 4, strategy: ddp}``) or ``launcher: "torchrun --nproc_per_node=4 -m"``. With a launcher
+every stage is started with it, so settings that must match the processes it starts (``devices``, ``num_nodes``)
+belong in the protocol's ``config``; ``num_nodes`` above 1 without a launcher is refused. Started by torchrun or
+as one of several srun tasks, ``cfseg-protocol`` stops with an error: start it once and give ``--launcher``.
 """
 
 from __future__ import annotations
@@ -54,6 +67,8 @@ import copy
 import json
 import multiprocessing
 import os
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -67,6 +82,7 @@ from cfseg.apps.cli import reporting_user_errors, resolve_fit_config
 from cfseg.continual import Finetune
 from cfseg.experiments.protocol import (
     joint_datasets,
+    launcher_words,
     load_protocol,
     replayed_datasets,
     row_strategy,
@@ -76,8 +92,11 @@ from cfseg.experiments.protocol import (
     val_config,
     val_only_datasets,
 )
-from cfseg.experiments.report import evaluate_stage_tests, print_results, write_matrix, write_summary
+from cfseg.experiments.report import evaluate_stage_tests, print_results, write_atomic, write_matrix, write_summary
 from cfseg.metrics import DICE_CONVENTION, average_after_last, backward_transfer
+
+#: how a stage that trains as its own process is started: ``<launcher words> cfseg.apps.protocol --train-stage ...``
+DEFAULT_LAUNCHER = [sys.executable, "-m"]
 
 
 def merge_config(base: dict[str, Any], *overrides: dict[str, Any]) -> dict[str, Any]:
@@ -115,11 +134,97 @@ def stage_config(spec: dict[str, Any], run_dir: Path, datasets: list[dict], prev
     return merge_config(base, own, *overrides)
 
 
+def _as_int(v: Any) -> int | None:
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+        return int(v)
+    return None
+
+
+def own_process(trainer: dict[str, Any], launcher: list[str] | None) -> bool:
+    """Whether a stage with the resolved trainer settings ``trainer`` trains as its own process (started with
+    ``launcher``, default ``python -m``) instead of in the protocol's process: when it trains on more than one
+    process (``devices`` above 1, a list or ``"0,1"`` of several, ``-1``/``"auto"`` on more than one GPU,
+    ``num_nodes`` above 1) or a launcher is given.
+
+    Raises:
+        ValueError: ``num_nodes`` above 1 without a launcher (Lightning cannot start processes on other nodes).
+    """
+    nodes = _as_int(trainer.get("num_nodes", 1)) or 1
+    if nodes > 1 and not launcher:
+        raise ValueError(f"trainer.num_nodes={nodes}: processes on other nodes need a launcher; give the protocol "
+                         "key `launcher` or --launcher, e.g. 'srun python -m' inside an sbatch allocation")
+    if launcher:
+        return True
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and "," in devices:
+        devices = [d for d in devices.split(",") if d.strip()]
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    n = _as_int(devices)
+    if n is None or n == -1:  # "auto" or -1: every device of the accelerator; a CPU run is one process
+        cpu = str(trainer.get("accelerator", "auto")).lower() == "cpu"
+        return not cpu and torch.cuda.device_count() > 1
+    return n > 1
+
+
+def fit_stage(config: dict[str, Any], checkpoint: Path, record: dict[str, Any],
+              resolved: dict[str, Any]) -> dict[str, Any]:
+    """``cfseg fit`` with ``config``, then ``checkpoint`` (``final.ckpt``; every process saves, Lightning writes
+    once) and, from the global-zero process only, its record ``final.json`` beside it: ``record`` (tag, steps,
+    lr, seed) with the wall time, the global step, the world size, the parameter counts and ``resolved`` (the
+    resolved fit configuration) as ``config``.
+
+    Returns:
+        the record (every process).
+    """
+    t0 = time.time()
+    run = cli({"fit": config})
+    run.trainer.save_checkpoint(checkpoint)  # a collective under DDP
+    params = list(run.model.parameters())
+    info = {**record, "wall_time_s": round(time.time() - t0, 1), "global_step": run.trainer.global_step,
+            "world_size": run.trainer.world_size,
+            "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+            "total_params": sum(p.numel() for p in params), "config": resolved}
+    if run.trainer.is_global_zero:
+        write_atomic(Path(checkpoint).with_name("final.json"), json.dumps(info, indent=2))
+    return info
+
+
+def fit_stage_file(path: str | Path) -> int:
+    """The stage-training process (``python -m cfseg.apps.protocol --train-stage <stage.json>``): :func:`fit_stage`
+    with the file's ``config``, ``checkpoint``, ``record`` and ``resolved``. Under Lightning's own launcher every
+    other local process runs this same command line."""
+    stage = json.loads(Path(path).read_text())
+    fit_stage(stage["config"], Path(stage["checkpoint"]), stage["record"], stage["resolved"])
+    return 0
+
+
+def _fit_in_own_process(config: dict[str, Any], done: Path, record: dict[str, Any], resolved: dict[str, Any],
+                        launcher: list[str]) -> dict[str, Any]:
+    """:func:`fit_stage` as ``<launcher> cfseg.apps.protocol --train-stage <run dir>/stage.json``; its record."""
+    stage = done.parent / "stage.json"
+    write_atomic(stage, json.dumps({"config": config, "checkpoint": str(done), "record": record,
+                                    "resolved": resolved}, indent=2))
+    cmd = [*launcher, "cfseg.apps.protocol", "--train-stage", str(stage)]
+    print(f"[{record['tag']}] {shlex.join(cmd)}", flush=True)
+    rc = subprocess.run(cmd).returncode
+    final = done.with_name("final.json")
+    if rc != 0 or not done.is_file() or not final.is_file():
+        raise RuntimeError(f"stage {record['tag']} failed (exit code {rc}): {shlex.join(cmd)}")
+    return json.loads(final.read_text())
+
+
 def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous: Path | None,
                 strategy: dict[str, Any], steps: int, lr: float | None, seed: int,
                 overrides: list[dict[str, Any]] | None = None) -> tuple[Path, float]:
     """One ``cfseg fit`` run of ``steps`` steps at learning rate ``lr`` under ``out/runs/tag``, configured by
-    :func:`stage_config` (``strategy``: a spec ``{class_path, init_args}``).
+    :func:`stage_config` (``strategy``: a spec ``{class_path, init_args}``). It trains in this process, or as its own
+    process (:func:`own_process`: several devices or nodes, or ``spec["launcher"]``) started with
+    ``spec["launcher"]`` (default ``python -m``).
 
     Returns:
         (checkpoint path, training wall time in s). A finished run of the same tag is reused (its recorded
@@ -134,30 +239,30 @@ def train_stage(spec: dict, out: Path, tag: str, datasets: list[dict], previous:
         d["name"] = base if base not in names else f"{base}_{len(names)}"
         names.add(d["name"])
     config = stage_config(spec, run_dir, datasets, previous, strategy, steps, lr, seed, overrides or [])
+    resolved = resolve_fit_config(copy.deepcopy(config))  # parsing turns the mappings it reads into Namespaces
+    launcher = spec.get("launcher")
+    separate = own_process(resolved.get("trainer") or {}, launcher)
     if done.is_file():
         info = json.loads(record.read_text()) if record.is_file() else {}
         if info and (info.get("steps"), info.get("lr")) != (steps, lr):
             raise ValueError(f"{done} was trained with max_steps={info.get('steps')}, lr={info.get('lr')}, but the "
                              f"protocol now asks for max_steps={steps}, lr={lr}: delete {run_dir} or use another "
                              "output folder")
-        diffs = settings_mismatch(done, info, resolve_fit_config(config))
+        diffs = settings_mismatch(done, info, resolved)
         if diffs:
             raise ValueError(f"{done} was trained with other settings than the protocol now asks for ("
                              + "; ".join(diffs) + f"): delete {run_dir} or use another output folder")
         print(f"[{tag}] reusing {done}")
         return done, float(info.get("wall_time_s", 0.0))
-    t0 = time.time()
     print(f"[{tag}] cfseg fit: {strategy['class_path']} {strategy['init_args']}, {steps} steps, lr {lr}", flush=True)
-    run = cli({"fit": config})
-    run.trainer.save_checkpoint(done)
-    wall = round(time.time() - t0, 1)
-    params = list(run.model.parameters())
-    record.write_text(json.dumps({"tag": tag, "steps": steps, "lr": lr, "seed": seed, "wall_time_s": wall,
-                                  "global_step": run.trainer.global_step,
-                                  "trainable_params": sum(p.numel() for p in params if p.requires_grad),
-                                  "total_params": sum(p.numel() for p in params),
-                                  "config": resolve_fit_config(config)}, indent=2))
-    print(f"[{tag}] trained in {wall:.0f} s -> {done}", flush=True)
+    fields = {"tag": tag, "steps": steps, "lr": lr, "seed": seed}
+    if separate:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        info = _fit_in_own_process(config, done, fields, resolved, launcher or DEFAULT_LAUNCHER)
+    else:
+        info = fit_stage(config, done, fields, resolved)
+    wall = float(info["wall_time_s"])
+    print(f"[{tag}] trained in {wall:.0f} s on {info['world_size']} process(es) -> {done}", flush=True)
     return done, wall
 
 
@@ -261,6 +366,11 @@ def run_protocol(spec: dict[str, Any], strategies: list[str] | None = None,
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     chosen = [known[s] for s in strategies] if strategies else spec["strategies"]
+    base = (yaml.safe_load(Path(spec["base_config"]).read_text()) or {}).get("trainer") or {}
+    for st in spec["stages"]:  # before anything trains: a row on several nodes needs a launcher
+        for entry in chosen:
+            layers = [(c or {}).get("trainer") or {} for c in (spec.get("config"), st.get("config"), entry["config"])]
+            own_process(merge_config(base, *layers), spec.get("launcher"))
     if workers == 1 or len(chosen) == 1:
         results = {seed: run_seed(spec, seed, chosen) for seed in (seeds or spec["seeds"])}
     else:
@@ -314,6 +424,29 @@ def _run_seed_parallel(spec: dict[str, Any], seed: int, strategies: list[dict[st
     return {e["name"]: json.loads((out / f"{e['name']}_matrix.json").read_text()) for e in strategies}
 
 
+def one_process_check(env: dict[str, str] | None = None) -> None:
+    """Refuse to run the protocol as one of several processes (started by ``torchrun`` or as one of several tasks
+    of an ``srun`` step): every process would train, score and write the same files. An sbatch script's batch
+    step (one process) may start it.
+
+    Raises:
+        ValueError: one line that says to start it once and give ``--launcher``.
+    """
+    env = os.environ if env is None else env
+    tasks, how = 1, ""
+    if "RANK" in env and (_as_int(env.get("WORLD_SIZE", "1")) or 1) > 1:
+        tasks, how = _as_int(env["WORLD_SIZE"]) or 1, "torchrun (WORLD_SIZE"
+    # srun sets SLURM_STEP_NUM_TASKS for the tasks of a step; sbatch's SLURM_NTASKS is the allocation's, and the
+    # batch step (SLURM_STEP_ID "batch" or 4294967294 where set) is the one process that runs the script
+    elif (_as_int(env.get("SLURM_STEP_NUM_TASKS", "1")) or 1) > 1 and \
+            env.get("SLURM_STEP_ID", env.get("SLURM_STEPID")) not in ("batch", "4294967294"):
+        tasks, how = _as_int(env["SLURM_STEP_NUM_TASKS"]) or 1, "srun (SLURM_STEP_NUM_TASKS"
+    if tasks > 1:
+        raise ValueError(f"cfseg-protocol was started as one of {tasks} processes by {how}={tasks}); start it once, "
+                         "as one process, and give --launcher (e.g. --launcher 'srun python -m' or "
+                         "'torchrun --nproc_per_node=4 -m'): each multi-process stage is then started with it")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: 0 on success, 2 with one line ``cfseg-protocol: error: ...`` on a configuration or
     data error (``CFSEG_DEBUG=1``: the traceback)."""
@@ -323,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cfseg-protocol", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="protocol YAML")
+    p.add_argument("--config", help="protocol YAML (required)")
     p.add_argument("--strategies", nargs="*", default=None, help="strategy names (default: all in the protocol)")
     p.add_argument("--seeds", nargs="+", type=int, default=None,
                    help="seeds (default: the protocol's `seeds`, or [`seed`])")
@@ -331,12 +464,24 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--copy-summary", default=None, help="also copy summary.json here (YAML key: summary_copy)")
     p.add_argument("--workers", type=int, default=1,
                    help="run a seed's strategies side by side in this many single-thread processes (after stage 0)")
+    p.add_argument("--launcher", default=None,
+                   help="command that starts a stage as its own process(es), followed by 'cfseg.apps.protocol "
+                        "--train-stage FILE', e.g. 'srun python -m' or 'torchrun --nproc_per_node=4 -m' (YAML key: "
+                        "launcher; default for multi-device stages: this Python's 'python -m')")
+    p.add_argument("--train-stage", default=None, help=argparse.SUPPRESS)  # a stage's own process
     a = p.parse_args(argv)
+    if a.train_stage:
+        return fit_stage_file(a.train_stage)
+    if not a.config:
+        p.error("the following arguments are required: --config")
+    one_process_check()
     spec = load_protocol(a.config)
     if a.output:
         spec["output"] = a.output
     if a.copy_summary:
         spec["summary_copy"] = a.copy_summary
+    if a.launcher is not None:
+        spec["launcher"] = launcher_words(a.launcher, "--launcher")
     results = run_protocol(spec, a.strategies, a.seeds, a.workers)
     summary = json.loads((Path(spec["output"]) / "summary.json").read_text())
     print_results(results, summary)

@@ -8,6 +8,7 @@ CLI: :mod:`cfseg.apps.protocol`.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +156,21 @@ def _budgets(spec: dict[str, Any], path: Path) -> None:
     spec["stage_steps"] = steps
 
 
+def launcher_words(value: Any, key: str) -> list[str]:
+    """A ``launcher`` (the command that starts a stage's processes, e.g. ``"srun python -m"``) as its words."""
+    words = shlex.split(value) if isinstance(value, str) else None
+    if not words:
+        raise ValueError(f"{key}: a launcher is a command that runs a Python module, e.g. 'srun python -m' or "
+                         f"'torchrun --nproc_per_node=4 -m', got {value!r}")
+    return words
+
+
 def load_protocol(path: str | Path) -> dict[str, Any]:
     """Read and check a protocol YAML (paths in it are relative to the working directory).
 
     Returns:
         the spec with defaults filled in: ``strategies`` as rows ``{name, strategy (a full spec), stages, config}``,
-        ``config`` overrides (top level and per stage), ``seeds``,
+        ``config`` overrides (top level and per stage), ``seeds``, ``launcher`` (its words, or None),
         ``stage_steps`` and ``stage_lr`` (one per stage).
     """
     path = Path(path)
@@ -190,6 +200,8 @@ def load_protocol(path: str | Path) -> dict[str, Any]:
     spec["config"] = _overrides(spec.get("config"), f"{path}: config")
     spec["strategies"] = _strategies(spec.get("strategies", DEFAULT_STRATEGIES), path, spec)
     spec.setdefault("output", "results/protocol")
+    spec["launcher"] = launcher_words(spec["launcher"], f"{path}: launcher") if spec.get("launcher") is not None \
+        else None
     seeds = spec.get("seeds", [spec.get("seed", 0)])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
         raise ValueError(f"{path}: seeds must be a non-empty list of integers, got {seeds!r}")

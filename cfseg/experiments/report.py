@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 from pathlib import Path
@@ -19,6 +20,15 @@ from cfseg.evaluation import evaluate_groups
 from cfseg.experiments.protocol import STRATEGIES, stage_datasets
 from cfseg.metrics import DICE_CONVENTION
 from cfseg.module import load_checkpoint
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through a temporary file named after this process, so readers never see half a file and
+    processes writing the same file never share a temporary one."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0, split: str = "test",
@@ -66,10 +76,8 @@ def evaluate_stage_tests(ckpt: Path, spec: dict, upto: int, seed: int = 0, split
     routing = [by_stage[j].get("routing_accuracy") if j in by_stage else None for j in range(upto + 1)]
     if details is not None:
         details["routing_accuracy"] = routing
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(nan_to_none({"key": key, "row": row, "per_class": per_class,
-                                           "routing_accuracy": routing})))
-    tmp.replace(cache)
+    write_atomic(cache, json.dumps(nan_to_none({"key": key, "row": row, "per_class": per_class,
+                                                "routing_accuracy": routing})))
     return row, per_class
 
 
@@ -124,7 +132,7 @@ def write_matrix(out: Path, res: dict[str, Any]) -> None:
     """One strategy's result of one seed (a :func:`cfseg.apps.protocol.run_seed` result) as
     ``<out>/<name>_matrix.json``, ``.csv`` (the matrix R) and ``.png`` (its heatmap)."""
     name, names, R = res["strategy"], res["stages"], res["R"]
-    (out / f"{name}_matrix.json").write_text(json.dumps(nan_to_none(res), indent=2))
+    write_atomic(out / f"{name}_matrix.json", json.dumps(nan_to_none(res), indent=2))
     with open(out / f"{name}_matrix.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["after_stage", *[f"test_{n}" for n in names]])
@@ -197,7 +205,7 @@ def write_summary(out: Path, copy_to: str | Path | None = None) -> dict[str, Any
     doc = {"seeds": sorted({s for runs in files.values() for s in runs}), "stages": stages,
            "dice_convention": DICE_CONVENTION, "strategies": strategies}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(nan_to_none(doc), indent=2))
+    write_atomic(out / "summary.json", json.dumps(nan_to_none(doc), indent=2))
     if copy_to:
         Path(copy_to).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "summary.json", copy_to)

@@ -652,28 +652,46 @@ def routers(b: Builder) -> None:
                               f"{'the intensity rule' if answer == 'rule' else 'the router'} names correctly")
 
 
+OOD_RUNS = {
+    "demo": ("the make demo checkpoint (configs/demo.yaml, seed 0); statistics from 16 training cases per site, "
+             "threshold 3 x the largest validation-case score",
+             ".venv/bin/python benchmarks/ood.py --ckpt results/demo/cfseg-demo.ckpt "
+             "--config configs/demo.yaml --datasets data/synthetic/Dataset001_site_a_ct "
+             "data/synthetic/Dataset002_site_b_ct --group "
+             "in_domain_test='data/synthetic/Dataset003_test_ct/imagesTr/*.nii.gz' --group "
+             "synthetic_mri='data/synthetic/Dataset013_stage2_mri/imagesTr/*.nii.gz' --group "
+             "real_ct_openkbp='../shared/data/openkbp_oar/imagesTr/*.nii.gz' --group "
+             "real_ct_totalseg='../shared/data/totalseg_ct/imagesTr/*.nii.gz' --group "
+             "real_mr_totalseg='../shared/data/totalseg_mr/imagesTr/*.nii.gz' --max-files 8 "
+             "--out reports/data/ood/demo.json"),
+    "openkbp": ("an OpenKBP joint model (configs/openkbp/base.yaml + joint.yaml, 1500 steps, seed 0); statistics "
+                "from 16 of its 153 training cases, threshold 3 x the largest of its 10 validation cases' scores",
+                ".venv/bin/cfseg fit --config configs/openkbp/base.yaml --config configs/openkbp/joint.yaml "
+                "--trainer.max_steps=1500 --trainer.default_root_dir=results/ood_openkbp "
+                "--trainer.callbacks.init_args.dirpath=results/ood_openkbp && .venv/bin/python benchmarks/ood.py "
+                "--ckpt results/ood_openkbp/joint.ckpt --config configs/openkbp/base.yaml --datasets "
+                "../shared/data/openkbp_oar --split-file configs/openkbp/split_joint.json --max-files 40 --group "
+                "in_domain_test=split:test --group totalseg_ct='../shared/data/totalseg_ct/imagesTr/*.nii.gz' "
+                "--group totalseg_mr='../shared/data/totalseg_mr/imagesTr/*.nii.gz' --group "
+                "synthetic_ct='data/synthetic/Dataset003_test_ct/imagesTr/*.nii.gz' "
+                "--out reports/data/ood/openkbp.json"),
+}
+
+
 def ood(b: Builder) -> None:
-    src = "ood/demo.json"
-    doc = _load(src)
-    kw = {"config": "the make demo checkpoint (configs/demo.yaml, seed 0); statistics from 16 training cases per "
-                    "site, threshold 3 x the largest validation-case score",
-          "command": ".venv/bin/python benchmarks/ood.py --ckpt results/demo/cfseg-demo.ckpt "
-                     "--config configs/demo.yaml --datasets data/synthetic/Dataset001_site_a_ct "
-                     "data/synthetic/Dataset002_site_b_ct --group "
-                     "in_domain_test='data/synthetic/Dataset003_test_ct/imagesTr/*.nii.gz' --group "
-                     "synthetic_mri='data/synthetic/Dataset013_stage2_mri/imagesTr/*.nii.gz' --group "
-                     "real_ct_openkbp='../shared/data/openkbp_oar/imagesTr/*.nii.gz' --group "
-                     "real_ct_totalseg='../shared/data/totalseg_ct/imagesTr/*.nii.gz' --group "
-                     "real_mr_totalseg='../shared/data/totalseg_mr/imagesTr/*.nii.gz' --max-files 8 "
-                     "--out reports/data/ood/demo.json", "source": src}
-    b.add("ood.demo.threshold", doc["threshold"], {}, **kw, description="out-of-domain threshold of the demo model")
-    for group, g in doc["groups"].items():
-        b.add(f"ood.demo.{group}.warned_fraction", g["warned_fraction"], {}, **kw,
-              description=f"fraction of {len(g['scores'])} {group} inputs warned as out of domain")
-        b.add(f"ood.demo.{group}.max_score" if group == "in_domain_test" else f"ood.demo.{group}.min_score",
-              max(g["scores"]) if group == "in_domain_test" else min(g["scores"]), {}, **kw,
-              description=f"{'highest' if group == 'in_domain_test' else 'lowest'} out-of-domain score of the "
-                          f"{group} inputs")
+    for model, (config, command) in OOD_RUNS.items():
+        src = f"ood/{model}.json"
+        doc = _load(src)
+        kw = {"config": config, "command": command, "source": src}
+        b.add(f"ood.{model}.threshold", doc["threshold"], {}, **kw,
+              description=f"out-of-domain threshold of the {model} model")
+        for group, g in doc["groups"].items():
+            b.add(f"ood.{model}.{group}.warned_fraction", g["warned_fraction"], {}, **kw,
+                  description=f"fraction of {len(g['scores'])} {group} inputs warned as out of domain")
+            in_domain = group == "in_domain_test"
+            b.add(f"ood.{model}.{group}.max_score" if in_domain else f"ood.{model}.{group}.min_score",
+                  max(g["scores"]) if in_domain else min(g["scores"]), {}, **kw,
+                  description=f"{'highest' if in_domain else 'lowest'} out-of-domain score of the {group} inputs")
 
 
 def build() -> Entries:

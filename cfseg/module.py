@@ -19,6 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from monai import transforms as mt
 from monai.inferers import sliding_window_inference
 from torch import nn
 
@@ -38,7 +39,7 @@ from cfseg.continual.ewc import stage_fisher
 from cfseg.continual.routing import RoutedExperts
 from cfseg.continual.stages import EndOfStage, StageStatistics, extend_teacher_bank, training_batches
 from cfseg.continual.strategy import StepContext, build_strategy
-from cfseg.data.transforms import Preprocessing, neutral_view
+from cfseg.data.transforms import Preprocessing, deterministic_transforms, neutral_view
 from cfseg.distributed import check_identical, gather_objects
 from cfseg.folding import folded_predictor
 from cfseg.geometry import labels_to_input_grid
@@ -457,7 +458,8 @@ class CFSegModule(RoutedExperts, L.LightningModule):
 
         Returns:
             one dict per case: ``case_id``, ``dataset``, ``labels`` uint8 [*S_input] (global class values),
-            ``affine`` [4, 4] (the input's), ``source`` (the input file).
+            ``affine`` [4, 4] (the input's), ``source`` (the input file), ``checks``: the out-of-domain verdict
+            (:meth:`ood_check_file`).
         """
         image = batch["image"]
         logits = self.sliding_window_logits(image, device="cpu")
@@ -471,7 +473,7 @@ class CFSegModule(RoutedExperts, L.LightningModule):
             net_affine = np.asarray(image.affine[b], dtype=np.float64)
             out.append({
                 "case_id": batch["case_id"][b], "dataset": batch["dataset"][b], "source": meta["filename_or_obj"][b],
-                "affine": dst_affine,
+                "affine": dst_affine, "checks": self.ood_check_file(meta["filename_or_obj"][b]),
                 "labels": labels_to_input_grid(labels[b].numpy(), probs[b].numpy(), values, net_affine, dst_shape,
                                                dst_affine),
             })
@@ -552,6 +554,17 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         if self.domain_statistics is None or self.domain_statistics.threshold is None:
             return None
         return self.domain_statistics.score(self.window_features(view)), self.domain_statistics.threshold
+
+    def ood_check_file(self, source: str | list[str]) -> dict[str, Any]:
+        """The out-of-domain verdict of one input file (or its channel files), loaded in the statistics' neutral
+        view as the statistics were fitted: ``{"ood_score", "ood_threshold", "out_of_domain"}``, all None when the
+        checkpoint has no domain statistics."""
+        stats = self.domain_statistics
+        if stats is None or stats.threshold is None or stats.view is None:
+            return {"ood_score": None, "ood_threshold": None, "out_of_domain": None}
+        load = mt.Compose(deterministic_transforms(Preprocessing.from_dict(stats.view), labeled=False))
+        score, threshold = self.ood_score(load({"image": source})["image"][None])
+        return {"ood_score": round(score, 4), "ood_threshold": round(threshold, 4), "out_of_domain": score > threshold}
 
     def collect_fisher(self, previous: dict[str, torch.Tensor] | None = None) -> None:
         """The diagonal Fisher of this stage's loss (``statistics.fisher_batches`` training batches) at the final

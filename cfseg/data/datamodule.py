@@ -35,6 +35,7 @@ import lightning as L
 import nibabel as nib
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from monai.data import CacheDataset, Dataset, PersistentDataset, list_data_collate
 from torch.utils.data import ConcatDataset, DataLoader
 
@@ -50,6 +51,7 @@ from cfseg.data.transforms import (
     hierarchical_transforms,
     make_label_lut,
 )
+from cfseg.distributed import world_size
 from cfseg.vocab import Vocabulary, canonical_name, unknown_class_error
 
 log = logging.getLogger(__name__)
@@ -701,6 +703,8 @@ class SegDataModule(L.LightningDataModule):
                 n = sum(len(self.items(d, "train")) for d in self.datasets if d.config.labeled)
                 kwargs["sampler"] = ds.sampler(n * self.hparams.train_repeats, kwargs.pop("generator"))
                 shuffle = False
+        elif world_size() > 1:  # evaluation under DDP: each case on one process, none repeated to even the shares
+            kwargs["sampler"] = UnrepeatedDistributedSampler(ds, shuffle=False)
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=self.hparams.num_workers,
                           collate_fn=list_data_collate, persistent_workers=self.hparams.num_workers > 0, **kwargs)
 

@@ -220,9 +220,7 @@ def main(args: list[str] | None = None, callbacks: list[Callback] | None = None)
     """Run the CLI (``args`` default to ``sys.argv[1:]``); ``callbacks`` are added to the config's (Python callers:
     objects no config file can describe, e.g. one that watches a process)."""
     keep_freed_memory()
-    # cfseg passes its own arguments (run(): sys.argv[1:]; the protocol and the demo: their configs), so Lightning's
-    # warning about `args` beside a command line only repeats the whole command line
-    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
+    _quiet_args_warning()
     return CFSegCLI(
         CFSegModule,
         SegDataModule,
@@ -230,6 +228,12 @@ def main(args: list[str] | None = None, callbacks: list[Callback] | None = None)
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": list(callbacks)} if callbacks else None,
     )
+
+
+def _quiet_args_warning() -> None:
+    """cfseg passes its own arguments (run(): sys.argv[1:]; the protocol and the demo: their configs), so Lightning's
+    warning about ``args`` beside a command line only repeats the whole command line: silence it."""
+    warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
 class _ParseOnlyCLI(CFSegCLI):
@@ -259,6 +263,7 @@ def resolve_fit_config(args: list[str] | dict[str, Any]) -> dict[str, Any]:
     """
     import json
 
+    _quiet_args_warning()
     cli = _ParseOnlyCLI(CFSegModule, SegDataModule, args=args if isinstance(args, dict) else list(args), run=False,
                         save_config_callback=None)
     cfg = cli.config.clone()

@@ -24,6 +24,9 @@ import numpy as np
 import torch
 
 #: Largest input grid and largest resampled (network) grid accepted by default: 2**28 voxels (512 x 512 x 1024).
+#: Such an input is segmented without a full-size float copy of it or of the class probabilities: it is resampled
+#: onto the network grid block by block (:func:`resample_in_blocks`) and the prediction comes back in slabs of
+#: about :data:`SLAB_VOXELS` values (:func:`labels_to_input_grid`; :func:`cfseg.segmentation.segment`, Memory).
 DEFAULT_MAX_VOXELS = 2**28
 #: Accepted voxel spacing in mm, exclusive bounds.
 SPACING_RANGE = (1e-3, 100.0)
@@ -183,8 +186,60 @@ def _take_grid(src: np.ndarray, mapping: tuple[list[int], list[bool], list[int]]
     return out
 
 
+#: voxels of the output grid resampled at once (one slab): bounds the temporaries of large images
+SLAB_VOXELS = 2**22
+
+
+def _slab_width(dst_shape: Sequence[int], budget: int = SLAB_VOXELS) -> int:
+    """Slices along the first axis per slab so that a slab holds about ``budget`` voxels (at least one slice)."""
+    return max(1, budget // max(1, int(dst_shape[1]) * int(dst_shape[2])))
+
+
+def _dst_to_src(src_affine: np.ndarray, dst_affine: np.ndarray) -> np.ndarray:
+    """[4, 4] map from destination voxel indices to source voxel indices."""
+    return np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
+
+
+def _slab_grid(M: np.ndarray, x0: int, x1: int, ny: int, nz: int, n_src: Sequence[int],
+               offset: Sequence[int] = (0, 0, 0)) -> torch.Tensor:
+    """grid_sample's grid [1, x1-x0, ny, nz, 3] of destination slab ``x0:x1`` in a source block of shape ``n_src``
+    that starts at source index ``offset`` (normalised, align_corners=False)."""
+    n = np.asarray(n_src, np.float64)
+    A = M[:3, :3] * (2 / n)[:, None]  # dst voxel index -> src normalised coordinate
+    b = (2 * (M[:3, 3] - np.asarray(offset, np.float64)) + 1) / n - 1
+    xs = torch.arange(x0, x1, dtype=torch.float64)
+    ys, zs = (torch.arange(k, dtype=torch.float64) for k in (ny, nz))
+    grid = torch.empty(1, x1 - x0, ny, nz, 3)
+    for k in range(3):  # separable: one broadcast sum per src axis; last dim (z, y, x): grid_sample's (W, H, D)
+        grid[0, ..., 2 - k] = ((A[k, 0] * xs + b[k]).float()[:, None, None] + (A[k, 1] * ys).float()[:, None]
+                               + (A[k, 2] * zs).float())
+    return grid
+
+
+def _resampled_slabs(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
+                     order: int, cval: float | Sequence[float] = 0.0, slab: int | None = None):
+    """Yield ``(x0, x1, values [C, x1-x0, *dst_shape[1:]] float32)``: ``src`` [C, *S] resampled onto the
+    destination grid, ``slab`` slices along its first axis at a time (default: about :data:`SLAB_VOXELS` values
+    per slab; see :func:`_resample_to`)."""
+    import torch.nn.functional as F
+
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
+    C = src.shape[0]
+    fill = np.broadcast_to(np.asarray(cval, np.float32), (C,)).reshape(C, 1, 1, 1)
+    M = _dst_to_src(src_affine, dst_affine)
+    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32) - fill)[None]  # padding is 0: shift by fill
+    nx, ny, nz = (int(n) for n in dst_shape)
+    slab = slab or _slab_width(dst_shape, SLAB_VOXELS // max(1, C))
+    for x0 in range(0, nx, slab):
+        x1 = min(x0 + slab, nx)
+        res = F.grid_sample(vol, _slab_grid(M, x0, x1, ny, nz, src.shape[1:]), mode="bilinear" if order else "nearest",
+                            padding_mode="zeros", align_corners=False)
+        yield x0, x1, res[0].numpy() + fill
+
+
 def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
-                 order: int, cval: float | Sequence[float] = 0.0, slab: int = 32) -> np.ndarray:
+                 order: int, cval: float | Sequence[float] = 0.0, slab: int | None = None) -> np.ndarray:
     """Resample ``src`` [C, *S] (world-aligned by ``src_affine``) onto a voxel grid, slab by slab.
 
     Trilinear (``order=1``) or nearest (``order=0``) by ``torch.nn.functional.grid_sample``, all channels at
@@ -193,31 +248,81 @@ def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[in
 
     Returns [C, *dst_shape] float32.
     """
-    import torch.nn.functional as F
-
-    if order not in (0, 1):
-        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order!r}")
-    C = src.shape[0]
-    fill = np.broadcast_to(np.asarray(cval, np.float32), (C,)).reshape(C, 1, 1, 1)
-    M = np.linalg.inv(src_affine) @ dst_affine
-    n_src = np.asarray(src.shape[1:], np.float64)
-    A = M[:3, :3] * (2 / n_src)[:, None]  # dst voxel index -> src normalised coordinate (align_corners=False)
-    b = (2 * M[:3, 3] + 1) / n_src - 1
-    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32) - fill)[None]  # padding is 0: shift by fill
-    out = np.empty((C, *dst_shape), np.float32)
-    nx, ny, nz = (int(n) for n in dst_shape)
-    ys, zs = (torch.arange(n, dtype=torch.float64) for n in (ny, nz))
-    for x0 in range(0, nx, slab):
-        xs = torch.arange(x0, min(x0 + slab, nx), dtype=torch.float64)
-        grid = torch.empty(1, len(xs), ny, nz, 3)  # last dim (z, y, x): grid_sample's (W, H, D) order
-        for k in range(3):  # separable: one broadcast sum per src axis
-            grid[0, ..., 2 - k] = ((A[k, 0] * xs + b[k]).float()[:, None, None] + (A[k, 1] * ys).float()[:, None]
-                                   + (A[k, 2] * zs).float())
-        res = F.grid_sample(vol, grid, mode="bilinear" if order else "nearest", padding_mode="zeros",
-                            align_corners=False)
-        out[:, x0:x0 + len(xs)] = res[0].numpy() + fill
+    out = np.empty((src.shape[0], *dst_shape), np.float32)
+    for x0, x1, values in _resampled_slabs(src, src_affine, dst_shape, dst_affine, order, cval, slab):
+        out[:, x0:x1] = values
     return out
 
+
+def network_grid(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float],
+                 orientation: str = "RAS") -> tuple[tuple[int, int, int], np.ndarray]:
+    """The grid MONAI's ``Orientation`` + ``Spacing`` give an image of ``shape`` and ``affine``: (shape, [4, 4]
+    affine), from the header alone (the transforms run lazily on a placeholder that holds no voxels)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    placeholder = MetaTensor(torch.zeros(1, 1, 1, 1).expand(1, *(int(s) for s in shape)),
+                             affine=torch.as_tensor(np.asarray(affine), dtype=torch.float64))
+    out = Orientation(axcodes=orientation, labels=(("L", "R"), ("P", "A"), ("I", "S")), lazy=True)(placeholder)
+    out = Spacing(pixdim=tuple(float(s) for s in spacing), mode="bilinear", lazy=True)(out)
+    grid = tuple(int(s) for s in out.peek_pending_shape())
+    return grid, np.asarray(out.peek_pending_affine(), dtype=np.float64)  # type: ignore[return-value]
+
+
+def _source_box(M: np.ndarray, x0: int, x1: int, ny: int, nz: int,
+                n_src: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)``: the block of source indices that destination slab ``x0:x1`` interpolates from (its corners'
+    bounding box, one voxel of margin each side), clipped to the source grid of shape ``n_src`` and never empty
+    (unclipped when ``n_src`` is None)."""
+    corners = np.array([[x, y, z, 1.0] for x in (x0, x1 - 1) for y in (0, ny - 1) for z in (0, nz - 1)])
+    src = (M @ corners.T)[:3]  # the slab is a parallelepiped in source index space: its corners bound it
+    lo, hi = np.floor(src.min(1)).astype(np.int64) - 1, np.ceil(src.max(1)).astype(np.int64) + 2
+    if n_src is None:
+        return lo, hi
+    lo = np.clip(lo, 0, n_src - 1)
+    return lo, np.clip(hi, lo + 1, n_src)
+
+
+def _block_width(M: np.ndarray, dst_shape: Sequence[int], n_src: np.ndarray, budget: int) -> int:
+    """Destination slices per slab such that the slab holds at most ``budget`` voxels and so does the source block
+    it reads (at least one slice)."""
+    nx, ny, nz = (int(n) for n in dst_shape)
+    lo_w, hi_w = 1, max(1, min(nx, _slab_width(dst_shape, budget)))
+    while lo_w < hi_w:  # the largest width whose source box (unclipped: the same size anywhere) fits
+        w = (lo_w + hi_w + 1) // 2
+        lo, hi = _source_box(M, 0, w, ny, nz)
+        if int(np.prod(np.minimum(hi - lo + 1, n_src))) <= budget:  # +1: floor/ceil shift with the position
+            lo_w = w
+        else:
+            hi_w = w - 1
+    return lo_w
+
+
+def resample_in_blocks(data: np.ndarray, affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
+                       budget: int = SLAB_VOXELS) -> np.ndarray:
+    """``data`` [*S] (any real dtype, e.g. a memory map or an int16 array) resampled trilinearly onto the
+    destination grid, as MONAI's ``Spacing`` does (align_corners=False, border padding), one destination slab at
+    a time, each from the block of ``data`` it needs (converted to float32 alone): a slab and its source block hold
+    at most ``budget`` voxels each (unless one destination slice alone needs more).
+
+    Returns float32 [*dst_shape].
+    """
+    import torch.nn.functional as F
+
+    M = _dst_to_src(affine, dst_affine)
+    nx, ny, nz = (int(n) for n in dst_shape)
+    n_src = np.asarray(data.shape[:3], np.int64)
+    out = np.empty((nx, ny, nz), np.float32)
+    step = _block_width(M, dst_shape, n_src, budget)
+    for x0 in range(0, nx, step):
+        x1 = min(x0 + step, nx)
+        lo, hi = _source_box(M, x0, x1, ny, nz, n_src)
+        block = torch.from_numpy(np.ascontiguousarray(data[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]],
+                                                      dtype=np.float32))[None, None]
+        res = F.grid_sample(block, _slab_grid(M, x0, x1, ny, nz, block.shape[2:], lo), mode="bilinear",
+                            padding_mode="border", align_corners=False)
+        out[x0:x1] = res[0, 0].numpy()
+    return out
 
 
 def to_input_grid(values: np.ndarray, net_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,
@@ -253,7 +358,8 @@ def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray | None, class_val
         net_affine: [4, 4] affine of the network grid; ``dst_shape``, ``dst_affine``: the input's grid.
 
     Returns:
-        uint8 [*dst_shape].
+        uint8 [*dst_shape]; the probabilities are resampled and reduced one slab of about
+        :data:`SLAB_VOXELS` / (K'+1) voxels at a time.
     """
     mapping = _grid_map(net_affine, labels.shape, dst_affine)
     if mapping is not None:
@@ -262,5 +368,8 @@ def labels_to_input_grid(labels: np.ndarray, probs: np.ndarray | None, class_val
         raise ValueError("the network grid does not align with the input grid: probabilities are needed to "
                          "resample the prediction (predict with probabilities=True)")
     cval = [1.0] + [0.0] * (probs.shape[0] - 1)
-    resampled = _resample_to(probs, net_affine, dst_shape, dst_affine, order=1, cval=cval)
-    return np.asarray(class_values, dtype=np.uint8)[resampled.argmax(0)]
+    values = np.asarray(class_values, dtype=np.uint8)
+    out = np.empty(tuple(int(n) for n in dst_shape), np.uint8)
+    for x0, x1, resampled in _resampled_slabs(probs, net_affine, dst_shape, dst_affine, 1, cval):
+        out[x0:x1] = values[resampled.argmax(0)]
+    return out

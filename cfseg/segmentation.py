@@ -29,7 +29,9 @@ every file it lists.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
+import math
 import re
 import warnings
 from collections import Counter
@@ -47,6 +49,7 @@ from cfseg.data.transforms import Preprocessing, intensity_transform
 from cfseg.geometry import (
     DEFAULT_MAX_VOXELS,
     MIN_AXIS_VOXELS,
+    SLAB_VOXELS,
     GeometryError,
     check_affine,
     check_header,
@@ -54,16 +57,22 @@ from cfseg.geometry import (
     check_size,
     grids_align,
     labels_to_input_grid,
+    network_grid,
     nifti_image,
+    resample_in_blocks,
     resampled_shape,
     to_input_grid,
 )
-from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
+from cfseg.inference import ModalityError, choose_modality, detect_modality, predict_volume, preprocessing_for
 from cfseg.module import CFSegModule, load_checkpoint
 from cfseg.online import OnlineCorrector
 from cfseg.online_state import OnlineStateError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: inputs with more voxels than this (2**25: 512 x 512 x 128) are kept as stored (integers stay integers,
+#: :func:`load_input`) and resampled onto the network grid block by block (:func:`preprocess`); smaller ones take
+#: MONAI's Orientation + Spacing on one float32 copy, as in training
+BLOCK_RESAMPLE_VOXELS = 2**25
 log = logging.getLogger(__name__)
 
 
@@ -147,7 +156,9 @@ def load_input(image: str | Path | nib.Nifti1Image,
     the data could be read in full (a truncated ``.nii.gz`` fails only here), finite, not constant or near-empty.
 
     Returns:
-        ``(image, where)``: an in-memory float32 image with the input's affine; ``where`` names it in messages.
+        ``(image, where)``: an in-memory image with the input's affine, float32, or the stored integers when there
+        are more than :data:`BLOCK_RESAMPLE_VOXELS` of them and no intensity scaling (the values a float32 copy would
+        hold, at half or less of its size); ``where`` names it in messages.
 
     Raises:
         SegmentError: ``"<path>: <problem>"``.
@@ -183,24 +194,53 @@ def load_input(image: str | Path | nib.Nifti1Image,
         check_min_size(shape[:3], MIN_AXIS_VOXELS)
     except GeometryError as e:
         raise SegmentError(f"{where}: {e}") from None
+    keep = _keeps_integers(img, dtype, math.prod(shape[:3]))
     try:
-        data = np.asarray(img.dataobj[..., 0] if len(shape) == 4 else img.dataobj, dtype=np.float32)
+        proxy = img.dataobj[..., 0] if len(shape) == 4 else img.dataobj
+        data = np.asarray(proxy) if keep else np.asarray(proxy, dtype=np.float32)
     except Exception as e:  # EOFError, zlib.error, OSError, ValueError: truncated or corrupt data
         raise SegmentError(f"{where}: the image data cannot be read ({one_line(e)}; truncated or corrupt "
                            f"file?)") from e
-    finite = np.isfinite(data)
-    if not finite.all():
-        raise SegmentError(f"{where}: {int((~finite).sum())} NaN/infinite intensities")
-    del finite
+    if not keep:
+        n_bad = _count_slabs(data, lambda a: ~np.isfinite(a))
+        if n_bad:
+            raise SegmentError(f"{where}: {n_bad} NaN/infinite intensities")
     lo, hi = float(data.min()), float(data.max())
     if lo == hi:
         raise SegmentError(f"{where}: constant image (every voxel is {lo:g}); nothing to segment")
     med = float(np.median(data[:: max(1, data.size // 1_000_000)]))
-    n_off = int(np.count_nonzero(data != med))
+    n_off = _count_slabs(data, lambda a: a != med)
     if n_off < max(10, 1e-4 * data.size):
         raise SegmentError(f"{where}: near-empty image (only {n_off} of {data.size} voxels differ from {med:g}); "
                            f"nothing to segment")
     return nib.Nifti1Image(data, img.affine), where
+
+
+def _keeps_integers(img: Any, dtype: np.dtype, n_voxels: int) -> bool:
+    """Whether :func:`load_input` keeps the voxels as stored (integers, converted to float32 one block at a time
+    downstream) instead of one float32 copy: an integer image of more than :data:`BLOCK_RESAMPLE_VOXELS` voxels
+    without intensity scaling (``scl_slope`` 1 or unset, ``scl_inter`` 0 or unset)."""
+    if dtype.kind not in "iu" or n_voxels <= BLOCK_RESAMPLE_VOXELS:
+        return False
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    return float(slope) == 1.0 and float(inter) == 0.0
+
+
+def _count_slabs(data: np.ndarray, test: Callable[[np.ndarray], np.ndarray]) -> int:
+    """``count_nonzero(test(data))``, taken over slabs of about :data:`~cfseg.geometry.SLAB_VOXELS` voxels (no
+    full-size boolean temporary)."""
+    step = max(1, SLAB_VOXELS // max(1, math.prod(data.shape[1:])))
+    return sum(int(np.count_nonzero(test(data[i:i + step]))) for i in range(0, max(1, data.shape[0]), step))
+
+
+def _modality_sample(array: np.ndarray) -> np.ndarray:
+    """The voxels :func:`cfseg.inference.detect_modality` reads of ``array`` (every k-th in C order, at most its
+    ``max_samples``), gathered without the full-size copy ``ravel`` makes of an array that is not C-contiguous
+    (nibabel's arrays are Fortran-ordered); the same values in the same order, so the same answer."""
+    n = int(inspect.signature(detect_modality).parameters["max_samples"].default)
+    if array.size <= n or array.flags.c_contiguous:
+        return array
+    return array[np.unravel_index(np.arange(0, array.size, -(-array.size // n)), array.shape)]
 
 
 @contextlib.contextmanager
@@ -363,6 +403,16 @@ def segment(
 ) -> dict[str, nib.Nifti1Image]:
     """Segment one image; every returned image has the input's shape and affine.
 
+    Memory: an input of more than :data:`BLOCK_RESAMPLE_VOXELS` voxels is held once, as stored (integers stay
+    integers, float32 otherwise), and resampled onto the network grid (and the modality-neutral view) in blocks of
+    about :data:`~cfseg.geometry.SLAB_VOXELS` voxels, read and written (at least one slice); the prediction comes
+    back onto the input grid in slabs of about :data:`~cfseg.geometry.SLAB_VOXELS` values (all classes together,
+    at least one slice), reduced to uint8 labels slab by slab. What stays is the stored input, the float32 network
+    grid with its class probabilities, and one byte per input voxel of labels (each binary mask is made when it is
+    written); ``similarity`` adds 4 bytes per input voxel per class. The largest input accepted by default
+    (:data:`~cfseg.geometry.DEFAULT_MAX_VOXELS`, 512 x 512 x 1024) thus segments without a full-size float copy of
+    the image or of the class probabilities.
+
     Args:
         image: NIfTI path or nibabel image (3D).
         checkpoint: cfseg checkpoint path, or an already loaded module (batch use).
@@ -404,7 +454,7 @@ def segment(
     corrector = open_online(online, module)
     img, where = load_input(image, max_voxels)
     try:
-        chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality,
+        chosen, note, warning = choose_modality(module, _modality_sample(np.asarray(img.dataobj)), modality,
                                                 modality_view(module, img, modality))
     except ModalityError as e:
         raise SegmentError(f"{where}: {e}") from None
@@ -469,18 +519,45 @@ def segment(
     if multilabel:
         result["labels"] = nifti_image(labels, full_affine)
     else:
-        for k in idx:
-            result[names[k]] = nifti_image((labels == k).astype(np.uint8), full_affine)
+        for k in idx:  # each mask is made when it is read or written, not all at once
+            result[names[k]] = nifti_image(ClassMask(labels, k), full_affine)
     if similarity:
-        sims = to_input_grid(out["similarity"].numpy(), src_affine, img.shape, img.affine, fill=-1.0)
-        for j, k in enumerate(idx, start=1):
+        # the requested classes' maps only (not the background's), each kept as the one float32 array resampled
+        sims = to_input_grid(out["similarity"].numpy()[1:], src_affine, img.shape, img.affine, fill=-1.0)
+        for j, k in enumerate(idx):
             s = sims[j]
             if region is not None:
                 f = np.full(full_shape, -1.0, np.float32)
                 f[region] = s[inner]
                 s = f
-            result[f"similarity_{names[k]}"] = nifti_image(s.astype(np.float32), full_affine)
+            result[f"similarity_{names[k]}"] = nifti_image(s.astype(np.float32, copy=False), full_affine)
     return result
+
+
+class ClassMask:
+    """The uint8 0/1 mask of label value ``value`` in ``labels`` [*S], made when it is read (``np.asarray``,
+    slicing), so that one image per class does not hold one full-size array per class (a nibabel array proxy)."""
+
+    is_proxy = True
+    dtype = np.dtype(np.uint8)
+
+    def __init__(self, labels: np.ndarray, value: int) -> None:
+        self.labels, self.value = labels, int(value)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.labels.shape)
+
+    @property
+    def ndim(self) -> int:
+        return self.labels.ndim
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        mask = (self.labels == self.value).astype(np.uint8)
+        return mask if dtype is None else mask.astype(dtype)
+
+    def __getitem__(self, item: Any) -> np.ndarray:
+        return (self.labels[item] == self.value).astype(np.uint8)
 
 
 def check_domain(module, img: nib.Nifti1Image, where: str, strict: bool = False,
@@ -529,10 +606,22 @@ def modality_view(module, img: nib.Nifti1Image, modality: str | None = None) -> 
     return preprocess(img, Preprocessing.from_dict(router.view))["image"][None]
 
 
-def preprocess(img: nib.Nifti1Image, pre: Preprocessing, masks: np.ndarray | None = None) -> dict[str, Any]:
+def preprocess(img: nib.Nifti1Image, pre: Preprocessing, masks: np.ndarray | None = None,
+               block_voxels: int = BLOCK_RESAMPLE_VOXELS) -> dict[str, Any]:
     """Run the checkpoint's deterministic preprocessing on an in-memory image; ``masks`` [M, *S] (on the image's
-    grid) go along as ``"masks"``, resampled nearest-neighbour onto the network grid."""
+    grid) go along as ``"masks"``, resampled nearest-neighbour onto the network grid.
+
+    An image of more than ``block_voxels`` voxels (and no masks) is resampled onto the same network grid block by
+    block (:func:`cfseg.geometry.resample_in_blocks`: the grid MONAI's Orientation + Spacing give, trilinear as
+    theirs, equal to float32 rounding) instead of through full-size copies of the image.
+    """
     affine = torch.as_tensor(img.affine, dtype=torch.float64)
+    if masks is None and int(np.prod(img.shape[:3])) > block_voxels:
+        shape, grid_affine = network_grid(img.shape[:3], img.affine, pre.spacing, pre.orientation)
+        data = resample_in_blocks(np.asarray(img.dataobj), img.affine, shape, grid_affine)
+        image = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(grid_affine, dtype=torch.float64))
+        return Compose([intensity_transform(pre, "image"), EnsureTyped("image", dtype=torch.float32)])(
+            {"image": image})
     data = {"image": MetaTensor(torch.as_tensor(np.asarray(img.dataobj, dtype=np.float32))[None], affine=affine)}
     keys = ["image"]
     if masks is not None:

@@ -228,14 +228,25 @@ def _resampled_slabs(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequenc
     C = src.shape[0]
     fill = np.broadcast_to(np.asarray(cval, np.float32), (C,)).reshape(C, 1, 1, 1)
     M = _dst_to_src(src_affine, dst_affine)
-    vol = torch.from_numpy(np.ascontiguousarray(src, dtype=np.float32) - fill)[None]  # padding is 0: shift by fill
+    # grid_sample pads with 0: channels filled otherwise are shifted by their fill (a copy of those channels only;
+    # the others, e.g. every class but the background of a probability map, are read in place)
+    groups = []
+    for idx in (np.flatnonzero(fill.ravel() != 0), np.flatnonzero(fill.ravel() == 0)):
+        if idx.size:
+            part = src[idx[0]:idx[-1] + 1] if (np.diff(idx) == 1).all() else src[idx]
+            vol = np.ascontiguousarray(part, dtype=np.float32)
+            groups.append((idx, torch.from_numpy(vol - fill[idx] if fill[idx[0]].item() else vol)[None]))
     nx, ny, nz = (int(n) for n in dst_shape)
     slab = slab or _slab_width(dst_shape, SLAB_VOXELS // max(1, C))
     for x0 in range(0, nx, slab):
         x1 = min(x0 + slab, nx)
-        res = F.grid_sample(vol, _slab_grid(M, x0, x1, ny, nz, src.shape[1:]), mode="bilinear" if order else "nearest",
-                            padding_mode="zeros", align_corners=False)
-        yield x0, x1, res[0].numpy() + fill
+        grid = _slab_grid(M, x0, x1, ny, nz, src.shape[1:])
+        out = np.empty((C, x1 - x0, ny, nz), np.float32)
+        for idx, vol in groups:
+            res = F.grid_sample(vol, grid, mode="bilinear" if order else "nearest", padding_mode="zeros",
+                                align_corners=False)
+            out[idx] = res[0].numpy() + fill[idx]
+        yield x0, x1, out
 
 
 def _resample_to(src: np.ndarray, src_affine: np.ndarray, dst_shape: Sequence[int], dst_affine: np.ndarray,

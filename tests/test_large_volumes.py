@@ -138,3 +138,22 @@ def test_modality_sample_and_slab_counts_equal_the_full_array_versions(monkeypat
     f = a.astype(np.float32)
     f[3, 4, 5], f[150, 1, 2] = np.nan, np.inf
     assert _count_slabs(f, lambda x: ~np.isfinite(x)) == 2
+
+
+def test_resampling_reads_unfilled_channels_in_place_bit_identically():
+    """Channels with fill 0 are not copied; the values equal one grid_sample of every channel shifted by its fill."""
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    probs = rng.random((5, 12, 10, 9)).astype(np.float32)
+    net_affine = _rotated(0.4, [2.0, 2.5, 3.0], [-4.0, 3.0, 1.0])
+    dst_affine = _rotated(-0.2, [0.9, 0.7, 1.1], [-6.0, -2.0, -3.0])
+    dst_shape = (27, 33, 25)
+    for cval in ([1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 2.0, 0.0], -1.0, 0.0):
+        fill = np.broadcast_to(np.asarray(cval, np.float32), (5,)).reshape(5, 1, 1, 1)
+        M = geometry._dst_to_src(net_affine, dst_affine)
+        grid = geometry._slab_grid(M, 0, dst_shape[0], *dst_shape[1:], probs.shape[1:])
+        ref = F.grid_sample(torch.from_numpy(probs - fill)[None], grid, mode="bilinear", padding_mode="zeros",
+                            align_corners=False)[0].numpy() + fill
+        got = _resample_to(probs, net_affine, dst_shape, dst_affine, order=1, cval=cval, slab=7)
+        np.testing.assert_array_equal(got, ref)

@@ -95,6 +95,9 @@ def test_predict_on_two_processes_writes_each_case_and_the_shared_files_once(box
     assert len(masks) == 3 and files == sorted([*masks, "labels.json", "checks.json"]), files
     assert r.stdout.count("cfseg predict: wrote") == 1 and "cfseg predict: wrote 3 label maps" in r.stdout
     assert json.loads((out / "labels.json").read_text())["0"] == "background"
+    checks = json.loads((out / "checks.json").read_text())  # every process's cases, each with its verdict
+    assert sorted(f"{c['dataset']}/{c['case_id']}.nii.gz" for c in checks) == masks
+    assert all(c["ood_score"] is not None and c["written"] for c in checks)
 
 
 def _fake_group(monkeypatch, rank: int) -> None:

@@ -694,6 +694,36 @@ def ood(b: Builder) -> None:
                   description=f"{'highest' if in_domain else 'lowest'} out-of-domain score of the {group} inputs")
 
 
+MEMORY_RUNS = {
+    "after": ("large_volume.json", "a tiny checkpoint at 4 x 4 x 3 mm (tests/configs/tiny.yaml, 2 steps), "
+              "cfseg-segment --multilabel",
+              "CFSEG_CACHE_DIR=/tmp/cfseg-cache .venv/bin/python benchmarks/large_volume_memory.py --sizes 512x512x256 "
+              "512x512x512 512x512x1024"),
+    "before": ("large_volume_before_30c64dc.json", "the same, cfseg at commit 30c64dc (before slab and block "
+               "resampling)",
+               "git archive 30c64dc cfseg | tar -x -C /tmp/cfseg-old && .venv/bin/python "
+               "benchmarks/large_volume_memory.py --sizes 512x512x256 512x512x512 --src /tmp/cfseg-old "
+               "--out reports/data/memory/large_volume_before_30c64dc.json"),
+    "fine_checkpoint": ("large_volume_ckpt_1.5mm.json", "a tiny checkpoint trained at 1.5 mm (network grid "
+                        "273 x 273 x 342), cfseg-segment --multilabel",
+                        ".venv/bin/python benchmarks/large_volume_memory.py --sizes 512x512x1024 --ckpt <a tiny "
+                        "checkpoint trained with --data.spacing=[1.5,1.5,1.5]> "
+                        "--out reports/data/memory/large_volume_ckpt_1.5mm.json"),
+}
+
+
+def memory(b: Builder) -> None:
+    for run, (name, config, command) in MEMORY_RUNS.items():
+        src = f"memory/{name}"
+        for r in _load(src)["results"]:
+            size = "x".join(str(n) for n in r["shape"])
+            kw = {"config": config, "command": command, "source": src}
+            b.add(f"memory.segment.{run}.{size}.peak_rss_gb", r["peak_rss_gb"], {}, **kw,
+                  description=f"peak resident memory of cfseg-segment on a {size} int16 CT (GB)")
+            b.add(f"memory.segment.{run}.{size}.wall_s", r["wall_s"], {}, **kw,
+                  description=f"wall time of cfseg-segment on a {size} int16 CT (s)")
+
+
 def build() -> Entries:
     b = Builder()
     demo(b)
@@ -707,6 +737,7 @@ def build() -> Entries:
     online(b)
     routers(b)
     ood(b)
+    memory(b)
     return dict(sorted(b.entries.items()))
 
 

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: round(statistics.median(r[k] for r in rows), 3) for k in rows[0]}
     cm = trainer.configuration_manager
     result = {
-        "what": "nnU-Net v2 training iteration at cfseg's terms (data + augmentation, then train_step), median",
+        "what": "nnU-Net v2 training iteration (data + augmentation, then train_step), median",
         "trainer": a.trainer, "plans": a.plans, "threads": torch.get_num_threads(),
         "n_proc_DA": os.environ["nnUNet_n_proc_DA"], "batch_size": cm.batch_size, "patch_size": cm.patch_size,
         "spacing": cm.spacing, "features_per_stage": cm.network_arch_init_kwargs["features_per_stage"],

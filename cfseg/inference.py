@@ -41,6 +41,16 @@ MIN_AIR_FRACTION = 1e-3
 MRI_NEGATIVE_TOLERANCE = 0.05
 
 
+def intensity_sample(array: np.ndarray, max_samples: int) -> np.ndarray:
+    """Every k-th voxel of ``array`` in C order, 1-D (k = ceil(size / max_samples); every voxel when there are no
+    more than ``max_samples``), gathered by index so that an array that is not C-contiguous (nibabel's are
+    Fortran-ordered) is never copied whole."""
+    if array.size <= max_samples:
+        return array.ravel()
+    idx = np.arange(0, array.size, -(-array.size // max_samples))
+    return array.reshape(-1)[idx] if array.flags.c_contiguous else array[np.unravel_index(idx, array.shape)]
+
+
 def detect_modality(array: np.ndarray | torch.Tensor, max_samples: int = 2_000_000) -> tuple[str, str]:
     """Tell CT from MRI by intensities: CT is in Hounsfield units, MRI in non-negative arbitrary units.
 
@@ -60,12 +70,9 @@ def detect_modality(array: np.ndarray | torch.Tensor, max_samples: int = 2_000_0
         ModalityError: when the image fits neither rule.
     """
     a = torch.as_tensor(array).detach().cpu().numpy() if not isinstance(array, np.ndarray) else array
-    a = a.ravel()
     if a.size == 0:
         raise ModalityError("cannot tell CT from MRI: the image is empty")
-    if a.size > max_samples:
-        a = a[:: -(-a.size // max_samples)]
-    a = a.astype(np.float32, copy=False)
+    a = intensity_sample(a, max_samples).astype(np.float32, copy=False)
     a = a[np.isfinite(a)]
     air = float(np.mean(a <= AIR_HU)) if a.size else 0.0
     lo, hi = (float(v) for v in np.percentile(a, [0.5, 99.5])) if a.size else (0.0, 0.0)

@@ -29,7 +29,6 @@ every file it lists.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import math
 import re
@@ -63,7 +62,7 @@ from cfseg.geometry import (
     resampled_shape,
     to_input_grid,
 )
-from cfseg.inference import ModalityError, choose_modality, detect_modality, predict_volume, preprocessing_for
+from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
 from cfseg.module import CFSegModule, load_checkpoint
 from cfseg.online import OnlineCorrector
 from cfseg.online_state import OnlineStateError
@@ -231,16 +230,6 @@ def _count_slabs(data: np.ndarray, test: Callable[[np.ndarray], np.ndarray]) -> 
     full-size boolean temporary)."""
     step = max(1, SLAB_VOXELS // max(1, math.prod(data.shape[1:])))
     return sum(int(np.count_nonzero(test(data[i:i + step]))) for i in range(0, max(1, data.shape[0]), step))
-
-
-def _modality_sample(array: np.ndarray) -> np.ndarray:
-    """The voxels :func:`cfseg.inference.detect_modality` reads of ``array`` (every k-th in C order, at most its
-    ``max_samples``), gathered without the full-size copy ``ravel`` makes of an array that is not C-contiguous
-    (nibabel's arrays are Fortran-ordered); the same values in the same order, so the same answer."""
-    n = int(inspect.signature(detect_modality).parameters["max_samples"].default)
-    if array.size <= n or array.flags.c_contiguous:
-        return array
-    return array[np.unravel_index(np.arange(0, array.size, -(-array.size // n)), array.shape)]
 
 
 @contextlib.contextmanager
@@ -454,7 +443,7 @@ def segment(
     corrector = open_online(online, module)
     img, where = load_input(image, max_voxels)
     try:
-        chosen, note, warning = choose_modality(module, _modality_sample(np.asarray(img.dataobj)), modality,
+        chosen, note, warning = choose_modality(module, np.asarray(img.dataobj), modality,
                                                 modality_view(module, img, modality))
     except ModalityError as e:
         raise SegmentError(f"{where}: {e}") from None
@@ -615,13 +604,13 @@ def preprocess(img: nib.Nifti1Image, pre: Preprocessing, masks: np.ndarray | Non
     block (:func:`cfseg.geometry.resample_in_blocks`: the grid MONAI's Orientation + Spacing give, trilinear as
     theirs, equal to float32 rounding) instead of through full-size copies of the image.
     """
-    affine = torch.as_tensor(img.affine, dtype=torch.float64)
-    if masks is None and int(np.prod(img.shape[:3])) > block_voxels:
+    if masks is None and math.prod(img.shape[:3]) > block_voxels:
         shape, grid_affine = network_grid(img.shape[:3], img.affine, pre.spacing, pre.orientation)
         data = resample_in_blocks(np.asarray(img.dataobj), img.affine, shape, grid_affine)
         image = MetaTensor(torch.from_numpy(data)[None], affine=torch.as_tensor(grid_affine, dtype=torch.float64))
         return Compose([intensity_transform(pre, "image"), EnsureTyped("image", dtype=torch.float32)])(
             {"image": image})
+    affine = torch.as_tensor(img.affine, dtype=torch.float64)
     data = {"image": MetaTensor(torch.as_tensor(np.asarray(img.dataobj, dtype=np.float32))[None], affine=affine)}
     keys = ["image"]
     if masks is not None:

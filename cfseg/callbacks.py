@@ -7,15 +7,18 @@
 * :func:`overwrite_problem`: ``cfseg fit`` refuses to start when a checkpoint file it would write (the fixed
   ``filename`` of a callback without the version counter, and ``last.ckpt``) already exists and the fit does not
   resume from that folder (``--ckpt_path``). Set ``CFSEG_OVERWRITE_CHECKPOINTS=1`` to replace such files anyway.
+* :class:`TrainingClock` (``class_path: cfseg.callbacks.TrainingClock``) keeps the training's CPU and wall seconds
+  in every checkpoint, so a checkpoint says what compute went into it (``training_clock`` below reads it back).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 #: environment variable that lets a fit replace checkpoint files it did not start from
 OVERWRITE_ENV = "CFSEG_OVERWRITE_CHECKPOINTS"
@@ -33,6 +36,42 @@ class Checkpoint(ModelCheckpoint):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:  # noqa: D102 - a Trainer built in Python
         self.follow(trainer)
         super().setup(trainer, pl_module, stage)
+
+
+class TrainingClock(Callback):
+    """Process CPU seconds (all threads, ``time.process_time``) and wall seconds spent in training batches and
+    the steps done, saved in every checkpoint under ``callbacks["TrainingClock"]`` and carried over on resume.
+    Validation and checkpoint writing are excluded: the clock runs from each training batch's start to its end."""
+
+    def __init__(self) -> None:
+        self.cpu_seconds = 0.0
+        self.wall_seconds = 0.0
+        self.steps = 0
+        self._start: tuple[float, float] | None = None
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:  # noqa: D102
+        self._start = (time.process_time(), time.perf_counter())
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,  # noqa: D102
+                           batch_idx: int) -> None:
+        if self._start is not None:
+            self.cpu_seconds += time.process_time() - self._start[0]
+            self.wall_seconds += time.perf_counter() - self._start[1]
+            self.steps += 1
+            self._start = None
+
+    def state_dict(self) -> dict[str, float]:  # noqa: D102
+        return {"cpu_seconds": self.cpu_seconds, "wall_seconds": self.wall_seconds, "steps": self.steps}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:  # noqa: D102
+        self.cpu_seconds = float(state_dict["cpu_seconds"])
+        self.wall_seconds = float(state_dict["wall_seconds"])
+        self.steps = int(state_dict["steps"])
+
+
+def training_clock(checkpoint: dict[str, Any]) -> dict[str, float] | None:
+    """The :class:`TrainingClock` state of a loaded checkpoint dict, or None when the run had no clock."""
+    return (checkpoint.get("callbacks") or {}).get("TrainingClock")
 
 
 def target_files(callback: ModelCheckpoint) -> list[Path]:

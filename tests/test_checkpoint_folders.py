@@ -76,3 +76,21 @@ def test_demo_config_checkpoints_follow_default_root_dir_and_are_not_overwritten
     again = ckpt.read_bytes()
     assert cli_run(_demo_fit(first, boxes, "--trainer.max_steps=1")) == 0
     assert ckpt.read_bytes() != again
+
+
+def test_training_clock_is_kept_in_checkpoints_and_carried_over_on_resume(boxes, tmp_path, monkeypatch):
+    import torch
+
+    from cfseg.callbacks import training_clock
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "clock"
+    clock = "--trainer.callbacks+=cfseg.callbacks.TrainingClock"
+    assert cli_run(_demo_fit(root, boxes, "--trainer.max_steps=2", clock)) == 0
+    last = root / "checkpoints" / "last.ckpt"
+    first = training_clock(torch.load(last, map_location="cpu", weights_only=True))
+    assert first["steps"] == 2 and first["cpu_seconds"] > 0 and first["wall_seconds"] > 0
+    assert cli_run(_demo_fit(root, boxes, "--trainer.max_steps=3", "--ckpt_path=last", clock)) == 0
+    resumed = training_clock(torch.load(last, map_location="cpu", weights_only=True))
+    assert resumed["steps"] == 3
+    assert resumed["cpu_seconds"] > first["cpu_seconds"] and resumed["wall_seconds"] > first["wall_seconds"]

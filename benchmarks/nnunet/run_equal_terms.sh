@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # nnU-Net v2 at cfseg's terms on OpenKBP (issue 34): one seed, fold 0 = cfseg's train / val split.
 #   bash benchmarks/nnunet/setup.sh                      (once: .venv-nnunet)
-#   bash benchmarks/nnunet/run_equal_terms.sh SEED       (SEED 0..4; resumable: rerun after a stop)
+#   bash benchmarks/nnunet/run_equal_terms.sh SEED [UNTIL] (SEED 0..4; UNTIL 375, 750 or final (default):
+#                                                         train up to that curve point, then predict and score
+#                                                         the checkpoints that exist; resumable: rerun after a stop)
 # Steps (each skipped when its output exists):
 #   1. convert OpenKBP to nnU-Net's raw layout + splits_final.json (convert_openkbp.py)
 #   2. fingerprint, nnU-Net's own plans, the equal-terms plans (make_equal_plans.py), preprocess them
@@ -12,7 +14,9 @@
 # Environment: NNUNET_ROOT (default results/nnunet, git-ignored), OMP_NUM_THREADS (default 1),
 # nnUNet_n_proc_DA (default 0: augmentation in the training process, as cfseg's num_workers 0).
 set -euo pipefail
-SEED=${1:?usage: run_equal_terms.sh SEED}
+SEED=${1:?usage: run_equal_terms.sh SEED [375|750|final]}
+UNTIL=${2:-final}
+case $UNTIL in 375|750) export CFSEG_EQUAL_STOP_AT=$UNTIL;; final) ;; *) echo "UNTIL must be 375, 750 or final"; exit 2;; esac
 cd "$(dirname "$0")/../.."
 REPO=$(pwd)
 HERE=$REPO/benchmarks/nnunet
@@ -42,12 +46,13 @@ if [ ! -f "$PRE/.${PLANS}_3d_fullres.complete" ]; then
 fi
 
 MODEL=$nnUNet_results/$DS/${TR}__${PLANS}__3d_fullres
-if [ ! -f "$MODEL/fold_0/checkpoint_final.pth" ]; then
+if [ ! -f "$MODEL/fold_0/checkpoint_final.pth" ] && { [ "$UNTIL" = final ] || [ ! -f "$MODEL/fold_0/checkpoint_it$UNTIL.pth" ]; }; then
     "$NN/nnUNetv2_train" 501 3d_fullres 0 -tr "$TR" -p "$PLANS" -device cpu --c
 fi
 
 mkdir -p "$REPO/reports/data/nnunet"
 for CHK in checkpoint_it375 checkpoint_it750 checkpoint_final; do
+    [ -f "$MODEL/fold_0/$CHK.pth" ] || { echo "no $CHK.pth yet: not predicted"; continue; }
     PRED=$ROOT/predictions/$TR/$CHK
     if [ ! -f "$PRED/predict_info.json" ]; then
         "$NN/python" "$HERE/predict.py" --model "$MODEL" --checkpoint "$CHK.pth" \

@@ -27,6 +27,10 @@ Checkpoints for the Dice-vs-CPU-time curve: ``checkpoint_it375.pth`` and ``check
 the iterations) beside nnU-Net's ``checkpoint_final.pth``; ``checkpoint_latest.pth`` every epoch, so ``--c`` loses
 at most one epoch. Each epoch's training wall time per iteration (data loading + augmentation + forward/backward/
 step, validation excluded) is written to the log as ``cfseg-equal: train seconds/iteration``.
+
+``CFSEG_EQUAL_STOP_AT=<iterations>`` ends the process after the epoch that reaches that many iterations (its
+checkpoints saved), so a CPU session can stop at a curve point and resume later with ``--c``; the learning-rate
+schedule stays the one of the full 1500 iterations.
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ class nnUNetTrainer_cfsegEqual(nnUNetTrainer):  # noqa: N801 - nnU-Net finds tra
         if done in CURVE_ITERATIONS:
             self.save_checkpoint(join(self.output_folder, f"checkpoint_it{done}.pth"))
         super().on_epoch_end()
+        stop_at = int(os.environ.get("CFSEG_EQUAL_STOP_AT", "0") or 0)
+        if 0 < stop_at <= done < TOTAL_ITERATIONS:
+            self.print_to_log_file(f"cfseg-equal: stopping after {done} iterations (CFSEG_EQUAL_STOP_AT={stop_at})")
+            raise SystemExit(0)
 
 
 def _seeded(k: int) -> type:

@@ -298,12 +298,16 @@ def test_joint_diagnostic_scales_the_last_joint_budget(boxes, tmp_path):
         tmp_path, strategies=["joint"], lr=0.01, config=FAST,
         stages=[{"name": "s0", "max_steps": 2, "datasets": [box(boxes, ["liver", "spleen"], val=0.34)]},
                 {"name": "s1", "max_steps": 2, "classes": ["aorta"], "datasets": [box(boxes, val=0.34)]}])
-    res = mod.main(["--config", str(spec_path), "--steps", "1.5", "--lr-factor", "0.5", "--tag", "jd"])
+    summary = tmp_path / "joint_diagnostic.json"
+    res = mod.main(["--config", str(spec_path), "--steps", "1.5", "--lr-factor", "0.5", "--tag", "jd",
+                    "--summary", str(summary)])
     run = tmp_path / "out" / "seed0" / "runs" / "jd"
     ckpt = torch.load(run / "final.ckpt", weights_only=True)
     assert (res["steps"], res["lr"]) == (6, 0.005) == (ckpt["global_step"], ckpt["hyper_parameters"]["lr"])
     assert ckpt["hyper_parameters"]["class_names"] == ["liver", "spleen", "aorta"]  # every stage's classes at once
     saved = json.loads((run / "diagnostic.json").read_text())
+    merged = json.loads(summary.read_text())
+    assert merged["runs"]["jd"]["0"] == saved and "--steps 1.5" in merged["commands"]["jd"]["0"]
     for split in ("test", "val"):
         assert len(saved[split]["row"]) == 2 and all(0 <= v <= 1 for v in saved[split]["row"])
         assert saved[split]["average_dice"] == pytest.approx(statistics.fmean(saved[split]["row"]))

@@ -62,11 +62,15 @@ def training_summary(fold_dir: Path) -> dict[str, Any] | None:
     """Seconds per training iteration per epoch from nnUNetTrainer_cfsegEqual's log lines (all logs of the fold)."""
     pat = re.compile(r"cfseg-equal: train seconds/iteration ([0-9.]+) \(epoch (\d+), (\d+) iterations, "
                      r"load average ([0-9.]+)\)")
+    cpu_pat = re.compile(r"cfseg-equal: train CPU seconds/iteration ([0-9.]+) \(epoch (\d+),")
     epochs: dict[int, dict[str, float]] = {}
     for log in sorted(fold_dir.glob("training_log_*.txt")):
-        for m in pat.finditer(log.read_text(errors="replace")):
+        text = log.read_text(errors="replace")
+        for m in pat.finditer(text):
             epochs[int(m.group(2))] = {"seconds_per_iteration": float(m.group(1)), "iterations": int(m.group(3)),
                                        "load_average": float(m.group(4))}
+        for m in cpu_pat.finditer(text):
+            epochs.setdefault(int(m.group(2)), {})["cpu_seconds_per_iteration"] = float(m.group(1))
     if not epochs:
         return None
     spi = [e["seconds_per_iteration"] for e in epochs.values()]

@@ -4,21 +4,27 @@ The protocol's ``joint`` after the last stage trains ``sum(stage_steps)`` steps 
 compute the sequential strategies spent). This script trains the same joint run (same datasets, seed, crops and
 settings, plus ``--config-override``: a YAML mapping merged onto the base config) with ``--steps`` x that budget
 and ``--lr-factor`` x that lr, under ``<protocol output>/seed<N>/runs/<tag>``, and scores it like the protocol on
-the test and validation cases of every stage (per stage and per class). It is a diagnostic, not a protocol row: a
-joint run with more steps than the sequential strategies bounds nothing.
+the test and validation cases of every stage (per stage and per class). At ``--steps 1`` it repeats the protocol's
+equal-compute joint row; with ``--steps 4`` (four times the compute the sequential strategies spent) it is the joint
+bound reports section 3 states its "/ joint" ratios against, beside the equal-compute one.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openkbp/joint_diagnostic.py \\
-        --config configs/openkbp/incremental_v2.yaml --seed 0 --steps 2 --tag joint_lt_2x \\
+        --config configs/openkbp/incremental_v2.yaml --seed 0 --steps 4 --tag joint_lt_4x \\
         --config-override '{model: {learnable_temperature: true}}'
 
-Writes ``<run>/diagnostic.json``: ``{"steps", "lr", "test": {"row", "per_class"}, "val": {...}}``.
+Writes ``<run>/diagnostic.json``: ``{"steps", "lr", "test": {"row", "per_class"}, "val": {...}}``; with
+``--summary FILE`` also merges it into FILE as ``{"runs": {tag: {seed: ...}}, "commands": {tag: {seed: ...}}}``
+(a finished run is reused, so rerunning a command with ``--summary`` only scores it again).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import sys
 from pathlib import Path
 
 import yaml
@@ -38,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tag", required=True, help="run folder name under <output>/seed<N>/runs")
     p.add_argument("--config-override", default="{}",
                    help="YAML mapping merged onto the base config, e.g. '{model: {learnable_temperature: true}}'")
+    p.add_argument("--summary", type=Path, default=None, help="JSON file the result is merged into (by tag, seed)")
     a = p.parse_args(argv)
     spec = load_protocol(a.config)
     stages, last = spec["stages"], len(spec["stages"]) - 1
@@ -54,6 +61,16 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{a.tag} seed {a.seed} {split}: per stage {[round(v, 3) for v in row]}, "
               f"average {statistics.fmean(row):.3f}", flush=True)
     (ckpt.parent / "diagnostic.json").write_text(json.dumps(result, indent=2))
+    if a.summary is not None:
+        args = shlex.join(sys.argv[1:] if argv is None else argv)
+        doc = json.loads(a.summary.read_text()) if a.summary.is_file() else {"runs": {}, "commands": {}}
+        doc["runs"].setdefault(a.tag, {})[str(a.seed)] = result
+        doc["commands"].setdefault(a.tag, {})[str(a.seed)] = \
+            f"OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openkbp/joint_diagnostic.py {args}"
+        a.summary.parent.mkdir(parents=True, exist_ok=True)
+        tmp = a.summary.with_name(a.summary.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(doc, indent=1))
+        tmp.replace(a.summary)
     return result
 
 

@@ -26,7 +26,8 @@ own; a run resumed with ``--c`` is reseeded at the restart, so it is not the sam
 Checkpoints for the Dice-vs-CPU-time curve: ``checkpoint_it375.pth`` and ``checkpoint_it750.pth`` (25 and 50 % of
 the iterations) beside nnU-Net's ``checkpoint_final.pth``; ``checkpoint_latest.pth`` every epoch, so ``--c`` loses
 at most one epoch. Each epoch's training wall time per iteration (data loading + augmentation + forward/backward/
-step, validation excluded) is written to the log as ``cfseg-equal: train seconds/iteration``.
+step, validation excluded) is written to the log as ``cfseg-equal: train seconds/iteration``, and its process CPU
+time as ``cfseg-equal: train CPU seconds/iteration``.
 
 ``CFSEG_EQUAL_STOP_AT=<iterations>`` ends the process after the epoch that reaches that many iterations (its
 checkpoints saved), so a CPU session can stop at a curve point and resume later with ``--c``; the learning-rate
@@ -73,13 +74,17 @@ class nnUNetTrainer_cfsegEqual(nnUNetTrainer):  # noqa: N801 - nnU-Net finds tra
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
         self._epoch_t0 = time.perf_counter()
+        self._epoch_cpu0 = time.process_time()
 
     def on_train_epoch_end(self, train_outputs):
         seconds = time.perf_counter() - self._epoch_t0
+        cpu = time.process_time() - self._epoch_cpu0
         super().on_train_epoch_end(train_outputs)
         self.print_to_log_file(f"cfseg-equal: train seconds/iteration {seconds / self.num_iterations_per_epoch:.3f} "
                                f"(epoch {self.current_epoch}, {self.num_iterations_per_epoch} iterations, "
                                f"load average {os.getloadavg()[0]:.2f})")
+        self.print_to_log_file(f"cfseg-equal: train CPU seconds/iteration {cpu / self.num_iterations_per_epoch:.3f} "
+                               f"(epoch {self.current_epoch}, process CPU time, all threads)")
 
     def on_epoch_end(self):
         done = (self.current_epoch + 1) * self.num_iterations_per_epoch

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import shlex
 import statistics
@@ -50,10 +51,17 @@ def _heads_module() -> Any:
     return mod
 
 
+def _number(x: Any) -> float | None:
+    """A float, or None for NaN / missing (HD95 is undefined when every prediction of a class is empty)."""
+    return None if x is None or math.isnan(float(x)) else float(x)
+
+
 def _scores(summary: dict[str, Any]) -> dict[str, Any]:
     """The fields kept per point from a ``heads.summarise_seed``-shaped summary."""
-    return {"mean_dice": summary["mean_dice"], "per_class": summary["per_class"],
-            "mean_hd95_mm": summary["mean_hd95_mm"], "mean_surface_dice": summary["mean_surface_dice"]}
+    return {"mean_dice": _number(summary["mean_dice"]),
+            "per_class": {c: _number(v) for c, v in summary["per_class"].items()},
+            "mean_hd95_mm": _number(summary["mean_hd95_mm"]),
+            "mean_surface_dice": _number(summary["mean_surface_dice"])}
 
 
 def cfseg_row(heads: Any, results: Path, head: str, seeds: list[int], steps: list[int],
@@ -81,7 +89,7 @@ def cfseg_row(heads: Any, results: Path, head: str, seeds: list[int], steps: lis
             points.setdefault(str(step), {})[str(seed)] = {
                 **_scores(summary), "n_cases": summary["n_cases"], "steps": clock["steps"],
                 "cpu_seconds": round(clock["cpu_seconds"], 1), "wall_seconds": round(clock["wall_seconds"], 1),
-                "checkpoint": str(ckpt)}
+                "checkpoint": os.path.relpath(ckpt, ROOT)}
     return {"points": points, "missing": missing}
 
 
@@ -98,12 +106,14 @@ def nnunet_cpu_per_iteration(training: dict[str, Any], cores: int) -> tuple[floa
                                       f"average <= {cores} (no CPU time logged)")
 
 
-def nnunet_row(seeds: list[int], cores: int) -> dict[str, Any]:
+def nnunet_row(seeds: list[int], cores: int, recipe: str = "equal") -> dict[str, Any]:
+    """nnU-Net's scored curve points (``run_equal_terms.sh``: ``equal_terms_*``; ``run_gpu.sh``: ``own_recipe_*``)."""
+    prefix = {"equal": "equal_terms", "own": "own_recipe"}[recipe]
     points: dict[str, dict[str, Any]] = {}
     missing = []
     for iterations, tag in NNUNET_POINTS.items():
         for seed in seeds:
-            path = NNUNET_DATA / f"equal_terms_s{seed}_{tag}.json"
+            path = NNUNET_DATA / f"{prefix}_s{seed}_{tag}.json"
             if not path.is_file():
                 missing.append(str(path.relative_to(ROOT)))
                 continue
@@ -132,20 +142,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", nargs="+", type=int, default=[375, 750, 1500])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--recipe", choices=["equal", "own"], default="equal",
+                   help="nnU-Net rows: equal terms on CPU (run_equal_terms.sh) or its own recipe (run_gpu.sh)")
     p.add_argument("--out", type=Path, default=NNUNET_DATA / "comparison.json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     heads = _heads_module()
     cores = os.cpu_count() or 1
     rows = {f"cfseg_{h}": cfseg_row(heads, a.results, h, a.seeds, a.steps, a.threads) for h in a.heads}
-    rows["nnunet_equal"] = nnunet_row(a.seeds, cores)
+    rows[f"nnunet_{a.recipe}"] = nnunet_row(a.seeds, cores, a.recipe)
     budgets = [pt["cpu_seconds"] for pt in rows[f"cfseg_{a.heads[0]}"]["points"].get(str(max(a.steps)), {}).values()]
     report = {
         "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nnunet/compare.py "
                    + shlex.join(sys.argv[1:] if argv is None else argv),
         "test_cases": 40, "split": str(SPLIT.relative_to(ROOT)), "cores": cores, "threads": a.threads,
         "rows": rows,
-        "nnunet_own": own_recipe(statistics.fmean(budgets)) if budgets else None,
+        "nnunet_own_step": own_recipe(statistics.fmean(budgets)) if budgets else None,
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = a.out.with_name(a.out.name + f".tmp{os.getpid()}")

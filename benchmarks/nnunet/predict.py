@@ -1,4 +1,5 @@
-"""Predict a folder of images with one nnU-Net checkpoint at a fixed number of CPU threads (nnU-Net environment).
+"""Predict a folder of images with one nnU-Net checkpoint at a fixed number of CPU threads, or on a GPU with
+``--device cuda`` (nnU-Net environment).
 
 ``nnUNetv2_predict -device cpu`` sets torch to every core; this calls nnU-Net's own predictor with
 ``OMP_NUM_THREADS`` threads and one worker for pre-processing and export. Sliding windows with nnU-Net's defaults
@@ -28,14 +29,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", required=True)
     p.add_argument("--fold", default="0")
     p.add_argument("--tta", action="store_true", help="nnU-Net's test-time mirroring")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args(argv)
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     threads = int(os.environ.get("OMP_NUM_THREADS", "1") or 1)
     torch.set_num_threads(threads)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=args.tta,
-                                perform_everything_on_device=False, device=torch.device("cpu"), verbose=False,
-                                allow_tqdm=False)
+                                perform_everything_on_device=args.device == "cuda", device=torch.device(args.device),
+                                verbose=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(args.model, use_folds=(int(args.fold),),
                                                    checkpoint_name=args.checkpoint)
     t0 = time.perf_counter()
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
                                  num_processes_preprocessing=1, num_processes_segmentation_export=1)
     seconds = time.perf_counter() - t0
     info = {"model": str(args.model), "checkpoint": args.checkpoint, "tta": args.tta, "threads": threads,
-            "tile_step_size": 0.5, "predict_seconds": round(seconds, 1)}
+            "device": args.device, "tile_step_size": 0.5, "predict_seconds": round(seconds, 1)}
     Path(args.output, "predict_info.json").write_text(json.dumps(info, indent=1))
     print(json.dumps(info))
 

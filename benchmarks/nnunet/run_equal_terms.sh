@@ -12,7 +12,9 @@
 #   4. predict the 40 test cases with the 25 %, 50 % and 100 % checkpoints (predict.py, no test-time mirroring)
 #   5. score them with cfseg's scorer (score.py, cfseg's .venv) into reports/data/nnunet/
 # Environment: NNUNET_ROOT (default results/nnunet, git-ignored), OMP_NUM_THREADS (default 1),
-# nnUNet_n_proc_DA (default 0: augmentation in the training process, as cfseg's num_workers 0).
+# nnUNet_n_proc_DA (default 0: augmentation in the training process, as cfseg's num_workers 0),
+# RECIPE (equal (default): nnUNetPlans_cfsegEqual; own: nnU-Net's own nnUNetPlans 3d_fullres; results are named
+# equal_terms_* or own_recipe_*), DEVICE (cpu (default) or cuda; run_gpu.sh sets RECIPE=own DEVICE=cuda).
 set -euo pipefail
 SEED=${1:?usage: run_equal_terms.sh SEED [375|750|final]}
 UNTIL=${2:-final}
@@ -28,11 +30,17 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export MKL_NUM_THREADS=$OMP_NUM_THREADS
 export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-0} nnUNet_def_n_proc=${nnUNet_def_n_proc:-1} nnUNet_compile=false
 DS=Dataset501_OpenKBP
-PLANS=nnUNetPlans_cfsegEqual
+RECIPE=${RECIPE:-equal}
+DEVICE=${DEVICE:-cpu}
+case $RECIPE in
+    equal) PLANS=nnUNetPlans_cfsegEqual; NAME=equal_terms; SUFFIX=;;
+    own) PLANS=nnUNetPlans; NAME=own_recipe; SUFFIX=__$PLANS;;
+    *) echo "RECIPE must be equal or own"; exit 2;;
+esac
 TR=nnUNetTrainer_cfsegEqual_s$SEED
 PRE=$nnUNet_preprocessed/$DS
 test -x "$NN/nnUNetv2_train" || { echo "no .venv-nnunet: run bash benchmarks/nnunet/setup.sh"; exit 1; }
-echo "[$(date -u +%FT%TZ)] seed $SEED, threads $OMP_NUM_THREADS, root $ROOT"
+echo "[$(date -u +%FT%TZ)] seed $SEED, recipe $RECIPE, device $DEVICE, threads $OMP_NUM_THREADS, root $ROOT"
 
 if [ ! -f "$nnUNet_raw/$DS/dataset.json" ] || [ ! -f "$PRE/splits_final.json" ]; then
     "$NN/python" "$HERE/convert_openkbp.py" --root "$ROOT"
@@ -40,25 +48,25 @@ fi
 if [ ! -f "$PRE/.${PLANS}_3d_fullres.complete" ]; then
     test -f "$PRE/dataset_fingerprint.json" || "$NN/nnUNetv2_extract_fingerprint" -d 501 -np 1 --verify_dataset_integrity
     test -f "$PRE/nnUNetPlans.json" || "$NN/nnUNetv2_plan_experiment" -d 501
-    "$NN/python" "$HERE/make_equal_plans.py" --preprocessed "$nnUNet_preprocessed"
+    [ "$RECIPE" = own ] || "$NN/python" "$HERE/make_equal_plans.py" --preprocessed "$nnUNet_preprocessed"
     "$NN/nnUNetv2_preprocess" -d 501 -plans_name "$PLANS" -c 3d_fullres -np 1
     touch "$PRE/.${PLANS}_3d_fullres.complete"
 fi
 
 MODEL=$nnUNet_results/$DS/${TR}__${PLANS}__3d_fullres
 if [ ! -f "$MODEL/fold_0/checkpoint_final.pth" ] && { [ "$UNTIL" = final ] || [ ! -f "$MODEL/fold_0/checkpoint_it$UNTIL.pth" ]; }; then
-    "$NN/nnUNetv2_train" 501 3d_fullres 0 -tr "$TR" -p "$PLANS" -device cpu --c
+    "$NN/nnUNetv2_train" 501 3d_fullres 0 -tr "$TR" -p "$PLANS" -device "$DEVICE" --c
 fi
 
 mkdir -p "$REPO/reports/data/nnunet"
 for CHK in checkpoint_it375 checkpoint_it750 checkpoint_final; do
     [ -f "$MODEL/fold_0/$CHK.pth" ] || { echo "no $CHK.pth yet: not predicted"; continue; }
-    PRED=$ROOT/predictions/$TR/$CHK
+    PRED=$ROOT/predictions/$TR$SUFFIX/$CHK
     if [ ! -f "$PRED/predict_info.json" ]; then
-        "$NN/python" "$HERE/predict.py" --model "$MODEL" --checkpoint "$CHK.pth" \
+        "$NN/python" "$HERE/predict.py" --model "$MODEL" --checkpoint "$CHK.pth" --device "$DEVICE" \
             --input "$nnUNet_raw/$DS/imagesTs" --output "$PRED"
     fi
-    "$REPO/.venv/bin/python" "$HERE/score.py" --pred "$PRED" --name "nnunet_equal_s${SEED}_${CHK#checkpoint_}" \
-        --train-log "$MODEL/fold_0" --out "$REPO/reports/data/nnunet/equal_terms_s${SEED}_${CHK#checkpoint_}.json"
+    "$REPO/.venv/bin/python" "$HERE/score.py" --pred "$PRED" --name "nnunet_${RECIPE}_s${SEED}_${CHK#checkpoint_}" \
+        --train-log "$MODEL/fold_0" --out "$REPO/reports/data/nnunet/${NAME}_s${SEED}_${CHK#checkpoint_}.json"
 done
 echo "[$(date -u +%FT%TZ)] done"

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parts = {
         "backbone": lambda: step(m.net.features(x).mean()),
-        "backbone + cosine head": lambda: step(m.logits_from_features(m.net.features(x)).mean()),
+        "backbone + cosine head": lambda: step(m.logits_from_features(*m.net.encode(x)).mean()),
         "backbone + conv head": lambda: step(conv(m.net.features(x)).mean()),
         f"full cfseg training_step{' (partial)' if a.partial else ''}": lambda: step(m.training_step(batch, 0)),
         "plain MONAI step (conv head, DiceCELoss)": plain_step,

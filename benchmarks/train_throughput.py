@@ -35,9 +35,10 @@ quartiles, max) and each side's median step time; the run says how many pairs it
 (exit 1) when fewer than ``--min-pairs`` are kept. ``--precision bf16-mixed`` runs both sides under bfloat16
 autocast (a separate ``fit``).
 
-Example (OpenKBP joint config, one thread, the report's row)::
+Example (OpenKBP joint config, one thread; the report's row; add ``--expected-share median`` where no core is
+ever free)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py --threads 1 --warmup 5 --pairs 30 \\
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py --threads 1 --warmup 5 --pairs 40 \\
         --max-cases 24 --precision 32-true --out reports/data/speed
 """
 
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="pairs run first and left out")
     p.add_argument("--min-pairs", type=int, default=10, help="fail when fewer pairs are kept")
     p.add_argument("--min-cpu-fraction", type=float, default=0.9,
-                   help="discard a pair where either side's CPU / wall time is below this")
+                   help="discard a pair where either side's CPU / wall time is below this x the expected share")
     p.add_argument("--max-load", type=float, default=None,
                    help="also discard a pair whose 1-minute load average is above this (default: not used)")
     p.add_argument("--expected-share", default="1",

@@ -553,16 +553,40 @@ def speed(b: Builder) -> None:
             b.add(f"speed.{name}.max_abs_dice_change", doc["max_abs_dice_change"], {}, **kw,
                   description="largest per-class Dice change against the unfolded cosine head")
     src = "speed/train_throughput.json"
-    row = _load(src)["rows"][0]
-    kw = {"config": "configs/openkbp/base.yaml + joint.yaml, 2 volumes x 2 patches of 64^3 per step, fp32, one "
-                    "thread (two other benchmark processes on the two cores)",
-          "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py --threads 1 --steps 25 "
-                     "--warmup 5 --max-cases 24 --precision 32-true --out reports/data/speed",
+    doc = _load(src)
+    row = next(r for r in doc["rows"] if r["precision"] == "32-true")
+    rule = (f"a pair discarded when either side's CPU/wall < {row['min_cpu_fraction']} x "
+            + ("the run's median share" if row["expected_share"] == "median" else f"{row['expected_share']} core")
+            + (f" or load1 > {row['max_load']}" if row["max_load"] is not None else ""))
+    kw = {"config": f"configs/openkbp/base.yaml + joint.yaml, 2 volumes x 2 patches of 64^3 per step, fp32, one "
+                    f"thread; {row['warmup']} warm-up + {row['pairs_run']} cfseg/plain pairs interleaved in one "
+                    f"process, {rule}; {doc['cores']} cores shared with other benchmark processes",
+          "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/train_throughput.py " + " ".join(doc["argv"]),
           "source": src}
-    b.add("speed.training.step_ratio", row["ratio"], {}, **kw,
-          description="median wall time per training step, cfseg fit / a plain MONAI loop")
-    b.add("speed.training.step_ratio_cpu", row["ratio_cpu"], {}, **kw,
-          description="median CPU time per training step, cfseg fit / a plain MONAI loop")
+    b.add("speed.training.step_ratio", row["ratio_wall"]["median"], {}, **kw,
+          description="median over the kept pairs of the wall-time ratio cfseg fit step / plain MONAI step")
+    b.add("speed.training.step_ratio_cpu", row["ratio_cpu"]["median"], {}, **kw,
+          description="median over the kept pairs of the CPU-time ratio cfseg fit step / plain MONAI step")
+    for kind, what in (("wall", "wall-time"), ("cpu", "CPU-time")):
+        for stat, name in (("min", "smallest"), ("q1", "first quartile of the"), ("q3", "third quartile of the"),
+                           ("max", "largest")):
+            b.add(f"speed.training.ratio_{kind}.{stat}", row[f"ratio_{kind}"][stat], {}, **kw,
+                  description=f"{name} per-pair {what} ratio cfseg / plain over the kept pairs")
+    for side in ("cfseg", "plain"):
+        b.add(f"speed.training.{side}_step_s", row[f"{side}_step_s"], {}, **kw,
+              description=f"median wall time of one {side} training step over the kept pairs (s)")
+        b.add(f"speed.training.{side}_step_cpu_s", row[f"{side}_step_cpu_s"], {}, **kw,
+              description=f"median main-thread CPU time of one {side} training step over the kept pairs (s)")
+    for name, value, what in (
+            ("pairs_kept", row["kept"], "pairs kept"), ("pairs_discarded", row["discarded"], "pairs discarded"),
+            ("pairs_at_full_core", row["kept_at_full_core"], "pairs whose two sides both had CPU/wall >= "
+             f"{row['min_cpu_fraction']}"),
+            ("median_share", row["median_share"], "median CPU/wall over both sides of every pair (core share)"),
+            ("load1_before", doc["load_before"][0], "1-minute load average before the run"),
+            ("load1_during_min", row["load1_during"]["min"], "smallest 1-minute load average at a pair's start"),
+            ("load1_during_max", row["load1_during"]["max"], "largest 1-minute load average at a pair's start"),
+            ("load1_after", doc["load_after"][0], "1-minute load average after the run")):
+        b.add(f"speed.training.{name}", value, {}, **kw, description=what)
     src = "speed/experts_cost.json"
     doc = _load(src)
     kw = {"config": "OpenKBP UNet 16-256 + prototype head, LoRA rank 4 on the decoder, 96x96x80 volume, one thread",

@@ -45,6 +45,7 @@ from monai.data import MetaTensor
 from monai.transforms import Compose, EnsureTyped, Orientationd, Spacingd
 
 from cfseg.data.transforms import Preprocessing, intensity_transform
+from cfseg.dicom import DicomError, DicomSeries, is_series_folder, read_series
 from cfseg.geometry import (
     DEFAULT_MAX_VOXELS,
     MIN_AXIS_VOXELS,
@@ -146,9 +147,10 @@ def one_line(e: BaseException) -> str:
     return text if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {text}"
 
 
-def load_input(image: str | Path | nib.Nifti1Image,
+def load_input(image: str | Path | nib.Nifti1Image | DicomSeries,
                max_voxels: int = DEFAULT_MAX_VOXELS) -> tuple[nib.Nifti1Image, str]:
-    """A 3D NIfTI image (path or nibabel image), checked before and after its voxels are read.
+    """A 3D NIfTI image (path or nibabel image) or a DICOM series (its folder, or read by
+    :func:`cfseg.dicom.read_series`), checked before and after its voxels are read.
 
     Before: the path (:func:`check_path`), that nibabel reads the header, 3D (or 4D with one volume), a finite
     invertible affine with spacing in range and at most ``max_voxels`` voxels (:mod:`cfseg.geometry`). After:
@@ -162,8 +164,16 @@ def load_input(image: str | Path | nib.Nifti1Image,
     Raises:
         SegmentError: ``"<path>: <problem>"``.
     """
-    if isinstance(image, nib.spatialimages.SpatialImage):
+    if isinstance(image, DicomSeries):
+        img, where = image.image, image.where
+    elif isinstance(image, nib.spatialimages.SpatialImage):
         img, where = image, "<in-memory image>"
+    elif Path(image).is_dir() and is_series_folder(Path(image)):
+        try:
+            series = read_series(Path(image))
+        except DicomError as e:
+            raise SegmentError(str(e)) from None
+        img, where = series.image, series.where
     else:
         path = Path(image)
         where = str(path)
@@ -245,8 +255,8 @@ def _quiet_nibabel():
 
 def _raw_header(image: Any, img: Any) -> Any:
     """The header as stored in the file (nibabel "fixes" some fields on load, e.g. a zero pixdim becomes 1)."""
-    if isinstance(image, nib.spatialimages.SpatialImage) or not isinstance(img.header, nib.Nifti1Header):
-        return img.header
+    if not isinstance(image, (str, Path)) or Path(image).is_dir() or not isinstance(img.header, nib.Nifti1Header):
+        return img.header  # an in-memory image or a DICOM series: no file header
     try:
         with nib.openers.ImageOpener(str(image)) as f:
             return type(img.header).from_fileobj(f, check=False)
@@ -374,7 +384,7 @@ def _check_box(box: Sequence[int], shape: Sequence[int]) -> tuple[slice, slice, 
 
 @torch.no_grad()
 def segment(
-    image: str | Path | nib.Nifti1Image,
+    image: str | Path | nib.Nifti1Image | DicomSeries,
     checkpoint: str | Path | Any,
     classes: Sequence[str] | None = None,
     multilabel: bool = False,
@@ -403,7 +413,8 @@ def segment(
     the image or of the class probabilities.
 
     Args:
-        image: NIfTI path or nibabel image (3D).
+        image: NIfTI path or nibabel image (3D), or a DICOM series: its folder or a :class:`cfseg.dicom.DicomSeries`
+            (:func:`cfseg.dicom.read_series`: geometry from the headers, refusals of series that are not one volume).
         checkpoint: cfseg checkpoint path, or an already loaded module (batch use).
         classes: class names to segment (synonyms allowed); None = every class the checkpoint knows.
         multilabel: return one ``"labels"`` image (uint8, global class values; see ``labels_json``) instead

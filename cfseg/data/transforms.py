@@ -14,6 +14,8 @@ Left-right flips are deliberately absent: in anatomy, left and right organs are 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -89,6 +91,14 @@ class LoadCased(mt.LoadImaged):
     every header check and fails only here, deep inside MONAI, with an ``EOFError``/``zlib.error`` that never
     names the file. This names the file (the failing channel, for multi-channel cases) and the problem.
     """
+
+    def __init__(self, *args, **kwargs):
+        # with pydicom installed MONAI adds its GPU DICOM reader, which warns (and logs) on a CPU that it has no
+        # decoder; cfseg reads NIfTI here (DICOM series go through cfseg.dicom)
+        logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+            super().__init__(*args, **kwargs)
 
     def __call__(self, data, reader=None):
         try:

@@ -3,7 +3,8 @@ file's sha256, so that a rerun never overwrites or deletes a file a reviewer edi
 
 Layout: one input's outputs directly in ``-o`` (:func:`write_flat`), or ``-o/<case>/`` per input of a folder run
 (:func:`write_case_dir`, swapped in whole); each with its manifest ``.cfseg-segment.json`` (the input, the files,
-their sha256 and the case's input checks).
+their sha256 and the case's input checks). Outputs are NIfTI images (``<name>.nii.gz``) or DICOM datasets
+(``<name>.dcm``: a DICOM-SEG or an RTSTRUCT, :mod:`cfseg.dicom_outputs`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import nibabel as nib
+from pydicom.dataset import Dataset
 
 from cfseg.segmentation import SegmentError, safe_name
 
@@ -88,9 +90,10 @@ def _fresh_dir(parent: Path) -> Path:
     return tmp
 
 
-def output_names(images: dict[str, nib.Nifti1Image], labels: dict[str, str] | None) -> list[str]:
-    """The file names :func:`_write_outputs` gives ``images`` (and ``labels.json``), in order."""
-    names = [f"{safe_name(n)}.nii.gz" for n in images]
+def output_names(images: dict[str, nib.Nifti1Image | Dataset], labels: dict[str, str] | None) -> list[str]:
+    """The file names :func:`_write_outputs` gives ``images`` (and ``labels.json``), in order: ``<name>.nii.gz``
+    for a NIfTI image, ``<name>.dcm`` for a DICOM dataset (a DICOM-SEG or RTSTRUCT)."""
+    names = [f"{safe_name(n)}{'.dcm' if isinstance(img, Dataset) else '.nii.gz'}" for n, img in images.items()]
     if len(set(names)) != len(names):
         raise SegmentError(f"two outputs would share a file name: {sorted(images)}")
     return [*names, "labels.json"] if labels is not None else names
@@ -103,7 +106,10 @@ def _write_outputs(folder: Path, images: dict[str, nib.Nifti1Image], labels: dic
     rename = rename or {}
     names = output_names(images, labels)
     for name, img in zip(names, images.values(), strict=False):
-        nib.save(img, str(folder / rename.get(name, name)))
+        if isinstance(img, Dataset):
+            img.save_as(str(folder / rename.get(name, name)), enforce_file_format=True)
+        else:
+            nib.save(img, str(folder / rename.get(name, name)))
     if labels is not None:
         (folder / rename.get("labels.json", "labels.json")).write_text(json.dumps(labels, indent=2))
     return [rename.get(n, n) for n in names]
@@ -136,7 +142,7 @@ def _read_manifest(path: Path) -> dict[str, set[str]]:
         hashes = {}
     out: dict[str, set[str]] = {}
     for f in files:
-        if isinstance(f, str) and safe_name(f) == f and (f.endswith(".nii.gz") or f.endswith(".json")):
+        if isinstance(f, str) and safe_name(f) == f and f.endswith((".nii.gz", ".json", ".dcm")):
             h = hashes.get(f)
             h = [h] if isinstance(h, str) else h if isinstance(h, list) else []
             out[f] = {x for x in h if isinstance(x, str)}
@@ -153,7 +159,7 @@ def _unchanged(folder: Path, name: str, recorded: dict[str, set[str]]) -> bool:
 def _beside(name: str, avoid: set[str], folder: Path, replaceable: set[str]) -> str:
     """``labels.nii.gz`` -> ``labels.new.nii.gz`` (``labels.new2.nii.gz``, ...): a name for a new output whose
     usual name is held by a kept file; never one in ``avoid`` nor an existing file outside ``replaceable``."""
-    suffix = next((s for s in (".nii.gz", ".json") if name.endswith(s)), "")
+    suffix = next((s for s in (".nii.gz", ".json", ".dcm") if name.endswith(s)), "")
     stem = name[: len(name) - len(suffix)]
     k = 1
     while True:

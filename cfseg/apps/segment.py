@@ -1,8 +1,19 @@
-"""``cfseg-segment``: masks for your own NIfTI files, in their own geometry.
+"""``cfseg-segment``: masks for your own NIfTI files or DICOM series, in their own geometry.
 
     cfseg-segment -i ct.nii.gz -o masks/ --ckpt model.ckpt [--classes liver spleen] [--multilabel]
                   [--similarity] [--box x0 y0 z0 x1 y1 z1] [--device cpu|cuda] [--modality ct|mri]
                   [--max-voxels N] [--expert N] [--online DIR] [--keep-edited] [--list-classes]
+    cfseg-segment -i ct_series/ -o out/ --ckpt model.ckpt --output-type rtstruct|dicom-seg|nifti
+
+Inputs: a NIfTI file, a DICOM series (a folder holding its files: CT or MR, read by :func:`cfseg.dicom.read_series`
+with the geometry from the headers; a folder that is not one volume is refused in one line), or a folder of NIfTI
+files and/or series folders (each a case).
+
+``--output-type``: ``nifti`` (the default: the masks below), ``dicom-seg`` (``seg.dcm``: one segment per requested
+class) or ``rtstruct`` (``rtstruct.dcm``: one ROI of contours per requested class), both referencing the input
+series (its Frame of Reference and SOP instances) and naming cfseg's version and the model's SHA-256
+(:mod:`cfseg.dicom_outputs`); they need a DICOM series as input and go without ``--multilabel`` and
+``--similarity``. They are written and replaced like the NIfTI outputs (atomically, listed in the manifest).
 
 The image is reoriented and resampled as in training (the checkpoint records how), segmented by sliding
 windows over background plus the requested classes in one forward pass, and the result is resampled back onto
@@ -68,9 +79,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from cfseg.dicom import is_series_folder, read_series
+from cfseg.dicom_outputs import OUTPUT_FILES, OUTPUT_TYPES, algorithm_for, dicom_output
 from cfseg.geometry import DEFAULT_MAX_VOXELS
 from cfseg.module import load_checkpoint
 from cfseg.outputs import LOCK_NAME, OutputLock, remove_stale_temporaries, write_case_dir, write_flat
@@ -109,7 +123,8 @@ def _where(path: Path, e: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """``cfseg-segment``; returns the exit code (0 done, 1 some cases of a folder failed, 2 error)."""
     p = OneLineParser(prog="cfseg-segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--input", type=Path, help="NIfTI file or folder of NIfTI files")
+    p.add_argument("-i", "--input", type=Path,
+                   help="NIfTI file, DICOM series folder, or a folder of NIfTI files and/or series folders")
     p.add_argument("-o", "--output", type=Path, help="output folder")
     p.add_argument("--ckpt", type=Path, required=True, help="cfseg checkpoint")
     p.add_argument("--classes", nargs="+", default=None, help="classes to segment (default: all)")
@@ -133,8 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true",
                    help="refuse an image unlike the checkpoint's training images (out-of-domain score above its "
                         "threshold) instead of warning")
+    p.add_argument("--output-type", default="nifti", choices=list(OUTPUT_TYPES),
+                   help="nifti (default), dicom-seg (seg.dcm) or rtstruct (rtstruct.dcm); DICOM outputs need DICOM "
+                        "series inputs")
     p.add_argument("--list-classes", action="store_true", help="print the classes the checkpoint knows")
     a = p.parse_args(argv)
+    if a.output_type != "nifti" and (a.multilabel or a.similarity):
+        p.error(f"--output-type {a.output_type} writes one segment per class; --multilabel and --similarity apply to "
+                f"NIfTI outputs only")
     if a.ckpt.is_dir():
         return _fail(f"{a.ckpt}: is a folder, not a checkpoint file")
     if a.ckpt.is_file() and a.ckpt.stat().st_size == 0:
@@ -162,16 +183,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e))
     if a.device == "cuda" and not torch.cuda.is_available():
         return _fail("--device cuda: no CUDA device is available here")
-    folder = a.input.is_dir() and not is_nifti_name(a.input)
+    folder = a.input.is_dir() and not is_nifti_name(a.input) and not is_series_folder(a.input)
     try:
         if folder:
-            files = sorted(f for f in a.input.iterdir() if is_nifti_name(f))
+            files = sorted(f for f in a.input.iterdir() if is_nifti_name(f) or is_series_folder(f))
             if not files:
-                raise SegmentError(f"{a.input}: no .nii/.nii.gz files in this folder")
+                raise SegmentError(f"{a.input}: no .nii/.nii.gz files and no DICOM series folders in this folder")
             cases = case_names(files)
         else:
             files, cases = [a.input], {}
-            check_path(a.input)
+            if not is_series_folder(a.input):
+                check_path(a.input)
+            if a.output_type != "nifti" and not is_series_folder(a.input):
+                raise SegmentError(_needs_series(a.input, a.output_type))
     except SegmentError as e:
         return _fail(str(e))
     out: Path = a.output
@@ -218,13 +242,25 @@ def _run(a, module, online, files: list[Path], cases: dict[Path, str], out: Path
             tqdm.write(message, file=sys.stdout)
 
     labels = labels_json(module, a.classes) if a.multilabel else None
+    dicom_out = a.output_type != "nifti"
+    if dicom_out:
+        algorithm = algorithm_for(module, a.ckpt.name)
+        classes = [(k, module.bank.names[k]) for k in resolve_classes(module, a.classes)]
     done, failures = 0, []
     for f in tqdm(files, desc="segmenting", unit="case", disable=not folder):
         try:
             checks: dict = {}
-            images = segment(f, module, a.classes, a.multilabel, a.similarity, a.box, a.device, a.modality,
-                             max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online,
+            source = f
+            if is_series_folder(f):
+                source = read_series(f)
+            elif dicom_out:
+                raise SegmentError(_needs_series(f, a.output_type))
+            images = segment(source, module, a.classes, a.multilabel or dicom_out, a.similarity, a.box, a.device,
+                             a.modality, max_voxels=a.max_voxels, notify=notify, expert=a.expert, online=online,
                              strict=a.strict, report=checks)
+            if dicom_out:
+                ds = dicom_output(a.output_type, np.asarray(images["labels"].dataobj), source, classes, algorithm)
+                images = {OUTPUT_FILES[a.output_type][: -len(".dcm")]: ds}
             if folder:
                 kept = write_case_dir(out, cases[f], images, labels, f, keep_edited=a.keep_edited, checks=checks)
             else:
@@ -235,6 +271,11 @@ def _run(a, module, online, files: list[Path], cases: dict[Path, str], out: Path
         except Exception as e:  # one case's failure is reported in one line; the others go on
             failures.append(_where(f, e))
     return done, failures
+
+
+def _needs_series(path: Path, output_type: str) -> str:
+    return (f"{path}: --output-type {output_type} needs a DICOM series as input (the output references the series' "
+            f"slices); this is not a folder of DICOM files")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,14 @@ The corrected masks come in one of three forms (:func:`read_correction`):
   ``allow_empty``, see below);
 * per-class binary masks with their class names, one name per file, in order;
 * a folder as ``cfseg-segment -o`` wrote it and the user edited: ``labels.nii.gz`` + ``labels.json``, or
-  ``<class>.nii.gz`` per class.
+  ``<class>.nii.gz`` per class;
+* a structure set (one RTSTRUCT or DICOM-SEG file, e.g. the ``rtstruct.dcm`` of ``cfseg-segment --output-type
+  rtstruct`` after review in a planning system): each ROI name is matched to a class as ``cfseg-convert`` does
+  (:func:`cfseg.structure_sets.match_roi`; ``roi_map``, a JSON ``{"ROI name": "class" | null}`` file, decides
+  first), and every matched ROI counts as corrected; an ROI name that is unmatched, ambiguous or derived (a PRV,
+  a margin) is not learnt from, with a warning, and so is a class two ROIs name. The image is then the DICOM series
+  the structure set references (its folder; a DICOM-SEG needs it), or any image whose slices the RTSTRUCT's
+  contours lie on.
 
 Class names given with a label map restrict learning to those classes; a ``labels.json`` naming one class under two
 values (``"1": "liver", "2": "Liver"``: names compare as cfseg's vocabulary reads them, :mod:`cfseg.vocab`) is
@@ -35,11 +42,13 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from cfseg.dicom import DicomError, DicomSeries, is_series_folder, read_series
 from cfseg.inference import ModalityError, choose_modality, predict_volume, preprocessing_for
 from cfseg.module import CFSegModule, load_checkpoint
 from cfseg.online import OnlineCorrector
 from cfseg.online_state import OnlineStateError
 from cfseg.segmentation import SegmentError, load_input, modality_view, preprocess, safe_name
+from cfseg.structure_sets import StructureSetError, is_structure_file, load_mapping, match_roi, read_structure_masks
 
 AFFINE_TOLERANCE = 1e-3  # mm: two grids whose affines differ by less are the same grid
 
@@ -103,9 +112,10 @@ def _class_index(module, name: str, where: str) -> int:
     return k
 
 
-def read_correction(module, image: nib.Nifti1Image, masks: Sequence[str | Path],
+def read_correction(module, image: nib.Nifti1Image | DicomSeries, masks: Sequence[str | Path],
                     labels: str | Path | None = None,
-                    classes: Sequence[str] | None = None) -> dict[int, np.ndarray]:
+                    classes: Sequence[str] | None = None,
+                    roi_map: str | Path | None = None) -> dict[int, np.ndarray]:
     """The corrected masks on the image's grid: global class index -> boolean [X, Y, Z] (see the module doc).
 
     Raises:
@@ -113,6 +123,14 @@ def read_correction(module, image: nib.Nifti1Image, masks: Sequence[str | Path],
             or masks whose meaning is not said (no labels.json, no --classes).
     """
     paths = [Path(m) for m in masks]
+    if len(paths) == 1 and is_structure_file(paths[0]):
+        if labels is not None:
+            raise SegmentError(f"{paths[0]}: a structure set names its ROIs itself; --labels goes with a label map")
+        return _structure_correction(module, image, paths[0], classes, roi_map)
+    if roi_map is not None:
+        raise SegmentError("--roi-map goes with a structure set (RTSTRUCT or DICOM-SEG) as the correction")
+    if isinstance(image, DicomSeries):
+        image = image.image
     if len(paths) == 1 and paths[0].is_dir():
         folder = paths[0]
         if (folder / "labels.nii.gz").is_file() and (folder / "labels.json").is_file() and labels is None:
@@ -166,15 +184,50 @@ def read_correction(module, image: nib.Nifti1Image, masks: Sequence[str | Path],
     return out
 
 
-def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], checkpoint: str | Path | Any,
-            state: str | Path, labels: str | Path | None = None, classes: Sequence[str] | None = None,
-            modality: str | None = None, device: str = "cpu", config: dict | None = None,
-            allow_empty: bool = False, allow_full: bool = False):
+def _structure_correction(module, image: nib.Nifti1Image | DicomSeries, path: Path, classes: Sequence[str] | None,
+                          roi_map: str | Path | None) -> dict[int, np.ndarray]:
+    """The matched ROIs of a structure set as corrections (see the module doc); warnings for the ROIs left out."""
+    known = list(module.bank.names[1:])
+    try:
+        mapping = load_mapping(roi_map, known) if roi_map is not None else None
+        masks = read_structure_masks(path, image)
+    except StructureSetError as e:
+        raise SegmentError(str(e)) from None
+    wanted = None if not classes else {_class_index(module, c, "--classes") for c in classes}
+    by_class: dict[int, list[str]] = {}
+    for name in masks:
+        m = match_roi(name, known, mapping)
+        if not m.used:
+            warnings.warn(f"{path}: {m.describe()}; not learnt from", CorrectionWarning, stacklevel=3)
+            continue
+        k = module.bank.index(m.cls)
+        if wanted is None or k in wanted:
+            by_class.setdefault(k, []).append(name)
+    out = {}
+    for k, rois in by_class.items():
+        if len(rois) > 1:
+            warnings.warn(f"{path}: ROIs {', '.join(repr(r) for r in rois)} all name {module.bank.names[k]!r}; not "
+                          f"learnt from (map all but one to null with --roi-map)", CorrectionWarning, stacklevel=3)
+        else:
+            out[k] = masks[rois[0]]
+    if wanted is not None and wanted - set(by_class):
+        raise SegmentError(f"--classes {sorted(module.bank.names[k] for k in wanted - set(by_class))} have no ROI "
+                           f"in {path}")
+    return out
+
+
+def correct(image: str | Path | nib.Nifti1Image | DicomSeries, masks: Sequence[str | Path],
+            checkpoint: str | Path | Any, state: str | Path, labels: str | Path | None = None,
+            classes: Sequence[str] | None = None, modality: str | None = None, device: str = "cpu",
+            config: dict | None = None, allow_empty: bool = False, allow_full: bool = False,
+            roi_map: str | Path | None = None):
     """Learn from one corrected case and save the online state (the Python API of ``cfseg-correct``).
 
     Args:
-        image: the case (NIfTI path or nibabel image).
-        masks: the corrected mask file(s) or a cfseg-segment output folder (see the module doc).
+        image: the case (NIfTI path or nibabel image, or a DICOM series: its folder or a read
+            :class:`~cfseg.dicom.DicomSeries`).
+        masks: the corrected mask file(s), a cfseg-segment output folder, or a structure set file (see the module
+            doc).
         checkpoint: cfseg checkpoint path or loaded module.
         state: the online state directory (missing or empty: a new state).
         labels, classes: what the masks mean (see the module doc).
@@ -182,6 +235,7 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
         config: :class:`~cfseg.online_state.OnlineConfig` fields for a new state.
         allow_empty, allow_full: learn from a class's correction that is all background / all foreground (else
             left out with a :class:`CorrectionWarning`).
+        roi_map: with a structure set: JSON ``{"ROI name": "class" | null}`` deciding before the name matching.
 
     Returns:
         ``(corrector, report)``: the :class:`~cfseg.online.OnlineCorrector` after the update and its
@@ -195,8 +249,14 @@ def correct(image: str | Path | nib.Nifti1Image, masks: Sequence[str | Path], ch
         corrector = OnlineCorrector.open(state, module, config)
     except (OnlineStateError, ValueError) as e:
         raise SegmentError(str(e)) from None
+    if not isinstance(image, (DicomSeries, nib.spatialimages.SpatialImage)) and is_series_folder(Path(image)):
+        try:
+            image = read_series(Path(image))
+        except DicomError as e:
+            raise SegmentError(str(e)) from None
     img, where = load_input(image)
-    corrected = read_correction(module, img, masks, labels, classes)
+    corrected = read_correction(module, image if isinstance(image, DicomSeries) else img, masks, labels, classes,
+                                roi_map)
     corrected, notes = suspicious_masks(module, corrected, allow_empty, allow_full, where)
     for note in notes:
         warnings.warn(note, CorrectionWarning, stacklevel=2)

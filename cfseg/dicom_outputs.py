@@ -26,7 +26,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
+from cfseg import __version__
 from cfseg.dicom import DicomSeries
+from cfseg.online import model_fingerprint
 
 #: RGB colours of classes, by global class index (cycled)
 PALETTE: tuple[tuple[int, int, int], ...] = (
@@ -61,10 +63,7 @@ class Algorithm:
 
 def algorithm_for(module, checkpoint: str = "") -> Algorithm:
     """The :class:`Algorithm` of a loaded cfseg module."""
-    import cfseg
-    from cfseg.online import model_fingerprint
-
-    return Algorithm(cfseg.__version__, model_fingerprint(module), str(checkpoint))
+    return Algorithm(__version__, model_fingerprint(module), str(checkpoint))
 
 
 def class_colour(index: int) -> tuple[int, int, int]:

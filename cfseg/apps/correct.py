@@ -4,6 +4,7 @@
     cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask liver.nii.gz spleen.nii.gz \\
                   --classes liver spleen
     cfseg-correct --ckpt model.ckpt --state online/ --image case.nii.gz --mask masks/        # a cfseg-segment -o
+    cfseg-correct --ckpt model.ckpt --state online/ --image ct_series/ --mask rtstruct.dcm [--roi-map map.json]
 
 The corrected masks come in one of three forms:
 
@@ -12,7 +13,10 @@ The corrected masks come in one of three forms:
   with ``--allow-empty``, see below);
 * per-class binary masks with ``--classes``, one name per file, in order;
 * a folder as ``cfseg-segment -o`` wrote it and the user edited: ``labels.nii.gz`` + ``labels.json``, or
-  ``<class>.nii.gz`` per class.
+  ``<class>.nii.gz`` per class;
+* a structure set (RTSTRUCT or DICOM-SEG file) on the DICOM series given as ``--image``: its ROI names are matched
+  to the checkpoint's classes as ``cfseg-convert`` matches them (``--roi-map`` decides first); ROIs it cannot
+  place are not learnt from, with a warning each.
 
 ``--classes`` with a label map restricts learning to those classes; a ``labels.json`` naming one class under two
 values (``"1": "liver", "2": "Liver"``) is refused. Every mask must have the image's shape and affine (a mask saved
@@ -65,10 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = OneLineParser(prog="cfseg-correct", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", type=Path, required=True, help="cfseg checkpoint (the frozen model)")
     p.add_argument("--state", type=Path, required=True, help="online state directory (missing or empty: new)")
-    p.add_argument("--image", type=Path, required=True, help="the case's image (NIfTI)")
+    p.add_argument("--image", type=Path, required=True, help="the case's image (NIfTI, or a DICOM series folder)")
     p.add_argument("--mask", type=Path, nargs="+", required=True,
                    help="corrected label map, per-class masks (with --classes) or a cfseg-segment output folder")
     p.add_argument("--labels", type=Path, default=None, help="labels.json of a label-map mask (value -> class)")
+    p.add_argument("--roi-map", type=Path, default=None,
+                   help='with a structure set: JSON {"ROI name": "class" or null}, decides before name matching')
     p.add_argument("--classes", nargs="+", default=None, help="class of each mask file, or the classes to learn")
     p.add_argument("--modality", default=None, choices=["ct", "mri"])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -92,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always", CorrectionWarning)
         try:
             corrector, report = correct(a.image, a.mask, module, a.state, a.labels, a.classes, a.modality, a.device,
-                                        config, allow_empty=a.allow_empty, allow_full=a.allow_full)
+                                        config, allow_empty=a.allow_empty, allow_full=a.allow_full,
+                                        roi_map=a.roi_map)
             error = None
         except (SegmentError, ValueError, OSError) as e:
             error = e

@@ -175,7 +175,7 @@ def read_series(source: str | Path | Sequence[Path], spacing_tolerance: float = 
     headers = read_headers(files, where)
     images = [(f, h) for f, h in headers if str(h.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES]
     multi = [(f, h) for f, h in headers if str(h.get("SOPClassUID", "")) in MULTIFRAME_SOP_CLASSES
-             or int(h.get("NumberOfFrames", 1) or 1) > 1]
+             or (str(h.get("SOPClassUID", "")) in IMAGE_SOP_CLASSES and int(h.get("NumberOfFrames", 1) or 1) > 1)]
     if multi:
         f, h = multi[0]
         raise DicomError(f"{where}: {f.name} is a multi-frame image ({sop_class_name(h.get('SOPClassUID', '?'))}, "

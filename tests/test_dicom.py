@@ -167,6 +167,18 @@ def test_refuses_non_image_sop_class(tmp_path, box_model_free_rtstruct):
     folder.mkdir()
     shutil.copy(box_model_free_rtstruct, folder / "rs.dcm")
     _refused(folder, r"no CT or MR image in this folder, only RT Structure Set Storage .* x1: a non-image SOP class")
+    series = _series(tmp_path, name="with_rs")  # beside the images of one series it is set aside
+    shutil.copy(box_model_free_rtstruct, series / "rs.dcm")
+    assert len(read_series(series).headers) == 8
+
+
+def test_refuses_multi_frame_images(tmp_path):
+    folder = _series(tmp_path)
+    f = sorted(folder.iterdir())[0]
+    ds = pydicom.dcmread(f)
+    ds.NumberOfFrames = 2
+    ds.save_as(f)
+    _refused(folder, "slice_0000.dcm is a multi-frame image .* 2 frames")
 
 
 def test_refuses_undecodable_compressed_pixel_data(tmp_path):

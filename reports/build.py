@@ -718,6 +718,90 @@ def ood(b: Builder) -> None:
                   description=f"{'highest' if in_domain else 'lowest'} out-of-domain score of the {group} inputs")
 
 
+CURVE_FIT = ("OMP_NUM_THREADS=1 cfseg fit --config configs/openkbp/base.yaml --config configs/openkbp/joint.yaml "
+             "--config configs/openkbp/budget_curve.yaml --trainer.max_steps=1500 --model.head={head} "
+             "--seed_everything=S --data.seed=0 --trainer.logger.init_args.save_dir=results/curve/{head}_sS")
+VS_NNUNET_ROWS = {
+    "cfseg_prototype": ("cfseg, prototype head (configs/openkbp/base.yaml + joint.yaml + budget_curve.yaml)",
+                        CURVE_FIT.format(head="prototype")),
+    "cfseg_softmax": ("cfseg, softmax head (the same with --model.head=softmax)", CURVE_FIT.format(head="softmax")),
+    "nnunet_equal": ("nnU-Net v2.8.1 at cfseg's spacing, patch, batch and iterations (nnUNetPlans_cfsegEqual, "
+                     "nnUNetTrainer_cfsegEqual_sS), its own network, optimiser, loss and augmentation",
+                     "bash benchmarks/nnunet/setup.sh; bash benchmarks/nnunet/run_equal_terms.sh S [375|750|final]"),
+}
+
+
+def vs_nnunet(b: Builder) -> None:
+    """Section 14: cfseg's joint runs and nnU-Net at equal terms, test Dice against training CPU seconds."""
+    src = "nnunet/comparison.json"
+    doc = _load(src)
+    for row, r in doc["rows"].items():
+        config, train = VS_NNUNET_ROWS[row]
+        for steps, seeds in r["points"].items():
+            kw = {"config": f"{config}; {steps} training steps", "command": f"{train}, then {doc['command']}",
+                  "source": src}
+            stem = f"openkbp.vs_nnunet.{row}.{steps}"
+            for key, field, what in (("mean_dice", "mean_dice", "mean Dice over 7 organs on the 40 test cases"),
+                                     ("surface_dice", "mean_surface_dice", "mean surface Dice at 2 mm"),
+                                     ("hd95_mm", "mean_hd95_mm", "mean HD95 in mm (pairs with an empty mask left out)"),
+                                     ("cpu_seconds", "cpu_seconds", "training CPU seconds (one thread)")):
+                vals = {s: v[field] for s, v in seeds.items() if v[field] is not None}
+                if vals:
+                    b.add(f"{stem}.{key}", _fmean(list(vals.values())), vals, **kw,
+                          description=f"{what}, after {steps} steps")
+            for c in next(iter(seeds.values()))["per_class"]:
+                vals = {s: v["per_class"][c] for s, v in seeds.items()}
+                b.add(f"{stem}.dice.{c}", _fmean(list(vals.values())), vals, **kw,
+                      description=f"{c} Dice on the test cases after {steps} steps")
+            vals = {s: _fmean([v["per_class"]["esophagus"], v["per_class"]["larynx"]]) for s, v in seeds.items()}
+            b.add(f"{stem}.dice_esophagus_larynx", _fmean(list(vals.values())), vals, **kw,
+                  description=f"mean of the esophagus and larynx Dice (the organs the class-incremental protocol "
+                              f"adds last) after {steps} steps")
+    own = doc["nnunet_own_step"]
+    kw = {"config": "nnU-Net v2.8.1's own 3d_fullres plan (patch 128^3, batch 2, 31.2 M parameters), one thread",
+          "command": json.loads((DATA / own["source"].removeprefix("reports/data/")).read_text())["command"],
+          "source": own["source"].removeprefix("reports/data/")}
+    b.add("openkbp.vs_nnunet.nnunet_own.cpu_seconds_per_iteration", own["cpu_seconds_per_iteration"], {}, **kw,
+          description="CPU seconds of one training iteration (data + augmentation + step), median of 3")
+    b.add("openkbp.vs_nnunet.nnunet_own.iterations_in_cfseg_budget", own["iterations_in_cfseg_budget"], {}, **kw,
+          description="iterations that cfseg's 1500-step CPU time buys (an epoch is 250)")
+
+
+def joint_bound(b: Builder) -> None:
+    """The OpenKBP protocol's joint at 4x the sequential strategies' compute, and the rows' ratios to it."""
+    src = "openkbp/joint_diagnostic.json"
+    doc = _load(src)
+    runs = doc["runs"]["joint_lt_4x"]
+    cmd = " ; ".join(doc["commands"]["joint_lt_4x"][s] for s in sorted(runs))
+    kw = {"config": "joint_lt after stage 2 with 4 x 1600 = 6400 steps (all three stages' data, learnt temperature)",
+          "command": cmd, "source": src}
+    stem = "openkbp.incremental.joint_lt_4x"
+    stages = ("brainstem_cord_mandible", "parotids", "esophagus_larynx")
+    for split, suffix in (("test", ""), ("val", "_val")):
+        vals = {s: r[split]["average_dice"] for s, r in runs.items()}
+        b.add(f"{stem}.average_dice{suffix}", _fmean(list(vals.values())), vals, **kw,
+              description=f"mean Dice over the three stages' {split} cases")
+    for j, label in enumerate(stages):
+        vals = {s: r["test"]["row"][j] for s, r in runs.items()}
+        b.add(f"{stem}.final.{label}", _fmean(list(vals.values())), vals, **kw,
+              description=f"mean Dice on stage {j}'s test cases ({label})")
+    organs = [c for per in next(iter(runs.values()))["test"]["per_class"].values() for c in per]
+    for c in organs:
+        vals = {s: next(per[c] for per in r["test"]["per_class"].values() if c in per) for s, r in runs.items()}
+        b.add(f"{stem}.dice.{c}", _fmean(list(vals.values())), vals, **kw, description=f"{c} Dice on the test cases")
+    bound = {s: r["test"]["average_dice"] for s, r in runs.items()}
+    proto = _load("openkbp/incremental_v2_rerun/summary.json")["strategies"]
+    for key, row in (("distill", "distill_plop_sep01_kd10_ramp0"), ("experts_all", "experts_all"),
+                     ("joint_lt", "joint_lt"), ("replay", "replay"), ("ewc_1e5", "ewc_1e5"), ("experts", "experts")):
+        seeds = {s: v["average_dice"] for s, v in proto[row]["per_seed"].items() if s in bound}
+        b.add(f"openkbp.incremental.{key}.ratio_to_joint_lt_4x", _fmean(list(seeds.values())) / _fmean(
+            [bound[s] for s in seeds]), {s: v / bound[s] for s, v in seeds.items()},
+            config=f"row {row} over joint_lt_4x", command=cmd + " ; " + protocol_command(
+                OKBP_V2, "openkbp/incremental_v2_rerun/summary.json", "0 1")(row),
+            source="openkbp/incremental_v2_rerun/summary.json",
+            description="average Dice over the 4x joint's (ratio of the means over the seeds both have)")
+
+
 MEMORY_RUNS = {
     "after": ("large_volume.json", "a tiny checkpoint at 4 x 4 x 3 mm (tests/configs/tiny.yaml, 2 steps), "
               "cfseg-segment --multilabel",
@@ -762,6 +846,8 @@ def build() -> Entries:
     routers(b)
     ood(b)
     memory(b)
+    vs_nnunet(b)
+    joint_bound(b)
     return dict(sorted(b.entries.items()))
 
 
@@ -841,6 +927,30 @@ def figures(entries: Entries) -> list[Path]:
     fig.savefig(FIGURES / "demo_per_class.png", dpi=100, metadata=meta)
     plt.close(fig)
     out.append(FIGURES / "demo_per_class.png")
+
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for row, label, color in (("cfseg_prototype", "cfseg, prototype head", "#4c72b0"),
+                              ("cfseg_softmax", "cfseg, softmax head", "#dd8452"),
+                              ("nnunet_equal", "nnU-Net v2 at cfseg's terms", "#55a868")):
+        prefix = f"openkbp.vs_nnunet.{row}."
+        steps = sorted({int(k[len(prefix):].split(".")[0]) for k in entries if k.startswith(prefix)})
+        points = [(entries[f"{prefix}{n}.cpu_seconds"], entries[f"{prefix}{n}.mean_dice"]) for n in steps]
+        ax.plot([c["mean"] for c, _ in points], [d["mean"] for _, d in points], "o-", color=color,
+                label=f"{label} ({', '.join(str(n) for n in steps)} steps)")
+        for c, d in points:
+            seeds = [s for s in d["per_seed"] if s in c["per_seed"]]
+            ax.plot([c["per_seed"][s] for s in seeds], [d["per_seed"][s] for s in seeds], ".", color=color, ms=5)
+    epoch = 250 * entries["openkbp.vs_nnunet.nnunet_own.cpu_seconds_per_iteration"]["mean"]
+    ax.axvline(epoch, color="#55a868", ls=":", label="nnU-Net's own recipe: its first epoch ends")
+    ax.set_xscale("log")
+    ax.set_xlabel("training CPU seconds (one thread)")
+    ax.set_ylabel("mean Dice, 7 organs, 40 test cases")
+    ax.set_title("OpenKBP joint training: Dice against training compute; small dots: seeds")
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(FIGURES / "nnunet_budget.png", dpi=100, metadata=meta)
+    plt.close(fig)
+    out.append(FIGURES / "nnunet_budget.png")
     return out
 
 

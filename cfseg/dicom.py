@@ -304,6 +304,18 @@ def _ds(value: float) -> str:
     return f"{value:.0f}"
 
 
+def new_instance(sop_class: str) -> Dataset:
+    """An empty explicit-VR little-endian instance of ``sop_class`` with a new SOP Instance UID and its file meta."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    return ds
+
+
 def write_series(image: nib.Nifti1Image | str | Path, folder: str | Path, modality: str = "CT",
                  patient_id: str = "cfseg-demo", patient_name: str = "cfseg^demo", study_uid: str | None = None,
                  series_description: str = "") -> list[Path]:
@@ -348,13 +360,7 @@ def write_series(image: nib.Nifti1Image | str | Path, folder: str | Path, modali
     today = datetime.date.today().strftime("%Y%m%d")
     files = []
     for k in range(data.shape[2]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+        ds = new_instance(sop_class)
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", "O"
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, today, "120000", "1"
         ds.AccessionNumber, ds.ReferringPhysicianName = "", ""

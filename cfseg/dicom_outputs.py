@@ -22,12 +22,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
+from pydicom.uid import RTStructureSetStorage, generate_uid
 
 from cfseg import __version__
-from cfseg.dicom import DicomSeries
+from cfseg.dicom import DicomSeries, new_instance
 from cfseg.online import model_fingerprint
 
 #: RGB colours of classes, by global class index (cycled)
@@ -191,13 +191,7 @@ def rtstruct(labels: np.ndarray, series: DicomSeries, classes: Sequence[tuple[in
     labels = np.asarray(labels)
     now = datetime.datetime.now()
     src = series.first
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = RTStructureSetStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = RTStructureSetStorage, meta.MediaStorageSOPInstanceUID
+    ds = new_instance(RTStructureSetStorage)
     ds.SpecificCharacterSet = "ISO_IR 192"
     _copy_patient_study(src, ds)
     ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "RTSTRUCT", generate_uid(), series_number

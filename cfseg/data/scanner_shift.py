@@ -20,7 +20,8 @@ from another scanner or reconstruction protocol differs (labels never change):
 :data:`SCANNER_B` is the shift the OpenKBP domain-incremental protocol uses (``configs/openkbp/domain.yaml``;
 ``benchmarks/openkbp/make_scanner_shift.py`` writes the data). :func:`write_shifted_dataset` writes a shifted
 copy of some cases of a dataset folder in the source's own format (see :mod:`cfseg.data.formats`), resumably
-and atomically per file.
+and atomically per file, with this shift or any other :class:`ImageShift` (the MR-like rendering of
+:mod:`cfseg.data.mr_contrast`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import shutil
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -61,6 +62,15 @@ class ScannerShift:
     hu_offset: float = 0.0
     seed: int = 0
 
+    #: the written images' channel name in ``dataset.json``
+    channel_name: ClassVar[str] = "CT"
+    #: bumped when :meth:`apply` changes, so an old shifted folder is not silently extended
+    version: ClassVar[int] = TRANSFORM_VERSION
+    #: the key under which ``dataset.json`` records the parameters
+    metadata_key: ClassVar[str] = "scanner_shift"
+    #: what :meth:`apply` does, in the order it does it (for ``dataset.json``'s description)
+    steps: ClassVar[str] = "kernel, then white Gaussian noise seeded per case, then a HU offset"
+
     def __post_init__(self) -> None:
         for name in ("noise_sd_hu", "kernel", "hu_offset"):
             v = getattr(self, name)
@@ -85,6 +95,10 @@ class ScannerShift:
         else:
             k = "kernel unchanged"
         return f"noise {self.noise_sd_hu:g} HU, {k}, offset {self.hu_offset:+g} HU, seed {self.seed}"
+
+    def title(self) -> str:
+        """The dataset name's suffix."""
+        return f"simulated scanner: {self.describe()}"
 
     def apply(self, image_hu: np.ndarray, spacing_mm: tuple[float, float, float], case_id: str) -> np.ndarray:
         """The shifted image: kernel, then noise, then offset (float32, same shape).
@@ -145,8 +159,30 @@ def _atomic_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _record(shift: ScannerShift, src: Path) -> dict[str, Any]:
-    return {"transform": "cfseg.data.scanner_shift.ScannerShift", "version": TRANSFORM_VERSION,
+class ImageShift(Protocol):
+    """What :func:`write_shifted_dataset` needs of a transform of CT images (:class:`ScannerShift`,
+    :class:`cfseg.data.mr_contrast.MRContrast`)."""
+
+    channel_name: ClassVar[str]
+    version: ClassVar[int]
+    metadata_key: ClassVar[str]
+    steps: ClassVar[str]
+
+    def params(self) -> dict[str, Any]: ...
+
+    def describe(self) -> str: ...
+
+    def title(self) -> str: ...
+
+    def apply(self, image_hu: np.ndarray, spacing_mm: tuple[float, float, float], case_id: str) -> np.ndarray: ...
+
+
+def _transform_name(shift: ImageShift) -> str:
+    return f"{type(shift).__module__}.{type(shift).__qualname__}"
+
+
+def _record(shift: ImageShift, src: Path) -> dict[str, Any]:
+    return {"transform": _transform_name(shift), "version": shift.version,
             "shift": shift.params(), "source": str(src.resolve())}
 
 
@@ -161,7 +197,7 @@ def _check_destination(dst: Path, record: dict[str, Any]) -> None:
         for key in ("transform", "version", "shift", "source"):
             if old.get(key) != record[key]:
                 raise ValueError(
-                    f"{dst}: already holds a scanner-shifted dataset with {key} {old.get(key)!r}, not "
+                    f"{dst}: already holds a shifted dataset with {key} {old.get(key)!r}, not "
                     f"{record[key]!r} (see {params}); delete {dst} or choose another output folder"
                 )
     elif dst.exists() and any(p.name != _TMP_DIR for p in dst.iterdir()):
@@ -180,7 +216,7 @@ def _copy_file(src: Path, dst: Path, tmp_dir: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _write_image(src: Path, dst: Path, tmp_dir: Path, shift: ScannerShift, noise_id: str) -> None:
+def _write_image(src: Path, dst: Path, tmp_dir: Path, shift: ImageShift, noise_id: str) -> None:
     """Shift one image file; keep its affine and header, its on-disk dtype when integer (rounded) else float32."""
     import nibabel as nib
 
@@ -208,17 +244,17 @@ def _write_image(src: Path, dst: Path, tmp_dir: Path, shift: ScannerShift, noise
     os.replace(tmp, dst)
 
 
-def write_shifted_dataset(src: Path, dst: Path, case_ids: list[str], shift: ScannerShift) -> dict[str, list[str]]:
+def write_shifted_dataset(src: Path, dst: Path, case_ids: list[str], shift: ImageShift) -> dict[str, list[str]]:
     """Write the cases ``case_ids`` of the CT dataset ``src`` to ``dst`` with their images shifted.
 
-    ``dst`` gets the source's format (nnU-Net v2 raw or MSD, see :mod:`cfseg.data.formats`): the same relative
-    file paths; ``dataset.json`` copied with a name and description stating the shift (and ``numTraining``, an
-    MSD ``training`` list, for the cases in ``dst``); ``partial_labels.json`` restricted to the cases in
-    ``dst``; each image passed through ``shift.apply`` (noise seeded by the case id; channel c > 0 by
-    ``"<case id>_<c>"``) and written with the source's affine and header, rounded to the source's integer dtype
-    (else float32); each label hard-linked or copied unchanged. Every file is written under a temporary name
-    and moved into place, so an interrupted run leaves no half-written file; running again skips the cases
-    already complete. ``dst/scanner_shift.json`` records the shift and the source.
+    ``dst`` gets the source's format (nnU-Net v2 raw or MSD, see :mod:`cfseg.data.formats`): the same relative file
+    paths; ``dataset.json`` copied with a name and description stating the shift (and ``numTraining``, an MSD
+    ``training`` list, for the cases in ``dst``; every channel named ``shift.channel_name``);
+    ``partial_labels.json`` restricted to the cases in ``dst``; each image passed through ``shift.apply`` (noise
+    seeded by the case id; channel c > 0 by ``"<case id>_<c>"``) and written with the source's affine and header,
+    rounded to the source's integer dtype (else float32); each label hard-linked or copied unchanged. Every file is
+    written under a temporary name and moved into place, so an interrupted run leaves no half-written file; running
+    again skips the cases already complete. ``dst/scanner_shift.json`` records the shift and the source.
 
     Returns:
         ``{"written": [...], "skipped": [...]}`` case ids.
@@ -276,21 +312,24 @@ def write_shifted_dataset(src: Path, dst: Path, case_ids: list[str], shift: Scan
     return {"written": written, "skipped": skipped}
 
 
-def _write_metadata(src: Path, dst: Path, info: Any, shift: ScannerShift, target: Any) -> None:
+def _write_metadata(src: Path, dst: Path, info: Any, shift: ImageShift, target: Any) -> None:
     """``dataset.json`` (name, description, case list) and ``partial_labels.json`` for the cases in ``dst``."""
     present = [c for c in info.cases
                if all(target(p).is_file() for p in c.images) and (c.label is None or target(c.label).is_file())]
     ids = {c.case_id for c in present}
     meta = json.loads((src / "dataset.json").read_text(encoding="utf-8"))
     name = meta.get("name") or src.name
-    meta["name"] = f"{name} (simulated scanner: {shift.describe()})"
+    meta["name"] = f"{name} ({shift.title()})"
     meta["description"] = (
-        f"{name} with every CT image passed through cfseg.data.scanner_shift.ScannerShift({shift.describe()}): "
-        "kernel, then white Gaussian noise seeded per case, then a HU offset; labels unchanged. "
+        f"{name} with every CT image passed through {_transform_name(shift)}({shift.describe()}): "
+        f"{shift.steps}; labels unchanged. "
         f"Source: {src.resolve()}. " + (f"Source description: {meta['description']}" if meta.get("description")
                                         else "")
     ).strip()
-    meta["scanner_shift"] = shift.params()
+    meta[shift.metadata_key] = shift.params()
+    for key in ("channel_names", "modality"):  # nnU-Net v2 raw / MSD: the written images' modality
+        if isinstance(meta.get(key), dict):
+            meta[key] = {c: shift.channel_name for c in meta[key]}
     meta["numTraining"] = len(present)
     if info.format == "msd":
         meta["training"] = [e for e in meta.get("training", [])

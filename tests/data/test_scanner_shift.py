@@ -132,7 +132,7 @@ def test_write_shifted_dataset_refuses(tmp_path):
     src = _ct_dataset(tmp_path / "src", n_cases=1)
     dst = tmp_path / "dst"
     write_shifted_dataset(src, dst, ["case0"], ScannerShift(noise_sd_hu=0.0, kernel=1.0))
-    with pytest.raises(ValueError, match="already holds a scanner-shifted dataset with shift"):
+    with pytest.raises(ValueError, match="already holds a shifted dataset with shift"):
         write_shifted_dataset(src, dst, ["case0"], ScannerShift(noise_sd_hu=5.0, kernel=1.0))
     with pytest.raises(ValueError, match="not in the dataset: nope"):
         write_shifted_dataset(src, tmp_path / "other", ["nope"], SCANNER_B)

@@ -9,7 +9,9 @@ This script scores that answer on the validation and test cases of every stage o
 * the intensity rule (:func:`cfseg.inference.detect_modality`: air at -1000 HU is CT, non-negative units MRI);
 * both on the CT cases stored without their HU offset (+1024, as some scanners export): the rule then reads MRI;
 * the router's ridge ``gamma`` recomputed from the stored statistics (``G``, ``Q``) for ``--gammas``: the setting
-  is chosen on the validation cases (highest accuracy, then the larger mean margin), never on the test cases.
+  is chosen on the validation cases (highest accuracy, then the larger mean margin), never on the test cases;
+* ``--extra``: every case of other dataset folders (e.g. real CT and MR from other sites), scored as examples
+  the protocol never saw (split ``extra``, true modality from their ``dataset.json``).
 
 Usage (after the synthetic protocol's experts run, e.g. ``cfseg-protocol --config
 configs/incremental/synthetic.yaml --output results/synth_mod --seeds 0 --strategies experts``)::
@@ -57,11 +59,23 @@ def _cases(spec: dict, module) -> list[tuple[str, str, str]]:
     return out
 
 
+def _extra_cases(folders: list[str]) -> list[tuple[str, str, str]]:
+    """("extra", image path, modality) of every case of the dataset folders ``folders``."""
+    from cfseg.data.formats import read_dataset
+
+    out = []
+    for folder in folders:
+        info = read_dataset(Path(folder), require_labels=False, check_headers=False)
+        out += [("extra", str(c.images[0]), info.modality) for c in info.cases]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="protocol YAML (its stages' datasets and split seed)")
     p.add_argument("--checkpoint", required=True, help="a checkpoint with a modality router over 2+ modalities")
     p.add_argument("--gammas", type=float, nargs="+", default=[1.0, 0.1, 0.01, 0.001])
+    p.add_argument("--extra", nargs="*", default=[], help="dataset folders whose every case is also scored")
     p.add_argument("--out", required=True, help="output prefix: <out>.json and <out>.md")
     a = p.parse_args(argv)
     spec = yaml.safe_load(Path(a.config).read_text())
@@ -74,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     state = router.ridge.state()
     ridges = {g: RidgeRouter.from_state({**state, "gamma": g}) for g in a.gammas}
     rows = []
-    for split, path, truth in _cases(spec, module):
+    for split, path, truth in _cases(spec, module) + _extra_cases(a.extra):
         img = nib.load(path)
         arr = np.asarray(img.dataobj, dtype=np.float32)
         variants = [("stored", img, arr)]
@@ -115,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
                 cells.append(f"{v:.3f} ({n})")
         margins = [r[f"margin_{g:g}"] for r in rows if r["split"] == "test" and r["variant"] == "stored"]
         cells.append(f"{np.mean(margins):.2f} / {np.min(margins):.2f}")
+        if a.extra:
+            v, n = acc("extra", "stored", f"router_{g:g}")
+            cells.append(f"{v:.3f} ({n})")
         mark = " (chosen on val)" if g == chosen else ""
         stored_gamma = " (the checkpoint's)" if g == router.ridge.gamma else ""
         table.append(f"| router, gamma {g:g}{stored_gamma}{mark} | " + " | ".join(cells) + " |")
@@ -123,17 +140,26 @@ def main(argv: list[str] | None = None) -> int:
         for variant in ("stored", "ct_no_hu_offset"):
             v, n = acc(split, variant, "rule")
             cells.append(f"{v:.3f} ({n})")
-    table.append("| intensity rule (`detect_modality`) | " + " | ".join(cells) + " | - |")
+    if a.extra:
+        v, n = acc("extra", "stored", "rule")
+        cells += ["-", f"{v:.3f} ({n})"]
+    else:
+        cells.append("-")
+    table.append("| intensity rule (`detect_modality`) | " + " | ".join(cells) + " |")
+    extra_head = (" | extra cases" if a.extra else "", "|---:" if a.extra else "")
     md = [f"# Modality routing: `{a.checkpoint}`", "",
           f"Modalities {router.names}; statistics rows (windows) per modality {router.ridge.n_samples}; neutral "
           f"view spacing {router.view['spacing']}. Accuracy (cases) of the answer to \"which modality is this?\" on "
           "every stage's validation and test cases; `ct_no_hu_offset`: the CT cases with +1024 added (stored "
           "without the HU offset). gamma chosen on the validation cases (accuracy, then mean margin).", "",
-          "| answer | val | val, CT without HU offset | test | test, CT without HU offset | test margin mean / min |",
-          "|---|---:|---:|---:|---:|---:|", *table, "",
+          "| answer | val | val, CT without HU offset | test | test, CT without HU offset | test margin mean / min"
+          f"{extra_head[0]} |", "|---|---:|---:|---:|---:|---:" + extra_head[1] + "|", *table, "",
+          *([f"Extra cases (every case of {', '.join(a.extra)}): "
+             + ", ".join(f"{r['case']} ({r['truth']})" for r in rows if r["split"] == "extra"), ""]
+            if a.extra else []),
           "Margin: score of the true modality minus the other's (mean over the volume's windows).", "",
           f"Regenerate: `.venv/bin/python benchmarks/modality_router.py --config {a.config} --checkpoint "
-          f"{a.checkpoint} --out {a.out}`", ""]
+          f"{a.checkpoint}" + "".join(f" --extra {e}" for e in a.extra) + f" --out {a.out}`", ""]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"checkpoint": a.checkpoint, "names": router.names,

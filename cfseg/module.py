@@ -484,7 +484,8 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         params = [p for p in self.parameters() if p.requires_grad]
         if self._optimizer_fn is not None:
             return self._optimizer_fn(params)
-        lr = h.lr * (h.incremental_lr_factor if h.previous_checkpoint else 1.0)  # the stage's learning rate
+        # the stage's learning rate
+        lr = h.lr * (h.incremental_lr_factor * self.strategy.lr_factor if h.previous_checkpoint else 1.0)
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=h.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         warm = max(1, int(h.warmup_fraction * total))

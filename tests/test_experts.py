@@ -157,6 +157,7 @@ def test_experts_stage_freezes_the_shared_network_and_round_trips(ct_stage0, tin
 def test_router_picks_the_expert_of_each_modality(ct_stage0, tiny_phantoms, tmp_path):
     mri = ds(tiny_phantoms[1], STAGE0, domain="mri")
     run = fit(tmp_path, [mri], f"--model.previous_checkpoint={ct_stage0}", "--model.strategy=experts")
+    _trained_the_default_layers(run)
     model = load_checkpoint(run.trainer.checkpoint_callback.best_model_path)
     assert [r["domains"] for r in model.expert_records] == [["ct"], ["mri"]] and model.can_route
     for path, expected in ((tiny_phantoms[0], 0), (tiny_phantoms[1], 1)):
@@ -171,6 +172,23 @@ def test_router_picks_the_expert_of_each_modality(ct_stage0, tiny_phantoms, tmp_
     assert model.modality_router.names == ["ct", "mri"] and model.modality_router.view["modality"] == "neutral"
     assert model.modality_router.ridge.n_samples[0] > 0 and model.modality_router.ridge.n_samples[1] > 0
     _segment_answers_the_modality(model, tiny_phantoms)
+
+
+def _trained_the_default_layers(run):
+    """The experts stage on the new modality trained exactly the LoRA factors of the layers ``Experts()``'s default
+    names (and the expert's projection), every one of them moved, at the default learning-rate factor."""
+    module, default = run.model, experts.Experts()
+    names = experts.resolve_expert_layers(module.net, default.layout(module)["layers"])
+    convs = {n: m for n, m in experts.lora_layers(module.net).items() if isinstance(m, experts.LoRAConv)}
+    assert names and set(convs) == set(names)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    expected = {f"net.{n}.lora_{k}.0" for n in names for k in ("up", "down")} | {"net.expert_projection.copies.0"}
+    assert trainable == expected
+    for n in names:  # each expert's up factor starts at zero: non-zero means the layer learnt on the MRI stage
+        assert convs[n].lora_up[0].abs().sum() > 0, n
+    h = module.hparams
+    lr = run.trainer.optimizers[0].param_groups[0]["initial_lr"]
+    assert lr == pytest.approx(h.lr * h.incremental_lr_factor * default.lr_factor)
 
 
 def _segment_answers_the_modality(model, tiny_phantoms):

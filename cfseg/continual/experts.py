@@ -372,6 +372,8 @@ class Experts(Strategy):
         init: ``"previous"`` (a new expert starts as a copy of the previous stage's expert) or ``"zero"`` (as no
             change of the shared weights).
         projection: every expert also owns a copy of the prototype projection ``W`` (:class:`ExpertProjection`).
+        lr_factor: multiplies the stage's learning rate while the expert trains (its factors start at zero and are
+            few, so they can take a larger step than the whole network).
     """
 
     short_name = "experts"
@@ -379,10 +381,14 @@ class Experts(Strategy):
     softmax_only = True
 
     def __init__(self, layers: list[str] | None = None, rank: int = 4, alpha: float = 4.0, init: str = "previous",
-                 projection: bool = True):
+                 projection: bool = True, lr_factor: float = 1.0):
         if init not in EXPERT_INITS:
             raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
+        if isinstance(lr_factor, bool) or not isinstance(lr_factor, int | float) or not (
+                math.isfinite(lr_factor) and lr_factor > 0):
+            raise ValueError(f"lr_factor must be a finite number > 0, got {lr_factor!r}")
         self.layers, self.rank, self.alpha, self.init, self.projection = layers, rank, alpha, init, projection
+        self.lr_factor = float(lr_factor)
         self.expert: int | None = None
 
     def layout(self, module: CFSegModule) -> dict[str, Any]:

@@ -73,8 +73,11 @@ class Strategy:
     ``allows_previous`` (False: it trains from scratch), ``softmax_only`` (it merges or distils softmax
     distributions, so sigmoid heads cannot use it in an incremental stage), ``keeps_first_stage_statistics``
     (a first stage trained with it stores the router statistics and the Fisher that later ``Experts``/``EWC``
-    stages read), ``uses_unlabeled`` (a protocol gives it the stage's image-only datasets).
+    stages read), ``uses_unlabeled`` (a protocol gives it the stage's image-only datasets). ``lr_factor``
+    multiplies the learning rate of an incremental stage (on top of ``model.incremental_lr_factor``).
     """
+
+    lr_factor: float = 1.0
 
     short_name: ClassVar[str] = ""
     requires_previous: ClassVar[bool] = False

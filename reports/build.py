@@ -118,9 +118,11 @@ def protocol_command(config: str, summary: str, seeds: str, output: str = "", be
 # ------------------------------------------------------------------------------------------------ protocol rows
 def protocol(b: Builder, prefix: str, source: str, rows: dict[str, tuple[str, str]], *, command: Callable[[str], str],
              stage_labels: Sequence[str], bound: str | None, what: str, classes: Sequence[str] = (),
-             val_classes: Sequence[str] = (), final: bool = True, extra: Sequence[str] = ()) -> None:
+             val_classes: Sequence[str] = (), final: bool = True, extra: Sequence[str] = (),
+             final_val: bool = False) -> None:
     """Entries ``<prefix>.<key>.{average_dice, bwt, average_dice_val, bwt_val, ratio_to_<bound>, final.<stage>,
-    dice.<class>, dice_val.<class>}`` for ``rows`` ``{key: (summary row, config text)}``."""
+    final_val.<stage> (with ``final_val``), dice.<class>, dice_val.<class>}`` for ``rows`` ``{key: (summary row,
+    config text)}``."""
     doc = _load(source)
     strategies = doc["strategies"]
     bound_row = strategies[rows[bound][0]] if bound else None
@@ -153,6 +155,12 @@ def protocol(b: Builder, prefix: str, source: str, rows: dict[str, tuple[str, st
                 b.add(f"{stem}.final.{label}", _fmean(list(vals.values())), vals, **kw,
                       description=f"{what}: mean Dice on stage {j}'s test cases ({label}) after the last stage, "
                                   f"R[T][{j}] (row {row})")
+        if final_val:
+            for j, label in enumerate(stage_labels):
+                vals = {s: r["matrix_val"][-1][j] for s, r in seeds.items()}
+                b.add(f"{stem}.final_val.{label}", _fmean(list(vals.values())), vals, **kw,
+                      description=f"{what}: mean Dice on stage {j}'s validation cases ({label}) after the last "
+                                  f"stage (row {row}; settings are chosen on these)")
         for name in extra:
             j, label = name.split(":")
             vals = {s: r["matrix"][int(j)][int(j)] for s, r in seeds.items()}
@@ -414,6 +422,49 @@ def openkbp_domain(b: Builder) -> None:
         b.add(f"openkbp.domain.stage0.{label}", _fmean(list(vals.values())), vals, config="protocol v2's stage 0 "
               "(1000 steps)", command=cmd("finetune"), source=src,
               description=f"the stage-0 model on the {label.replace('_', ' ')} test cases (R[0][{j}])")
+
+
+CONTRAST = "configs/openkbp/contrast.yaml"
+CONTRAST_STAGES = ("ct", "mr_like")
+#: the real-anatomy domain protocol's rows: {key: (summary row, config text)}
+CONTRAST_ROWS = {
+    "distill": ("distill", "KD 2.5 flat, distilling on the unlabelled stage-0 CT images (not on the labelled "
+                "MR-like ones: distill_labeled auto), similarity maps"),
+    "experts_decoder": ("experts_decoder", "LoRA rank 4 on the decoder + a projection per expert, stage lr x1"),
+    "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection, stage lr x4"),
+    "experts_all_r16": ("experts_all_r16", "LoRA rank 16 on every convolution + projection, stage lr x4"),
+    "experts_all_lr1": ("experts_all_lr1", "LoRA rank 4 on every convolution + projection, stage lr x1"),
+    "ewc_1e5": ("ewc_1e5", "EWC, lambda 1e5"),
+    "replay": ("replay", "finetune + 25 % of the stage-0 training cases (keeps old data)"),
+    "finetune": ("finetune", "the whole network on the MR-like cases, no distillation (lower bound)"),
+    "joint": ("joint", "one model from scratch on both stages' data with their summed 1300 steps"),
+}
+
+
+def openkbp_contrast(b: Builder) -> None:
+    """The real-anatomy domain step (CT -> MR-like contrast): rows, per-organ Dice, the stage-0 model on both."""
+    src = "openkbp/contrast/summary.json"
+    cmd = protocol_command(CONTRAST, src, "0", before="python benchmarks/openkbp/make_scanner_shift.py --shift "
+                           "mr_like; ")
+    strategies = _load(src)["strategies"]
+    rows = {k: v for k, v in CONTRAST_ROWS.items() if v[0] in strategies}
+    what = "OpenKBP real-anatomy domain step (CT, then the same organs in an MR-like contrast), seed 0"
+    protocol(b, "openkbp.contrast", src, rows, command=cmd, stage_labels=CONTRAST_STAGES,
+             bound="joint" if "joint" in rows else None, what=what, final_val=True)
+    for key, (row, config) in rows.items():
+        seeds = strategies[row]["per_seed"]
+        kw = {"config": config, "command": cmd(row), "source": src}
+        for stage, label in zip(_load(src)["stages"], CONTRAST_STAGES, strict=True):
+            for organ in next(iter(seeds.values()))["per_class_dice"][stage]:
+                vals = {s: r["per_class_dice"][stage][organ] for s, r in seeds.items()}
+                b.add(f"openkbp.contrast.{key}.dice.{label}.{organ}", _fmean(list(vals.values())), vals, **kw,
+                      description=f"{what}: {organ} Dice on the {label} test cases after the last stage (row {row})")
+    seeds = strategies["finetune"]["per_seed"]
+    for j, label in enumerate(CONTRAST_STAGES):
+        vals = {s: r["matrix"][0][j] for s, r in seeds.items()}
+        b.add(f"openkbp.contrast.stage0.{label}", _fmean(list(vals.values())), vals,
+              config="protocol v2's stage 0 (1000 steps on CT)", command=cmd("finetune"), source=src,
+              description=f"the stage-0 CT model on the {label} test cases (R[0][{j}])")
 
 
 def heads(b: Builder) -> None:
@@ -838,6 +889,7 @@ def build() -> Entries:
     synthetic(b)
     openkbp_incremental(b)
     openkbp_domain(b)
+    openkbp_contrast(b)
     heads(b)
     prototypes(b)
     esophagus(b)

@@ -155,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
           "| answer | val | val, CT without HU offset | test | test, CT without HU offset | test margin mean / min"
           f"{extra_head[0]} |", "|---|---:|---:|---:|---:|---:" + extra_head[1] + "|", *table, "",
           *([f"Extra cases (every case of {', '.join(a.extra)}): "
-             + ", ".join(f"{r['case']} ({r['truth']})" for r in rows if r["split"] == "extra"), ""]
+             + ", ".join(f"{r['case']} ({r['truth']})" for r in rows
+                        if r["split"] == "extra" and r["variant"] == "stored"), ""]
             if a.extra else []),
           "Margin: score of the true modality minus the other's (mean over the volume's windows).", "",
           f"Regenerate: `.venv/bin/python benchmarks/modality_router.py --config {a.config} --checkpoint "
-          f"{a.checkpoint}" + "".join(f" --extra {e}" for e in a.extra) + f" --out {a.out}`", ""]
+          f"{a.checkpoint}" + (" --extra " + " ".join(a.extra) if a.extra else "") + f" --out {a.out}`", ""]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"checkpoint": a.checkpoint, "names": router.names,

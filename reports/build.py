@@ -465,6 +465,19 @@ def openkbp_contrast(b: Builder) -> None:
         b.add(f"openkbp.contrast.stage0.{label}", _fmean(list(vals.values())), vals,
               config="protocol v2's stage 0 (1000 steps on CT)", command=cmd("finetune"), source=src,
               description=f"the stage-0 CT model on the {label} test cases (R[0][{j}])")
+    src = "openkbp/contrast/modality_router.json"
+    doc = _load(src)
+    kw = {"config": "modality router of the experts_all_r16 checkpoint (CT stage + MR-like stage, seed 0)",
+          "source": src, "command": f".venv/bin/python benchmarks/modality_router.py --config {CONTRAST} "
+          f"--checkpoint {doc['checkpoint']} --extra ../shared/data/totalseg_ct ../shared/data/totalseg_mr --out "
+          "reports/data/openkbp/contrast/modality_router"}
+    for answer in ("router_0.1", "router_0.01", "rule"):
+        for split in ("val", "test", "extra"):
+            rows = [r for r in doc["rows"] if r["split"] == split and r["variant"] == "stored"]
+            name = answer.replace("router_", "gamma_").replace(".", "p")
+            b.add(f"router.modality.contrast.{name}.{split}_accuracy", sum(r[answer] == r["truth"] for r in rows)
+                  / len(rows), {}, **kw, description=f"fraction of {len(rows)} {split} volumes (OpenKBP CT and "
+                  "MR-like; extra: the TotalSegmentator CT and MR examples) whose modality is named correctly")
 
 
 def heads(b: Builder) -> None:

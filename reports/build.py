@@ -447,10 +447,10 @@ def openkbp_contrast(b: Builder) -> None:
     cmd = protocol_command(CONTRAST, src, "0", before="python benchmarks/openkbp/make_scanner_shift.py --shift "
                            "mr_like; ")
     strategies = _load(src)["strategies"]
-    rows = {k: v for k, v in CONTRAST_ROWS.items() if v[0] in strategies}
+    rows = CONTRAST_ROWS
     what = "OpenKBP real-anatomy domain step (CT, then the same organs in an MR-like contrast), seed 0"
     protocol(b, "openkbp.contrast", src, rows, command=cmd, stage_labels=CONTRAST_STAGES,
-             bound="joint" if "joint" in rows else None, what=what, final_val=True)
+             bound="joint", what=what, final_val=True)
     for key, (row, config) in rows.items():
         seeds = strategies[row]["per_seed"]
         kw = {"config": config, "command": cmd(row), "source": src}

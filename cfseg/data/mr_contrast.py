@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+
+from cfseg.data.scanner_shift import case_rng, checked_volume
 
 #: HU knots of the default mapping and the T1-weighted-like intensity (arbitrary units) at each.
 _KNOTS_HU: tuple[float, ...] = (-1000.0, -400.0, -180.0, -100.0, -40.0, 0.0, 15.0, 35.0, 60.0, 120.0, 300.0,
@@ -132,13 +133,8 @@ class MRContrast:
             spacing_mm: voxel size in mm along the array's three axes (the bias field is smooth in mm).
             case_id: identifies the case; seeds its bias field and noise.
         """
-        img = np.asarray(image_hu, dtype=np.float32)
-        if img.ndim != 3:
-            raise ValueError(f"apply expects a 3D image, got shape {img.shape}")
-        spacing = tuple(float(s) for s in spacing_mm)
-        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-            raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm!r}")
-        rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode("utf-8"))])
+        img, spacing = checked_volume(image_hu, spacing_mm)
+        rng = case_rng(self.seed, case_id)
         out = self.tissue_map(img)
         if self.bias_log_amplitude > 0:
             out *= np.exp(self._bias(rng, img.shape, spacing))

@@ -45,6 +45,23 @@ TRANSFORM_VERSION = 1  # bump when apply() changes, so an old shifted folder is 
 _TMP_DIR = ".scanner_shift_tmp"
 
 
+def checked_volume(image_hu: np.ndarray, spacing_mm: tuple[float, float, float]
+                   ) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """``image_hu`` as a float32 3D array and ``spacing_mm`` as three positive floats; ValueError otherwise."""
+    img = np.asarray(image_hu, dtype=np.float32)
+    if img.ndim != 3:
+        raise ValueError(f"apply expects a 3D image, got shape {img.shape}")
+    spacing = tuple(float(s) for s in spacing_mm)
+    if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm!r}")
+    return img, spacing  # type: ignore[return-value]
+
+
+def case_rng(seed: int, case_id: str) -> np.random.Generator:
+    """The generator of one case's random draws: seeded with ``(seed, crc32(case_id))``."""
+    return np.random.default_rng([seed, zlib.crc32(case_id.encode("utf-8"))])
+
+
 @dataclass(frozen=True)
 class ScannerShift:
     """Parameters of a simulated scanner/reconstruction change of CT images (all in HU or mm).
@@ -110,12 +127,7 @@ class ScannerShift:
         """
         from scipy.ndimage import gaussian_filter
 
-        img = np.asarray(image_hu, dtype=np.float32)
-        if img.ndim != 3:
-            raise ValueError(f"apply expects a 3D image, got shape {img.shape}")
-        spacing = tuple(float(s) for s in spacing_mm)
-        if len(spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in spacing):
-            raise ValueError(f"spacing_mm must be three positive numbers, got {spacing_mm!r}")
+        img, spacing = checked_volume(image_hu, spacing_mm)
         out = img.copy()
         if self.kernel > 0:
             out = gaussian_filter(out, sigma=[self.kernel / s for s in spacing], mode="nearest")
@@ -123,7 +135,7 @@ class ScannerShift:
             detail = gaussian_filter(out, sigma=[max(1.0 / s, 1.0) for s in spacing], mode="nearest")
             out = out + np.float32(-self.kernel) * (out - detail)
         if self.noise_sd_hu > 0:
-            rng = np.random.default_rng([self.seed, zlib.crc32(case_id.encode("utf-8"))])
+            rng = case_rng(self.seed, case_id)
             out = out + rng.normal(0.0, self.noise_sd_hu, size=out.shape).astype(np.float32)
         if self.hu_offset:
             out = out + np.float32(self.hu_offset)

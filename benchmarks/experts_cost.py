@@ -3,7 +3,7 @@
 The network is the OpenKBP one (``configs/openkbp/base.yaml``): MONAI UNet 16-32-64-128-256, strides 2-2-2-2,
 ``num_res_units`` 0, 16 features, prototype head (``minilm`` prototypes), roi 64^3, ``sw_batch_size`` 2, overlap
 0.25, random weights (timing does not depend on training). ``n`` experts are expert 0 (the shared network) plus
-``n - 1`` LoRA experts (rank 4, alpha 4, :data:`cfseg.continual.experts.DEFAULT_EXPERT_LAYERS`: the decoder's four
+``n - 1`` LoRA experts (rank 4, alpha 4, :data:`cfseg.continual.experts.DECODER_EXPERT_LAYERS`: the decoder's four
 up-sampling convolutions) with random non-zero factors. The 8 classes are split into ``n`` contiguous groups, one
 per expert (class-incremental: expert ``e`` serves the classes of stage ``e``, all in domain ``ct``).
 
@@ -100,7 +100,7 @@ def prepare(folder: Path, ns: list[int], seed: int) -> dict[str, Any]:
                          encoder="minilm", roi_size=(64, 64, 64), sw_batch_size=2, sw_overlap=0.25)
     _save(module, folder / "plain.ckpt")
     network = sum(p.numel() for p in module.net.parameters())
-    layout = {"layers": list(experts.DEFAULT_EXPERT_LAYERS), "rank": RANK, "alpha": ALPHA}
+    layout = {"layers": list(experts.DECODER_EXPERT_LAYERS), "rank": RANK, "alpha": ALPHA}
     for n in ns:
         if n < 2:
             continue

@@ -39,7 +39,10 @@ if TYPE_CHECKING:  # the module holds the strategy; annotations only
 
 #: MONAI UNet's up-sampling (decoder) convolutions: ``model.2.conv``, ``model.1.submodule.2.conv``, ... as named
 #: under the segmenter (``backbone.`` prefix).
-DEFAULT_EXPERT_LAYERS: tuple[str, ...] = (r"backbone\.model(\.1\.submodule)*\.2\.conv",)
+DECODER_EXPERT_LAYERS: tuple[str, ...] = (r"backbone\.model(\.1\.submodule)*\.2\.conv",)
+#: every convolution of the backbone (encoder and decoder)
+EVERY_CONV_LAYERS: tuple[str, ...] = (r"backbone\..*conv",)
+DEFAULT_EXPERT_LAYERS: tuple[str, ...] = DECODER_EXPERT_LAYERS
 
 
 class LoRAConv(nn.Module):

@@ -64,23 +64,37 @@ def test_attach_to_decoder_by_name_and_count_parameters():
     net = nn.Module()
     net.backbone = unet()
     keys = set(net.state_dict())
-    names = experts.attach_lora(net, experts.DEFAULT_EXPERT_LAYERS, rank=4, alpha=4.0)
+    names = experts.attach_lora(net, experts.DECODER_EXPERT_LAYERS, rank=4, alpha=4.0)
     assert len(names) == 4 and all(n.endswith(".2.conv") for n in names)  # the four up-sampling convolutions
     assert keys <= set(net.state_dict())  # the shared weights keep their names
-    per_expert = experts.expert_parameter_count(net, 4, experts.DEFAULT_EXPERT_LAYERS)
+    per_expert = experts.expert_parameter_count(net, 4, experts.DECODER_EXPERT_LAYERS)
     experts.add_expert(net)
     assert sum(p.numel() for p in experts.expert_parameters(net, 1)) == per_expert
     assert per_expert < 0.05 * sum(p.numel() for p in unet().parameters())
-    assert experts.attach_lora(net, experts.DEFAULT_EXPERT_LAYERS, 4, 4.0) == names  # idempotent
+    assert experts.attach_lora(net, experts.DECODER_EXPERT_LAYERS, 4, 4.0) == names  # idempotent
     with pytest.raises(ValueError, match="matches no convolution"):
         experts.attach_lora(net, [r"backbone\.nothing"], 4, 4.0)
+
+
+def test_unset_layout_keeps_the_checkpoints_experts_else_the_default():
+    from types import SimpleNamespace
+
+    module = SimpleNamespace(head=nn.Linear(2, 2))  # a head with a projection weight
+    fresh = experts.Experts().layout(module)
+    assert fresh == {"layers": list(experts.EVERY_CONV_LAYERS), "rank": experts.DEFAULT_EXPERT_RANK,
+                     "alpha": float(experts.DEFAULT_EXPERT_RANK), "projection": True}
+    decoder = {"layers": list(experts.DECODER_EXPERT_LAYERS), "rank": 4, "alpha": 4.0, "projection": True}
+    assert experts.Experts().layout(module, decoder) == decoder  # a checkpoint with decoder experts continues so
+    asked = experts.Experts(rank=8).layout(module, decoder)  # an explicit setting is kept (setup then refuses it)
+    assert asked["rank"] == 8 and asked["alpha"] == 4.0 and asked["layers"] == decoder["layers"]
+    assert experts.Experts().lr_factor == 4.0
 
 
 def test_shared_prefix_runs_the_encoder_once_per_input():
     torch.manual_seed(0)
     net = nn.Module()
     net.backbone = unet()
-    experts.attach_lora(net, experts.DEFAULT_EXPERT_LAYERS, 4, 4.0)
+    experts.attach_lora(net, experts.DECODER_EXPERT_LAYERS, 4, 4.0)
     for _ in range(2):
         e = experts.add_expert(net)
         with torch.no_grad():

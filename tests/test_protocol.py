@@ -247,10 +247,12 @@ def test_experts_train_only_an_expert_and_replay_reuses_a_fraction(boxes, tmp_pa
     assert config["model"]["strategy"] == {"class_path": "cfseg.continual.Replay", "init_args": {"fraction": 0.5}}
     model = load_checkpoint(str(run / "experts_stage1" / "final.ckpt"))
     assert model.n_experts == 2 and model.expert_records[1]["classes"] == ["aorta"]
-    from cfseg.continual.experts import DEFAULT_EXPERT_LAYERS, expert_parameter_count
+    from cfseg.continual.experts import DEFAULT_EXPERT_LAYERS, DEFAULT_EXPERT_RANK, expert_parameter_count
 
-    # only the new expert trained: rank-4 LoRA factors of the decoder + its copy of the projection
-    assert stage1["trainable"] == expert_parameter_count(model.net, 4, DEFAULT_EXPERT_LAYERS, projection=True)
+    # only the new expert trained: the default layout's LoRA factors (every convolution) + its copy of the projection
+    assert model.expert_layout["rank"] == DEFAULT_EXPERT_RANK
+    assert stage1["trainable"] == expert_parameter_count(model.net, DEFAULT_EXPERT_RANK, DEFAULT_EXPERT_LAYERS,
+                                                         projection=True)
     # ewc: stage 0 stores its Fisher, the ewc stage is penalised towards stage 0 and accumulates the Fisher
     f0 = load_checkpoint(str(run / "stage0" / "final.ckpt")).ewc_fisher
     ewc = load_checkpoint(str(run / "ewc_stage1" / "final.ckpt"))

@@ -14,8 +14,9 @@ of the plain network loads into the wrapped one (``strict=False`` for the missin
 tensors appear as ``<layer>.lora_down.<slot>`` / ``<layer>.lora_up.<slot>``.
 
 Which layers carry experts is a list of regular expressions over the segmenter's module names
-(:data:`DEFAULT_EXPERT_LAYERS`: MONAI UNet's decoder). When only the decoder carries experts, the encoder's output
-does not depend on the expert: :func:`shared_prefix_cache` runs it once per window for all experts.
+(:data:`DEFAULT_EXPERT_LAYERS`: every convolution, so an expert can also change what the encoder reads from a new
+modality). When only the decoder carries experts (:data:`DECODER_EXPERT_LAYERS`), the encoder's output does not
+depend on the expert: :func:`shared_prefix_cache` runs it once per window for all experts.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ if TYPE_CHECKING:  # the module holds the strategy; annotations only
 DECODER_EXPERT_LAYERS: tuple[str, ...] = (r"backbone\.model(\.1\.submodule)*\.2\.conv",)
 #: every convolution of the backbone (encoder and decoder)
 EVERY_CONV_LAYERS: tuple[str, ...] = (r"backbone\..*conv",)
-DEFAULT_EXPERT_LAYERS: tuple[str, ...] = DECODER_EXPERT_LAYERS
+DEFAULT_EXPERT_LAYERS: tuple[str, ...] = EVERY_CONV_LAYERS
+#: rank (and alpha: scale 1) of a new expert when neither the settings nor the previous checkpoint name one
+DEFAULT_EXPERT_RANK = 16
 
 
 class LoRAConv(nn.Module):
@@ -367,11 +370,13 @@ class Experts(Strategy):
     inference; :mod:`cfseg.continual.routing`).
 
     Args:
-        layers: regular expressions (full match) of the segmenter's convolutions that carry experts (default
-            :data:`DEFAULT_EXPERT_LAYERS`: MONAI UNet's decoder, so the encoder runs once per window for all
-            experts at inference). Every stage of a model keeps the same layout.
-        rank: rank ``r`` of each expert's weight update.
-        alpha: LoRA scale numerator (the update is ``alpha / r * U D``).
+        layers: regular expressions (full match) of the segmenter's convolutions that carry experts. Every stage of
+            a model keeps the same layout: unset, a checkpoint that already carries experts keeps its own, a first
+            expert sits on :data:`DEFAULT_EXPERT_LAYERS` (every convolution;
+            :data:`DECODER_EXPERT_LAYERS` is the cheaper decoder-only layout).
+        rank: rank ``r`` of each expert's weight update (unset: the checkpoint's, else
+            :data:`DEFAULT_EXPERT_RANK`).
+        alpha: LoRA scale numerator (the update is ``alpha / r * U D``; unset: the checkpoint's, else ``rank``).
         init: ``"previous"`` (a new expert starts as a copy of the previous stage's expert) or ``"zero"`` (as no
             change of the shared weights).
         projection: every expert also owns a copy of the prototype projection ``W`` (:class:`ExpertProjection`).
@@ -383,8 +388,8 @@ class Experts(Strategy):
     requires_previous = True
     softmax_only = True
 
-    def __init__(self, layers: list[str] | None = None, rank: int = 4, alpha: float = 4.0, init: str = "previous",
-                 projection: bool = True, lr_factor: float = 1.0):
+    def __init__(self, layers: list[str] | None = None, rank: int | None = None, alpha: float | None = None,
+                 init: str = "previous", projection: bool = True, lr_factor: float = 4.0):
         if init not in EXPERT_INITS:
             raise ValueError(f"init must be one of {EXPERT_INITS}, got {init!r}")
         if isinstance(lr_factor, bool) or not isinstance(lr_factor, int | float) or not (
@@ -394,20 +399,26 @@ class Experts(Strategy):
         self.lr_factor = float(lr_factor)
         self.expert: int | None = None
 
-    def layout(self, module: CFSegModule) -> dict[str, Any]:
-        """The LoRA layout these settings give on ``module`` (a projection only for a head with a ``weight``)."""
-        return {"layers": list(self.layers or DEFAULT_EXPERT_LAYERS), "rank": int(self.rank),
-                "alpha": float(self.alpha),
+    def layout(self, module: CFSegModule, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The LoRA layout these settings give on ``module`` (a projection only for a head with a ``weight``);
+        settings left unset take ``previous`` (a checkpoint's layout), else the defaults."""
+        previous = previous or {}
+        rank = self.rank if self.rank is not None else previous.get("rank", DEFAULT_EXPERT_RANK)
+        alpha = self.alpha if self.alpha is not None else previous.get("alpha", rank)
+        return {"layers": list(self.layers or previous.get("layers") or DEFAULT_EXPERT_LAYERS), "rank": int(rank),
+                "alpha": float(alpha),
                 "projection": bool(self.projection) and isinstance(getattr(module.head, "weight", None),
                                                                    nn.Parameter)}
 
     def setup(self, module: CFSegModule, teacher: CFSegModule) -> None:
         """Freeze the teacher's network (already in ``module``) and add this stage's expert."""
-        if teacher.expert_layout is not None and teacher.expert_layout != self.layout(module):
+        layout = self.layout(module, teacher.expert_layout)
+        if teacher.expert_layout is not None and teacher.expert_layout != layout:
             raise ValueError(f"the previous checkpoint's experts sit on {teacher.expert_layout}, this stage asks "
-                             f"for {self.layout(module)}; keep the experts' layers/rank/alpha across stages")
+                             f"for {layout}; keep the experts' layers/rank/alpha across stages (or leave them "
+                             "unset)")
         if module.expert_layout is None:
-            module.attach_experts(self.layout(module), 1)
+            module.attach_experts(layout, 1)
         previous = n_experts(module.net) - 1
         new = add_expert(module.net, previous if self.init == "previous" else None)
         for p in module.net.parameters():

@@ -3,8 +3,10 @@
 The network is the OpenKBP one (``configs/openkbp/base.yaml``): MONAI UNet 16-32-64-128-256, strides 2-2-2-2,
 ``num_res_units`` 0, 16 features, prototype head (``minilm`` prototypes), roi 64^3, ``sw_batch_size`` 2, overlap
 0.25, random weights (timing does not depend on training). ``n`` experts are expert 0 (the shared network) plus
-``n - 1`` LoRA experts (rank 4, alpha 4, :data:`cfseg.continual.experts.DECODER_EXPERT_LAYERS`: the decoder's four
-up-sampling convolutions) with random non-zero factors. The 8 classes are split into ``n`` contiguous groups, one
+``n - 1`` LoRA experts (``--layout decoder``: rank 4, alpha 4 on
+:data:`cfseg.continual.experts.DECODER_EXPERT_LAYERS`, the decoder's four up-sampling convolutions; ``--layout
+every``: on every convolution, :data:`cfseg.continual.experts.EVERY_CONV_LAYERS`, the experts default with
+``--rank 16``; alpha = rank) with random non-zero factors. The 8 classes are split into ``n`` contiguous groups, one
 per expert (class-incremental: expert ``e`` serves the classes of stage ``e``, all in domain ``ct``).
 
 What is timed: :meth:`cfseg.module.CFSegModule.sliding_window_logits` (Gaussian sliding windows, eval mode,
@@ -63,7 +65,8 @@ BACKBONE: dict[str, Any] = {  # configs/openkbp/base.yaml
     "init_args": {"spatial_dims": 3, "in_channels": 1, "out_channels": 16, "channels": [16, 32, 64, 128, 256],
                   "strides": [2, 2, 2, 2], "num_res_units": 0},
 }
-RANK, ALPHA = 4, 4.0
+LAYOUTS = {"decoder": "DECODER_EXPERT_LAYERS", "every": "EVERY_CONV_LAYERS"}
+LAYOUT_TEXT = {"decoder": "the decoder's four up-sampling convolutions", "every": "every convolution"}
 CASES = ("plain", "all", "all_nocache", "one")
 
 
@@ -86,7 +89,7 @@ def _save(module, path: Path) -> None:
     torch.save(ckpt, path)
 
 
-def prepare(folder: Path, ns: list[int], seed: int) -> dict[str, Any]:
+def prepare(folder: Path, ns: list[int], seed: int, layout_name: str = "decoder", rank: int = 4) -> dict[str, Any]:
     """Write ``plain.ckpt`` and ``experts_<n>.ckpt`` for every ``n >= 2``; returns parameter counts."""
     import copy
 
@@ -100,12 +103,12 @@ def prepare(folder: Path, ns: list[int], seed: int) -> dict[str, Any]:
                          encoder="minilm", roi_size=(64, 64, 64), sw_batch_size=2, sw_overlap=0.25)
     _save(module, folder / "plain.ckpt")
     network = sum(p.numel() for p in module.net.parameters())
-    layout = {"layers": list(experts.DECODER_EXPERT_LAYERS), "rank": RANK, "alpha": ALPHA}
+    layout = {"layers": list(getattr(experts, LAYOUTS[layout_name])), "rank": rank, "alpha": float(rank)}
     for n in ns:
         if n < 2:
             continue
         m = copy.deepcopy(module)
-        experts.attach_lora(m.net, layout["layers"], RANK, ALPHA)
+        experts.attach_lora(m.net, layout["layers"], rank, float(rank))
         for _ in range(n - 1):
             experts.add_expert(m.net)
         gen = torch.Generator().manual_seed(seed + n)
@@ -117,7 +120,7 @@ def prepare(folder: Path, ns: list[int], seed: int) -> dict[str, Any]:
         m.expert_records = [{"expert": e, "classes": group, "domains": ["ct"]}
                             for e, group in enumerate(split_classes(n))]
         _save(m, folder / f"experts_{n}.ckpt")
-    per_expert = experts.expert_parameter_count(module.net, RANK, layout["layers"])
+    per_expert = experts.expert_parameter_count(module.net, rank, layout["layers"])
     macs = conv_macs(module.net, layout["layers"])
     return {"network_parameters": network, "expert_parameters": per_expert,
             "expert_percent": 100.0 * per_expert / network, "conv_macs_per_window": macs}
@@ -303,7 +306,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     load_before = _loadavg()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cfseg-experts-cost-") as tmp:
-        params = prepare(Path(tmp), ns, args.seed)
+        params = prepare(Path(tmp), ns, args.seed, args.layout, args.rank)
         base = {"folder": tmp, "threads": args.threads, "shape": list(args.shape)}
         for n in ns:
             cases = ["plain"] if n == 1 else list(CASES)
@@ -336,7 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         or platform.machine(), "cpu_count": os.cpu_count(), "threads": args.threads,
         "loadavg_before": load_before, "loadavg_after": _loadavg(),
         "shape": list(args.shape), "roi": [64, 64, 64], "sw_batch_size": 2, "overlap": 0.25, "reps": args.reps,
-        "mem_repeats": args.mem_repeats, "classes": CLASSES, "rank": RANK, "alpha": ALPHA, **params, "rows": rows,
+        "mem_repeats": args.mem_repeats, "classes": CLASSES, "layout": args.layout, "rank": args.rank,
+        "alpha": float(args.rank), **params, "rows": rows,
     }
 
 
@@ -380,7 +384,7 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['mem_repeats']} process(es). The prototype head computes only the requested classes, so one class "
         f"costs a little less than the plain network's 8.",
         "",
-        f"One expert (rank {res['rank']} on the decoder's four up-sampling convolutions) adds "
+        f"One expert (rank {res['rank']} on {LAYOUT_TEXT[res.get('layout', 'decoder')]}) adds "
         f"{res['expert_parameters']:,} parameters, {res['expert_percent']:.2f}% of the network's "
         f"{res['network_parameters']:,}.",
         "",
@@ -410,12 +414,17 @@ def markdown(res: dict[str, Any]) -> str:
     macs = res["conv_macs_per_window"]
     total = macs["expert_layers"] + macs["other_layers"]
     shares = ", ".join(f"{100 * encoder_share(n):.0f}% at {n}" for n in ns)
-    lines += ["", f"Where the time goes: per 64^3 window the convolutions that carry experts (the decoder's "
-              f"transposed convolutions) take {macs['expert_layers'] / 1e9:.2f} of the convolutions' "
-              f"{total / 1e9:.2f} G multiply-adds ({100 * macs['expert_layers'] / total:.0f}%), the encoder and "
-              f"bottleneck, which the prefix cache runs once, {100 * macs['other_layers'] / total:.0f}%. In CPU "
+    every = res.get("layout") == "every"
+    carriers = "every convolution" if every else "the decoder's transposed convolutions"
+    whole = "the whole network" if every else "the decoder"
+    rest = ("no convolution is left for the prefix cache to run once, so it saves nothing" if every else
+            f"the encoder and bottleneck, which the prefix cache runs once, "
+            f"{100 * macs['other_layers'] / total:.0f}%")
+    lines += ["", f"Where the time goes: per 64^3 window the convolutions that carry experts ({carriers}) take "
+              f"{macs['expert_layers'] / 1e9:.2f} of the convolutions' "
+              f"{total / 1e9:.2f} G multiply-adds ({100 * macs['expert_layers'] / total:.0f}%); {rest}. In CPU "
               f"time the encoder's share of a plain pass, estimated per round as (uncached - cached) / plain / "
-              f"(n - 1) (median; noisy on a loaded machine), is {shares} experts. Each expert repeats the decoder "
+              f"(n - 1) (median; noisy on a loaded machine), is {shares} experts. Each expert repeats {whole} "
               f"with its normalisations and activations, the prototype head, the log-softmax and the log-odds "
               f"merge, so the time grows about linearly with the number of experts that serve the requested "
               f"classes; memory grows much less (the experts run one after another on each window batch)."]
@@ -435,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-repeats", type=int, default=1, help="fresh processes per memory measurement")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the workers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="decoder", help="which convolutions carry experts")
+    p.add_argument("--rank", type=int, default=4, help="LoRA rank (alpha = rank)")
     p.add_argument("--out", default=None, help="write <out>.md and <out>.json")
     p.add_argument("--render", default=None, metavar="JSON", help="only rewrite the markdown of a saved result")
     args = p.parse_args(argv)

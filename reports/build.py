@@ -256,11 +256,24 @@ def synthetic(b: Builder) -> None:
         "distill_ci_kd0": ("distill_ci_kd0", "KD 0 in the CT class stage, KD 2.5 flat in the MRI stage"),
         "finetune": ("finetune", "no distillation (lower bound)"),
         "joint": ("joint", "one model from scratch on stages 0..i with their summed steps (350, 500)"),
-        "experts": ("experts", "LoRA rank 4 on the decoder + a projection per expert; the stage-0 network frozen"),
         "replay": ("replay", "finetune + 25 % of every earlier stage's training cases (not rehearsal-free)"),
         "ewc_1e5": ("ewc_1e5", "EWC, lambda 1e5"),
     }, command=cmd_v2, stage_labels=stages, bound="joint",
         what="synthetic protocol v2 (CT organs -> new CT organs -> MRI), seeds 0-2")
+    # experts' default layout, from the layout comparison's runs (the same protocol, seeds and joint)
+    src = "synthetic/experts_choice/summary.json"
+    cmd_choice = protocol_command(SYNTH_V2, src, "0 1 2", "results/synth_experts")
+    row, config = EXPERTS_CHOICE["experts_all_r16"]
+    config = f"the experts default: {config}"
+    what = "synthetic protocol v2 (CT organs -> new CT organs -> MRI), seeds 0-2"
+    protocol(b, "synthetic.protocol", src, {"experts": (row, config)}, command=cmd_choice, stage_labels=stages,
+             bound=None, what=what)
+    strategies = _load(src)["strategies"]
+    seeds, joint = strategies[row]["per_seed"], strategies["joint"]
+    b.add("synthetic.protocol.experts.ratio_to_joint", strategies[row]["average_dice"] / joint["average_dice"],
+          {s: r["average_dice"] / joint["per_seed"][s]["average_dice"] for s, r in seeds.items()}, config=config,
+          command=cmd_choice(row), source=src, description=f"{what}: average Dice over joint's (the joint rerun "
+          "beside it): ratio of the means; per seed the ratio on that seed")
 
     cmd_terms = protocol_command("configs/incremental/synthetic_v2_stage1_terms.yaml",
                                  "synthetic/stage1_terms/summary.json", "0 1 2")
@@ -444,11 +457,14 @@ CONTRAST_ROWS = {
 def openkbp_contrast(b: Builder) -> None:
     """The real-anatomy domain step (CT -> MR-like contrast): rows, per-organ Dice, the stage-0 model on both."""
     src = "openkbp/contrast/summary.json"
-    cmd = protocol_command(CONTRAST, src, "0", before="python benchmarks/openkbp/make_scanner_shift.py --shift "
-                           "mr_like; ")
-    strategies = _load(src)["strategies"]
+    doc = _load(src)
+    seeds_text = " ".join(str(s) for s in doc["seeds"])
+    cmd = protocol_command(CONTRAST, src, seeds_text, before="python benchmarks/openkbp/make_scanner_shift.py "
+                           "--shift mr_like; ")
+    strategies = doc["strategies"]
     rows = CONTRAST_ROWS
-    what = "OpenKBP real-anatomy domain step (CT, then the same organs in an MR-like contrast), seed 0"
+    what = (f"OpenKBP real-anatomy domain step (CT, then the same organs in an MR-like contrast), seeds "
+            f"{', '.join(str(s) for s in doc['seeds'])}")
     protocol(b, "openkbp.contrast", src, rows, command=cmd, stage_labels=CONTRAST_STAGES,
              bound="joint", what=what, final_val=True)
     for key, (row, config) in rows.items():
@@ -465,19 +481,115 @@ def openkbp_contrast(b: Builder) -> None:
         b.add(f"openkbp.contrast.stage0.{label}", _fmean(list(vals.values())), vals,
               config="protocol v2's stage 0 (1000 steps on CT)", command=cmd("finetune"), source=src,
               description=f"the stage-0 CT model on the {label} test cases (R[0][{j}])")
-    src = "openkbp/contrast/modality_router.json"
-    doc = _load(src)
-    kw = {"config": "modality router of the experts_all_r16 checkpoint (CT stage + MR-like stage, seed 0)",
-          "source": src, "command": f".venv/bin/python benchmarks/modality_router.py --config {CONTRAST} "
-          f"--checkpoint {doc['checkpoint']} --extra ../shared/data/totalseg_ct ../shared/data/totalseg_mr --out "
-          "reports/data/openkbp/contrast/modality_router"}
-    for answer in ("router_0.1", "router_0.01", "rule"):
+    contrast_joint_4x(b, strategies, cmd)
+    sources = {"0": "openkbp/contrast/modality_router.json", "1": "openkbp/contrast/modality_router_seed1.json"}
+    docs = {s: _load(src) for s, src in sources.items()}
+    kw = {"config": "modality router of the experts_all_r16 checkpoint (CT stage + MR-like stage), per seed",
+          "source": sources["0"], "command": " ; ".join(
+              f".venv/bin/python benchmarks/modality_router.py --config {CONTRAST} --checkpoint {d['checkpoint']} "
+              f"--extra ../shared/data/totalseg_ct ../shared/data/totalseg_mr --out reports/data/{sources[s][:-5]}"
+              for s, d in docs.items())}
+    for answer in ("router_0.1", "router_0.01", "chosen", "rule"):
         for split in ("val", "test", "extra"):
-            rows = [r for r in doc["rows"] if r["split"] == split and r["variant"] == "stored"]
+            acc = {}
+            for s, d in docs.items():
+                key = f"router_{d['chosen_gamma']:g}" if answer == "chosen" else answer
+                rows = [r for r in d["rows"] if r["split"] == split and r["variant"] == "stored"]
+                acc[s] = sum(r[key] == r["truth"] for r in rows) / len(rows)
             name = answer.replace("router_", "gamma_").replace(".", "p")
-            b.add(f"router.modality.contrast.{name}.{split}_accuracy", sum(r[answer] == r["truth"] for r in rows)
-                  / len(rows), {}, **kw, description=f"fraction of {len(rows)} {split} volumes (OpenKBP CT and "
-                  "MR-like; extra: the TotalSegmentator CT and MR examples) whose modality is named correctly")
+            what = ("the gamma chosen on the validation cases per seed (" + ", ".join(
+                f"{d['chosen_gamma']:g}" for d in docs.values()) + ")") if answer == "chosen" else name
+            b.add(f"router.modality.contrast.{name}.{split}_accuracy", _fmean(list(acc.values())), acc, **kw,
+                  description=f"{what}: fraction of the {len(rows)} {split} volumes (OpenKBP CT and MR-like; extra: "
+                  "the TotalSegmentator CT and MR examples) whose modality is named correctly")
+
+
+def contrast_joint_4x(b: Builder, strategies: dict[str, Any], protocol_cmd: Callable[[str], str]) -> None:
+    """``openkbp.contrast.joint_4x.*``: one model from scratch on both contrasts with 4x the sequential rows' 1300
+    steps, and every row's ratio to it (``openkbp.contrast.<row>.ratio_to_joint_4x``)."""
+    src = "openkbp/contrast/joint_4x.json"
+    doc = _load(src)
+    runs = doc["runs"]["joint_4x"]
+    cmd = " ; ".join(doc["commands"]["joint_4x"][s] for s in sorted(runs))
+    kw = {"config": "joint on both contrasts' data from scratch with 4 x 1300 = 5200 steps", "command": cmd,
+          "source": src}
+    stem = "openkbp.contrast.joint_4x"
+    for split, suffix in (("test", ""), ("val", "_val")):
+        vals = {s: r[split]["average_dice"] for s, r in runs.items()}
+        b.add(f"{stem}.average_dice{suffix}", _fmean(list(vals.values())), vals, **kw,
+              description=f"mean Dice over both contrasts' {split} cases")
+        for j, label in enumerate(CONTRAST_STAGES):
+            vals = {s: r[split]["row"][j] for s, r in runs.items()}
+            b.add(f"{stem}.final{suffix}.{label}", _fmean(list(vals.values())), vals, **kw,
+                  description=f"mean Dice on the {label} {split} cases")
+    for stage, label in zip(next(iter(runs.values()))["test"]["per_class"], CONTRAST_STAGES, strict=True):
+        for organ in next(iter(runs.values()))["test"]["per_class"][stage]:
+            vals = {s: r["test"]["per_class"][stage][organ] for s, r in runs.items()}
+            b.add(f"{stem}.dice.{label}.{organ}", _fmean(list(vals.values())), vals, **kw,
+                  description=f"{organ} Dice on the {label} test cases")
+    bound = {s: r["test"]["average_dice"] for s, r in runs.items()}
+    for key, (row, _config) in CONTRAST_ROWS.items():
+        seeds = {s: v["average_dice"] for s, v in strategies[row]["per_seed"].items() if s in bound}
+        b.add(f"openkbp.contrast.{key}.ratio_to_joint_4x", _fmean(list(seeds.values())) / _fmean(
+            [bound[s] for s in seeds]), {s: v / bound[s] for s, v in seeds.items()}, config=f"row {row} over joint_4x",
+            command=cmd + " ; " + protocol_cmd(row), source="openkbp/contrast/summary.json",
+            description="average Dice over the 4x joint's (ratio of the means over the seeds both have)")
+
+
+#: the experts layouts compared on every protocol's validation cases: {key: (protocol row, config text)}
+EXPERTS_CHOICE = {
+    "experts_decoder": ("experts_decoder", "LoRA rank 4 on the decoder + a projection per expert, stage lr x1 (the "
+                        "default before)"),
+    "experts_all_lr1": ("experts_all_lr1", "LoRA rank 4 on every convolution + projection, stage lr x1"),
+    "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection, stage lr x4"),
+    "experts_all_r16": ("experts_all_r16", "LoRA rank 16 (alpha 16) on every convolution + projection, stage lr "
+                        "x4"),
+}
+
+
+def experts_choice(b: Builder) -> None:
+    """The experts layouts on the synthetic protocol (``synthetic.experts_choice.*``, with its joint rerun as the
+    bound) and the rank-16 layout on the class-incremental OpenKBP protocol (``openkbp.incremental.experts_all_r16.*``);
+    the real-anatomy domain step's rows are ``openkbp.contrast.*``."""
+    src = "synthetic/experts_choice/summary.json"
+    seeds = " ".join(str(s) for s in _load(src)["seeds"])
+    cmd = protocol_command(SYNTH_V2, src, seeds, "results/synth_experts")
+    rows = {**EXPERTS_CHOICE, "joint": ("joint", "one model from scratch on stages 0..i with their summed steps "
+                                                 "(350, 500)")}
+    protocol(b, "synthetic.experts_choice", src, rows, command=cmd, stage_labels=("ct_organs", "ct_new_organs",
+             "mri"), bound="joint", what=f"synthetic protocol v2, experts layouts, seeds {seeds}", final_val=True)
+    src = "openkbp/experts_choice/incremental_v2.json"
+    seeds = " ".join(str(s) for s in _load(src)["seeds"])
+    cmd = protocol_command(OKBP_V2, src, seeds, "results/openkbp/incremental_v2_experts")
+    row, config = EXPERTS_CHOICE["experts_all_r16"]
+    protocol(b, "openkbp.incremental", src, {"experts_all_r16": (row, config)}, command=cmd,
+             stage_labels=("brainstem_cord_mandible", "parotids", "esophagus_larynx"), bound=None,
+             what=f"OpenKBP class-incremental protocol v2, seeds {seeds}", classes=("esophagus",),
+             val_classes=("esophagus",))
+    st = _load(src)["strategies"][row]
+    vals = {s: r["params"][1]["trainable"] for s, r in st["per_seed"].items()}
+    total = {s: r["params"][0]["total"] for s, r in st["per_seed"].items()}
+    b.add("openkbp.incremental.experts_all_r16.trainable_percent_per_stage",
+          100 * _fmean(list(vals.values())) / _fmean(list(total.values())),
+          {s: 100 * vals[s] / total[s] for s in vals}, config=config, command=cmd(row), source=src,
+          description="one expert's parameters in % of the stage-0 network's")
+    # the same stage-0 models as the protocol's other rows (incremental_v2_rerun): its joint_lt is the bound
+    bound = _load("openkbp/incremental_v2_rerun/summary.json")["strategies"]["joint_lt"]["per_seed"]
+    per_seed = _load(src)["strategies"][row]["per_seed"]
+    for split in ("", "_val"):
+        ratios = {s: r[f"average_dice{split}"] / bound[s][f"average_dice{split}"] for s, r in per_seed.items()}
+        b.add(f"openkbp.incremental.experts_all_r16.ratio{split}_to_joint_lt",
+              _fmean([r[f"average_dice{split}"] for r in per_seed.values()])
+              / _fmean([bound[s][f"average_dice{split}"] for s in per_seed]), ratios, config=config,
+              command=cmd(row), source=src, description=f"average Dice on the {'validation' if split else 'test'} "
+              "cases over joint_lt's (openkbp/incremental_v2_rerun): ratio of the means")
+    runs = _load("openkbp/joint_diagnostic.json")["runs"]["joint_lt_4x"]
+    four = {s: runs[s]["test"]["average_dice"] for s in per_seed if s in runs}
+    b.add("openkbp.incremental.experts_all_r16.ratio_to_joint_lt_4x",
+          _fmean([per_seed[s]["average_dice"] for s in four]) / _fmean(list(four.values())),
+          {s: per_seed[s]["average_dice"] / v for s, v in four.items()}, config=config, command=cmd(row), source=src,
+          description="average Dice over the 4x joint's (openkbp/joint_diagnostic.json; ratio of the means over "
+          "the seeds both have)")
 
 
 def heads(b: Builder) -> None:
@@ -651,23 +763,26 @@ def speed(b: Builder) -> None:
             ("load1_during_max", row["load1_during"]["max"], "largest 1-minute load average at a pair's start"),
             ("load1_after", doc["load_after"][0], "1-minute load average after the run")):
         b.add(f"speed.training.{name}", value, {}, **kw, description=what)
-    src = "speed/experts_cost.json"
-    doc = _load(src)
-    kw = {"config": "OpenKBP UNet 16-256 + prototype head, LoRA rank 4 on the decoder, 96x96x80 volume, one thread",
-          "command": doc["command"].replace("--out benchmarks/experts_cost", "--out reports/data/speed/experts_cost"),
-          "source": src}
-    b.add("speed.experts.expert_percent_without_projection", doc["expert_percent"], {}, **kw,
-          description="one decoder expert's LoRA parameters in % of the network (the projection copy adds more)")
-    for row in doc["rows"]:
-        n = row["experts"]
-        case = {"plain": None, "all": "all_classes", "all_nocache": "all_classes_no_prefix_cache",
-                "one": "one_class"}.get(row["case"], row["case"])
-        if case is None:
-            continue
-        b.add(f"speed.experts.n{n}.{case}.cpu_ratio", row["paired_cpu_ratio_to_plain"], {}, **kw,
-              description=f"{n} experts, {row['case']}: CPU time over the plain network's (paired, median)")
-        b.add(f"speed.experts.n{n}.{case}.peak_mib", row["peak_rss_growth_mib"], {}, **kw,
-              description=f"{n} experts, {row['case']}: peak RSS growth, MiB")
+    for prefix, name, layout in (("speed.experts", "experts_cost", "LoRA rank 4 on the decoder"),
+                                 ("speed.experts.every_r16", "experts_cost_every_r16",
+                                  "LoRA rank 16 on every convolution (the experts default)")):
+        src = f"speed/{name}.json"
+        doc = _load(src)
+        kw = {"config": f"OpenKBP UNet 16-256 + prototype head, {layout}, 96x96x80 volume, one thread",
+              "command": doc["command"].replace("--out benchmarks/experts_cost",
+                                                "--out reports/data/speed/experts_cost"), "source": src}
+        b.add(f"{prefix}.expert_percent_without_projection", doc["expert_percent"], {}, **kw,
+              description="one expert's LoRA parameters in % of the network (the projection copy adds more)")
+        for row in doc["rows"]:
+            n = row["experts"]
+            case = {"plain": None, "all": "all_classes", "all_nocache": "all_classes_no_prefix_cache",
+                    "one": "one_class"}.get(row["case"], row["case"])
+            if case is None:
+                continue
+            b.add(f"{prefix}.n{n}.{case}.cpu_ratio", row["paired_cpu_ratio_to_plain"], {}, **kw,
+                  description=f"{n} experts, {row['case']}: CPU time over the plain network's (paired, median)")
+            b.add(f"{prefix}.n{n}.{case}.peak_mib", row["peak_rss_growth_mib"], {}, **kw,
+                  description=f"{n} experts, {row['case']}: peak RSS growth, MiB")
 
 
 def online(b: Builder) -> None:
@@ -903,6 +1018,7 @@ def build() -> Entries:
     openkbp_incremental(b)
     openkbp_domain(b)
     openkbp_contrast(b)
+    experts_choice(b)
     heads(b)
     prototypes(b)
     esophagus(b)

@@ -82,6 +82,14 @@ def _fmean(xs: Sequence[float | None]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _ratio_of_means(values: dict[str, float], bound: dict[str, float]) -> tuple[float | None, dict[str, float]]:
+    """``values`` over ``bound`` ({seed: number} each) on the seeds both have: the ratio of the means, and the
+    ratio per seed."""
+    common = [s for s in values if s in bound]
+    return (_fmean([values[s] for s in common]) / _fmean([bound[s] for s in common]),
+            {s: values[s] / bound[s] for s in common})
+
+
 class Builder:
     def __init__(self) -> None:
         self.entries: Entries = {}
@@ -269,9 +277,8 @@ def synthetic(b: Builder) -> None:
     protocol(b, "synthetic.protocol", src, {"experts": (row, config)}, command=cmd_choice, stage_labels=stages,
              bound=None, what=what)
     strategies = _load(src)["strategies"]
-    seeds, joint = strategies[row]["per_seed"], strategies["joint"]
-    b.add("synthetic.protocol.experts.ratio_to_joint", strategies[row]["average_dice"] / joint["average_dice"],
-          {s: r["average_dice"] / joint["per_seed"][s]["average_dice"] for s, r in seeds.items()}, config=config,
+    dice = {name: {s: r["average_dice"] for s, r in strategies[name]["per_seed"].items()} for name in (row, "joint")}
+    b.add("synthetic.protocol.experts.ratio_to_joint", *_ratio_of_means(dice[row], dice["joint"]), config=config,
           command=cmd_choice(row), source=src, description=f"{what}: average Dice over joint's (the joint rerun "
           "beside it): ratio of the means; per seed the ratio on that seed")
 
@@ -437,16 +444,24 @@ def openkbp_domain(b: Builder) -> None:
               description=f"the stage-0 model on the {label.replace('_', ' ')} test cases (R[0][{j}])")
 
 
+#: the experts layouts compared on every protocol's validation cases: {key: (protocol row, config text)}
+EXPERTS_CHOICE = {
+    "experts_decoder": ("experts_decoder", "LoRA rank 4 on the decoder + a projection per expert, stage lr x1 (the "
+                        "default before)"),
+    "experts_all_lr1": ("experts_all_lr1", "LoRA rank 4 on every convolution + projection, stage lr x1"),
+    "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection, stage lr x4"),
+    "experts_all_r16": ("experts_all_r16", "LoRA rank 16 (alpha 16) on every convolution + projection, stage lr "
+                        "x4"),
+}
+
+
 CONTRAST = "configs/openkbp/contrast.yaml"
 CONTRAST_STAGES = ("ct", "mr_like")
 #: the real-anatomy domain protocol's rows: {key: (summary row, config text)}
 CONTRAST_ROWS = {
     "distill": ("distill", "KD 2.5 flat, distilling on the unlabelled stage-0 CT images (not on the labelled "
                 "MR-like ones: distill_labeled auto), similarity maps"),
-    "experts_decoder": ("experts_decoder", "LoRA rank 4 on the decoder + a projection per expert, stage lr x1"),
-    "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection, stage lr x4"),
-    "experts_all_r16": ("experts_all_r16", "LoRA rank 16 on every convolution + projection, stage lr x4"),
-    "experts_all_lr1": ("experts_all_lr1", "LoRA rank 4 on every convolution + projection, stage lr x1"),
+    **EXPERTS_CHOICE,
     "ewc_1e5": ("ewc_1e5", "EWC, lambda 1e5"),
     "replay": ("replay", "finetune + 25 % of the stage-0 training cases (keeps old data)"),
     "finetune": ("finetune", "the whole network on the MR-like cases, no distillation (lower bound)"),
@@ -529,22 +544,11 @@ def contrast_joint_4x(b: Builder, strategies: dict[str, Any], protocol_cmd: Call
                   description=f"{organ} Dice on the {label} test cases")
     bound = {s: r["test"]["average_dice"] for s, r in runs.items()}
     for key, (row, _config) in CONTRAST_ROWS.items():
-        seeds = {s: v["average_dice"] for s, v in strategies[row]["per_seed"].items() if s in bound}
-        b.add(f"openkbp.contrast.{key}.ratio_to_joint_4x", _fmean(list(seeds.values())) / _fmean(
-            [bound[s] for s in seeds]), {s: v / bound[s] for s, v in seeds.items()}, config=f"row {row} over joint_4x",
-            command=cmd + " ; " + protocol_cmd(row), source="openkbp/contrast/summary.json",
+        dice = {s: v["average_dice"] for s, v in strategies[row]["per_seed"].items()}
+        b.add(f"openkbp.contrast.{key}.ratio_to_joint_4x", *_ratio_of_means(dice, bound),
+              config=f"row {row} over joint_4x", command=cmd + " ; " + protocol_cmd(row),
+              source="openkbp/contrast/summary.json",
             description="average Dice over the 4x joint's (ratio of the means over the seeds both have)")
-
-
-#: the experts layouts compared on every protocol's validation cases: {key: (protocol row, config text)}
-EXPERTS_CHOICE = {
-    "experts_decoder": ("experts_decoder", "LoRA rank 4 on the decoder + a projection per expert, stage lr x1 (the "
-                        "default before)"),
-    "experts_all_lr1": ("experts_all_lr1", "LoRA rank 4 on every convolution + projection, stage lr x1"),
-    "experts_all": ("experts_all", "LoRA rank 4 on every convolution + projection, stage lr x4"),
-    "experts_all_r16": ("experts_all_r16", "LoRA rank 16 (alpha 16) on every convolution + projection, stage lr "
-                        "x4"),
-}
 
 
 def experts_choice(b: Builder) -> None:
@@ -577,17 +581,15 @@ def experts_choice(b: Builder) -> None:
     bound = _load("openkbp/incremental_v2_rerun/summary.json")["strategies"]["joint_lt"]["per_seed"]
     per_seed = _load(src)["strategies"][row]["per_seed"]
     for split in ("", "_val"):
-        ratios = {s: r[f"average_dice{split}"] / bound[s][f"average_dice{split}"] for s, r in per_seed.items()}
-        b.add(f"openkbp.incremental.experts_all_r16.ratio{split}_to_joint_lt",
-              _fmean([r[f"average_dice{split}"] for r in per_seed.values()])
-              / _fmean([bound[s][f"average_dice{split}"] for s in per_seed]), ratios, config=config,
+        b.add(f"openkbp.incremental.experts_all_r16.ratio{split}_to_joint_lt", *_ratio_of_means(
+              {s: r[f"average_dice{split}"] for s, r in per_seed.items()},
+              {s: r[f"average_dice{split}"] for s, r in bound.items()}), config=config,
               command=cmd(row), source=src, description=f"average Dice on the {'validation' if split else 'test'} "
               "cases over joint_lt's (openkbp/incremental_v2_rerun): ratio of the means")
     runs = _load("openkbp/joint_diagnostic.json")["runs"]["joint_lt_4x"]
-    four = {s: runs[s]["test"]["average_dice"] for s in per_seed if s in runs}
-    b.add("openkbp.incremental.experts_all_r16.ratio_to_joint_lt_4x",
-          _fmean([per_seed[s]["average_dice"] for s in four]) / _fmean(list(four.values())),
-          {s: per_seed[s]["average_dice"] / v for s, v in four.items()}, config=config, command=cmd(row), source=src,
+    b.add("openkbp.incremental.experts_all_r16.ratio_to_joint_lt_4x", *_ratio_of_means(
+          {s: r["average_dice"] for s, r in per_seed.items()}, {s: r["test"]["average_dice"] for s, r in runs.items()}),
+          config=config, command=cmd(row), source=src,
           description="average Dice over the 4x joint's (openkbp/joint_diagnostic.json; ratio of the means over "
           "the seeds both have)")
 
@@ -972,9 +974,8 @@ def joint_bound(b: Builder) -> None:
     proto = _load("openkbp/incremental_v2_rerun/summary.json")["strategies"]
     for key, row in (("distill", "distill_plop_sep01_kd10_ramp0"), ("experts_all", "experts_all"),
                      ("joint_lt", "joint_lt"), ("replay", "replay"), ("ewc_1e5", "ewc_1e5"), ("experts", "experts")):
-        seeds = {s: v["average_dice"] for s, v in proto[row]["per_seed"].items() if s in bound}
-        b.add(f"openkbp.incremental.{key}.ratio_to_joint_lt_4x", _fmean(list(seeds.values())) / _fmean(
-            [bound[s] for s in seeds]), {s: v / bound[s] for s, v in seeds.items()},
+        dice = {s: v["average_dice"] for s, v in proto[row]["per_seed"].items()}
+        b.add(f"openkbp.incremental.{key}.ratio_to_joint_lt_4x", *_ratio_of_means(dice, bound),
             config=f"row {row} over joint_lt_4x", command=cmd + " ; " + protocol_command(
                 OKBP_V2, "openkbp/incremental_v2_rerun/summary.json", "0 1")(row),
             source="openkbp/incremental_v2_rerun/summary.json",

@@ -14,6 +14,7 @@ import inspect
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -60,6 +61,20 @@ DEFAULT_BACKBONE: dict[str, Any] = {
         "strides": [2, 2, 2], "num_res_units": 1,
     },
 }
+OPTIMIZERS = ("adamw", "sgd")  # model.optimizer_name
+LR_SCHEDULES = ("cosine", "poly")  # model.lr_schedule
+
+
+def lr_factor(step: int, total: int, warmup: int, kind: str = "cosine") -> float:
+    """Multiplier of the base lr at optimizer step ``step`` of ``total``: linear warm-up over ``warmup`` steps, then
+    cosine decay to 0 (``"cosine"``) or nnU-Net's polynomial ``(1 - t) ** 0.9`` (``"poly"``), ``t`` the fraction of
+    the post-warm-up steps done (clipped to 1)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return (1.0 - t) ** 0.9 if kind == "poly" else 0.5 * (1 + math.cos(math.pi * t))
+
+
 HEADS = tuple(HEAD_SHORTHANDS)  # the head shorthands; any cfseg.heads class (or a trusted one) by class_path
 #: constructor arguments a checkpoint's hyper-parameters never set (they come from the checkpoint's metadata)
 LOAD_SKIP = frozenset({"self", "class_names", "preprocessing", "previous_checkpoint", "new_classes", "trusted_modules",
@@ -94,10 +109,13 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         temperature: cosine-logit temperature tau.
         learnable_temperature: learn tau.
         hidden_channels: optional per-voxel hidden layer before the projection.
-        lr: AdamW learning rate (used when ``optimizer`` is not given).
-        incremental_lr_factor: multiplies ``lr`` in an incremental stage (built-in AdamW only).
-        weight_decay: AdamW weight decay.
-        warmup_fraction: fraction of steps with linear warm-up before cosine decay.
+        lr: learning rate of the built-in optimizer (used when ``optimizer`` is not given).
+        incremental_lr_factor: multiplies ``lr`` in an incremental stage (built-in optimizer only).
+        weight_decay: weight decay of the built-in optimizer.
+        warmup_fraction: fraction of steps with linear warm-up before the decay.
+        optimizer_name: the built-in optimizer: ``"adamw"`` or ``"sgd"`` (Nesterov momentum 0.99, as nnU-Net).
+        lr_schedule: ``"cosine"`` (warm-up, then cosine decay to 0) or ``"poly"`` (warm-up, then nnU-Net's
+            ``(1 - t / T) ** 0.9``), per step over the run's ``max_steps``.
         loss_weights: weights of the supervised loss (:class:`cfseg.losses.LossWeights`: ``ce_weight``,
             ``dice_weight``, ``batch_dice``, ``exclusion_weight``, ``entropy_weight``).
         roi_size: sliding-window size for validation/inference (linked to the training patch).
@@ -139,6 +157,8 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         incremental_lr_factor: float = 1.0,
         weight_decay: float = 1e-5,
         warmup_fraction: float = 0.05,
+        optimizer_name: str = "adamw",
+        lr_schedule: str = "cosine",
         loss_weights: LossWeights | dict[str, Any] | None = None,
         roi_size: tuple[int, int, int] = (64, 64, 64),
         sw_batch_size: int = 2,
@@ -169,6 +189,10 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         if not (isinstance(incremental_lr_factor, (int, float)) and math.isfinite(incremental_lr_factor)
                 and incremental_lr_factor > 0):
             raise ValueError(f"incremental_lr_factor must be a finite number > 0, got {incremental_lr_factor!r}")
+        if optimizer_name not in OPTIMIZERS:
+            raise ValueError(f"optimizer_name must be one of {OPTIMIZERS}, got {optimizer_name!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         if bank_state is None and not class_names and not previous_checkpoint:
             raise ValueError("class_names is empty: give model.class_names or link it from the data module")
         self.save_hyperparameters(ignore=["optimizer", "bank_state", "experts_state", "strategy", "statistics",
@@ -486,16 +510,14 @@ class CFSegModule(RoutedExperts, L.LightningModule):
             return self._optimizer_fn(params)
         # the stage's learning rate
         lr = h.lr * (h.incremental_lr_factor * self.strategy.lr_factor if h.previous_checkpoint else 1.0)
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=h.weight_decay)
+        if h.get("optimizer_name", "adamw") == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=0.99, nesterov=True, weight_decay=h.weight_decay)
+        else:
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=h.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
-        warm = max(1, int(h.warmup_fraction * total))
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, partial(lr_factor, total=total, warmup=max(1, int(h.warmup_fraction * total)),
+                         kind=h.get("lr_schedule", "cosine")))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # ---- stages --------------------------------------------------------------------------------------

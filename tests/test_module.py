@@ -158,3 +158,37 @@ def test_test_writes_the_dice_of_every_case(box_model, boxes, tmp_path):
     assert {r["case_id"] for r in rows} == {c["case_id"] for c in run.model.case_scores}
     for c in BOX_LABELS:
         assert sum(float(r[c]) for r in rows) / len(rows) == pytest.approx(logged[f"test/dice_{c}"], abs=1e-5), c
+
+
+def test_lr_schedules_warm_up_then_decay_to_zero():
+    from cfseg.module import lr_factor
+
+    cos = [lr_factor(s, total=100, warmup=10) for s in range(101)]
+    poly = [lr_factor(s, total=100, warmup=10, kind="poly") for s in range(101)]
+    assert cos[:10] == poly[:10] == [pytest.approx((s + 1) / 10) for s in range(10)]
+    assert cos[10] == poly[10] == 1.0 and cos[100] == pytest.approx(0.0) and poly[100] == 0.0
+    assert all(a >= b for a, b in zip(poly[10:], poly[11:], strict=False))
+    assert poly[55] == pytest.approx(0.5 ** 0.9)  # halfway after the warm-up: nnU-Net's (1 - t) ** 0.9
+    assert cos[55] == pytest.approx(0.5)
+
+
+def test_sgd_optimizer_and_poly_schedule_are_built_and_bad_names_refused():
+    from cfseg.module import CFSegModule
+
+    backbone = {"class_path": "monai.networks.nets.UNet", "init_args": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 8, "channels": [4, 8], "strides": [2]}}
+    kw = dict(class_names=["liver", "spleen"], backbone=backbone, feature_channels=8)
+    conf = CFSegModule(**kw, lr=0.01, optimizer_name="sgd", lr_schedule="poly",
+                       warmup_fraction=0.0).configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.param_groups[0]["momentum"] == 0.99 and opt.param_groups[0]["nesterov"]
+    for _ in range(500):  # without a trainer the schedule spans 1000 steps
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * 0.5 ** 0.9, rel=1e-3)
+    assert isinstance(CFSegModule(**kw).configure_optimizers()["optimizer"], torch.optim.AdamW)
+    with pytest.raises(ValueError, match="optimizer_name"):
+        CFSegModule(**kw, optimizer_name="adam")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        CFSegModule(**kw, lr_schedule="step")

@@ -201,19 +201,22 @@ def load_test_cases(module: Any, data: Path, split_file: Path | None, max_cases:
     return build_transforms(dm.preprocessing(ds.info.modality), train=False), items
 
 
-def cache_path(ckpt: Path, cache_dir: Path | None) -> Path:
+def cache_path(ckpt: Path, cache_dir: Path | None, part: str = "test") -> Path:
+    """Where a checkpoint's per-case metrics on the ``part`` cases are cached (test: no part in the name)."""
+    suffix = "" if part == "test" else f".{part}"
     if cache_dir is None:
-        return ckpt.with_name(ckpt.stem + ".heads_eval.json")
+        return ckpt.with_name(ckpt.stem + suffix + ".heads_eval.json")
     digest = hashlib.sha1(str(ckpt.resolve()).encode()).hexdigest()[:10]
-    return cache_dir / f"{ckpt.parent.name}_{ckpt.stem}_{digest}.heads_eval.json"
+    return cache_dir / f"{ckpt.parent.name}_{ckpt.stem}_{digest}{suffix}.heads_eval.json"
 
 
 def cache_key(ckpt: Path, data: Path, split_file: Path | None, classes: Sequence[str] | None,
-              tolerance_mm: float) -> dict[str, Any]:
+              tolerance_mm: float, part: str = "test") -> dict[str, Any]:
     st = ckpt.stat()
     split_hash = hashlib.sha1(split_file.read_bytes()).hexdigest() if split_file else None
-    return {"version": CACHE_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "data": str(data.resolve()),
-            "split_sha1": split_hash, "classes": list(classes) if classes else None, "tolerance_mm": tolerance_mm}
+    key = {"version": CACHE_VERSION, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "data": str(data.resolve()),
+           "split_sha1": split_hash, "classes": list(classes) if classes else None, "tolerance_mm": tolerance_mm}
+    return key if part == "test" else {**key, "part": part}  # test keys as before: earlier caches stay valid
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -226,7 +229,8 @@ def score_checkpoint(job: dict[str, Any]) -> dict[str, Any]:
     """Per-case metrics of one checkpoint on the test cases, computing only the cases its cache lacks.
 
     ``job``: ``ckpt``, ``data``, ``split``, ``classes``, ``tolerance_mm``, ``max_cases``, ``cache_dir``,
-    ``threads``, ``label`` (for progress lines). Returns ``{"cases": {case_id: {class: metrics}}, "spacing_mm",
+    ``threads``, ``label`` (for progress lines), optionally ``part`` (the split's ``"val"`` cases instead).
+    Returns ``{"cases": {case_id: {class: metrics}}, "spacing_mm",
     "computed", "reused", "seconds_per_case"}``.
     """
     from cfseg.inference import predict_volume
@@ -235,8 +239,9 @@ def score_checkpoint(job: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(job["threads"])
     ckpt, data = Path(job["ckpt"]), Path(job["data"])
     split = Path(job["split"]) if job["split"] else None
-    key = cache_key(ckpt, data, split, job["classes"], job["tolerance_mm"])
-    cpath = cache_path(ckpt, Path(job["cache_dir"]) if job["cache_dir"] else None)
+    part = job.get("part", "test")
+    key = cache_key(ckpt, data, split, job["classes"], job["tolerance_mm"], part)
+    cpath = cache_path(ckpt, Path(job["cache_dir"]) if job["cache_dir"] else None, part)
     cache: dict[str, Any] = {"key": key, "cases": {}, "spacing_mm": None}
     if cpath.is_file():
         try:
@@ -248,7 +253,7 @@ def score_checkpoint(job: dict[str, Any]) -> dict[str, Any]:
     module = load_checkpoint(str(ckpt)).eval()
     names = module.bank.names
     wanted = set(range(1, len(names))) if not job["classes"] else {module.bank.index(c) for c in job["classes"]}
-    transform, items = load_test_cases(module, data, split, job["max_cases"])
+    transform, items = load_test_cases(module, data, split, job["max_cases"], part)
     todo = [it for it in items if it["case_id"] not in cache["cases"]]
     seconds = []
     for i, item in enumerate(todo):

@@ -47,7 +47,7 @@ from cfseg.geometry import labels_to_input_grid
 from cfseg.heads import DEFAULT_BOTTLENECK_LAYER, HEAD_SHORTHANDS, Head, bottleneck_channels, head_spec
 from cfseg.losses import LossWeights, ambiguous_entropy, exclusion_loss
 from cfseg.metrics import PerClassDice, dice_per_class
-from cfseg.nets import Segmenter, segmenter
+from cfseg.nets import Segmenter, deep_supervision_weights, segmenter
 from cfseg.ood import DomainStatistics, fit_domain_statistics
 from cfseg.text.encoders import build_encoder
 from cfseg.vocab import Vocabulary
@@ -420,9 +420,17 @@ class CFSegModule(RoutedExperts, L.LightningModule):
         step = StepContext(batch, unlabeled, batch["label"][:, 0].long(), batch["annotated"].bool())
         self.strategy.targets(self, step)
         step.feats, step.context, step.acts = self.strategy.encode(self, x)
+        deep = step.context.pop("deep_features", ())  # a deep-supervised backbone's extra outputs' features
         step.logits = self.logits_from_features(step.feats, step.context)
         supervised = self.loss_terms(step.logits, batch, step.target, step.annotated, step.ignore_index,
                                      step.dice_labels, step.pseudo_dice_weight)
+        if deep:  # nnU-Net's deep supervision: the same targets on every output, weights 1, 1/2, 1/4, ... (sum 1)
+            weights = deep_supervision_weights(1 + len(deep))
+            supervised = {name: weights[0] * term for name, term in supervised.items()}
+            for w, feats in zip(weights[1:], deep, strict=True):
+                extra = self.loss_terms(self.logits_from_features(feats, step.context), batch, step.target,
+                                        step.annotated, step.ignore_index, step.dice_labels, step.pseudo_dice_weight)
+                supervised = {name: term + w * extra[name] for name, term in supervised.items()}
         loss = sum(supervised.values(), step.logits.new_zeros(()).float())
         for name in ("exclusion", "entropy", "pseudo_dice"):
             if name in supervised:

@@ -5,7 +5,10 @@ A :class:`Segmenter` runs an injected backbone (any module mapping ``[B, C, *S]`
 background and the requested classes. Heads that read the pooled bottleneck feature (DoDNet, Universal) name a
 backbone layer; the segmenter captures that layer's output with a forward hook and hands its global average to the
 head as ``context["pooled"]``. A ``expert_projection`` slot holds LoRA experts' per-expert projections of a
-prototype head (:mod:`cfseg.continual.experts`), handed to the head as ``context["weight"]``.
+prototype head (:mod:`cfseg.continual.experts`), handed to the head as ``context["weight"]``. A backbone with deep
+supervision (MONAI's ``DynUNet(deep_supervision=True)`` stacks ``[B, 1 + L, F, *S]`` in training) has its extra
+outputs' head features in ``context["deep_features"]``; the training loss weighs them
+(:func:`deep_supervision_weights`).
 
 :class:`PrototypeSegmenter` (cosine logits against given prototypes, cfseg's method) and :class:`SoftmaxSegmenter`
 (a ``1x1x1`` conv to ``K+1`` logits, the baseline) are the two segmenters that predate injected heads; they keep
@@ -32,12 +35,28 @@ __all__ = [
     "PrototypeSegmenter",
     "Segmenter",
     "SoftmaxSegmenter",
+    "deep_supervision_weights",
     "default_backbone",
     "segmenter",
 ]
 
 #: every torch convolution: the layers LoRA experts wrap and a folded output layer may be
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's loss weights of ``n`` outputs, the full-resolution one first: ``1 / 2**i``, normalised to sum 1."""
+    w = [0.5 ** i for i in range(n)]
+    return [v / sum(w) for v in w]
+
+
+def split_deep_supervision(z: Tensor, x: Tensor) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The backbone's output ``[B, F, *S]`` and its deep-supervision outputs (none unless ``z`` has one dimension more
+    than the input ``x``: ``[B, 1 + L, F, *S]``, the main output first)."""
+    if z.dim() != x.dim() + 1:
+        return z, ()
+    main, *deep = z.unbind(1)
+    return main, tuple(deep)
 
 
 class Segmenter(nn.Module):
@@ -68,7 +87,7 @@ class Segmenter(nn.Module):
         """Head features ``[B, F', *S]`` of images ``x`` ``[B, C, *S]`` and the head's context from the backbone
         (``pooled`` ``[B, C_b]`` when the head names a bottleneck layer, else nothing)."""
         if self._bottleneck is None:
-            return self.head.features(self.backbone(x)), {}
+            return self._features(self.backbone(x), x, {})
         store: list[Tensor] = []
 
         def hook(_m: nn.Module, _i: Any, out: Any) -> None:
@@ -82,7 +101,14 @@ class Segmenter(nn.Module):
         if not store:
             raise ValueError(f"the bottleneck layer {self._bottleneck!r} did not run in the backbone's forward pass")
         pooled = store[-1].as_subclass(Tensor).flatten(2).mean(-1)  # [B, C_b], plain data (never a MetaTensor)
-        return self.head.features(z), {"pooled": pooled}
+        return self._features(z, x, {"pooled": pooled})
+
+    def _features(self, z: Tensor, x: Tensor, context: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        """Head features of the backbone's output ``z`` and the context, deep-supervision features included."""
+        main, deep = split_deep_supervision(z, x)
+        if deep:
+            context = {**context, "deep_features": tuple(self.head.features(d) for d in deep)}
+        return self.head.features(main), context
 
     def features(self, x: Tensor) -> Tensor:
         """Head features ``[B, F', *S]`` for an image batch ``x`` of shape ``[B, C, *S]``."""

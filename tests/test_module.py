@@ -192,3 +192,33 @@ def test_sgd_optimizer_and_poly_schedule_are_built_and_bad_names_refused():
         CFSegModule(**kw, optimizer_name="adam")
     with pytest.raises(ValueError, match="lr_schedule"):
         CFSegModule(**kw, lr_schedule="step")
+
+
+def test_deep_supervision_loss_is_nnunets_weighted_sum_of_every_output():
+    from cfseg.module import CFSegModule
+    from cfseg.nets import deep_supervision_weights
+
+    assert deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    backbone = {"class_path": "monai.networks.nets.DynUNet", "init_args": {
+        "spatial_dims": 3, "in_channels": 1, "out_channels": 8, "kernel_size": [3, 3, 3], "strides": [1, 2, 2],
+        "upsample_kernel_size": [2, 2], "filters": [4, 8, 16], "deep_supervision": True, "deep_supr_num": 1}}
+    m = CFSegModule(class_names=["liver", "spleen"], backbone=backbone, feature_channels=8).train()
+    m.log = lambda *a, **k: None
+    torch.manual_seed(0)
+    label = torch.zeros(2, 1, 16, 16, 16, dtype=torch.uint8)
+    label[:, :, 2:8, 2:8, 2:8] = 1
+    label[:, :, 9:14, 9:14, 9:14] = 2
+    batch = {"image": torch.randn(2, 1, 16, 16, 16), "label": label, "annotated": torch.ones(2, 3, dtype=torch.bool)}
+    loss = m.training_step(batch, 0)
+    stacked = m.net.backbone(batch["image"])  # [B, 2, F, *S]: the main output, then the deep one
+    assert stacked.shape == (2, 2, 8, 16, 16, 16)
+    parts = []
+    for i in range(2):
+        logits = m.net.logits(m.net.head.features(stacked[:, i]), None, **m.head_context())
+        parts.append(sum(m.loss_terms(logits, batch, label[:, 0].long(), batch["annotated"]).values()))
+    w = deep_supervision_weights(2)
+    assert loss.item() == pytest.approx((w[0] * parts[0] + w[1] * parts[1]).item(), rel=1e-5)
+    assert abs(parts[0].item() - parts[1].item()) > 1e-4  # the deep output is scored on its own
+    m.eval()
+    feats, context = m.net.encode(batch["image"])  # in eval the network returns its main output only
+    assert feats.shape[1] == m.net.head.features(stacked[:, 0]).shape[1] and "deep_features" not in context

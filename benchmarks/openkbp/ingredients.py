@@ -42,6 +42,9 @@ DYNUNET = {"class_path": "monai.networks.nets.DynUNet", "init_args": {
     "spatial_dims": 3, "in_channels": 1, "out_channels": 16, "kernel_size": [3, 3, 3, 3, 3],
     "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2, 2, 2, 2], "filters": [16, 32, 64, 128, 256],
     "norm_name": "instance", "deep_supervision": False, "res_block": False}}
+#: the same with nnU-Net's deep supervision: the two next-coarser decoder outputs (upsampled) are scored too, loss
+#: weights 4/7, 2/7, 1/7 (:func:`cfseg.nets.deep_supervision_weights`)
+DYNUNET_DS = {**DYNUNET, "init_args": {**DYNUNET["init_args"], "deep_supervision": True, "deep_supr_num": 2}}
 
 #: row -> (what changes against the baseline, the ``cfseg fit`` arguments that change it)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -55,6 +58,8 @@ ROWS: dict[str, tuple[str, list[str]]] = {
                              "--model.lr_schedule=poly", "--model.warmup_fraction=0"]),
     "dynunet": ("nnU-Net's network at cfseg's widths: MONAI DynUNet, two 3^3 convolutions + instance norm + leaky "
                 "ReLU per stage, 16-256 filters, no deep supervision", [f"--model.backbone={json.dumps(DYNUNET)}"]),
+    "dynunet_ds": ("the DynUNet with nnU-Net's deep supervision (two coarser outputs, loss weights 4/7, 2/7, 1/7)",
+                   [f"--model.backbone={json.dumps(DYNUNET_DS)}"]),
 }
 
 

@@ -948,6 +948,39 @@ def vs_nnunet(b: Builder) -> None:
           description="iterations that cfseg's 1500-step CPU time buys (an epoch is 250)")
 
 
+INGREDIENTS_CMD = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openkbp/ingredients.py --rows {row} --heads {head} "
+                   "--seeds {seeds} --reuse-baseline results/curve{test} --summary "
+                   "reports/data/openkbp/ingredients/summary.json")
+
+
+def ingredients(b: Builder) -> None:
+    """Section 14b: nnU-Net's ingredients one at a time in cfseg's OpenKBP joint recipe (validation cases; the test
+    cases for the rows that were scored on them)."""
+    src = "openkbp/ingredients/summary.json"
+    for row, r in _load(src)["rows"].items():
+        for head in ("prototype", "softmax"):
+            seeds = r.get(head)
+            if not seeds:
+                continue
+            tested = all("test" in v for v in seeds.values())
+            kw = {"config": f"{r['change']}; {head} head, 1500 steps",
+                  "command": INGREDIENTS_CMD.format(row=row, head=head, seeds=" ".join(sorted(seeds)),
+                                                    test=" --test" if tested else ""), "source": src}
+            stem = f"openkbp.ingredients.{row}.{head}"
+            for part in ("val", "test") if tested else ("val",):
+                vals = {s: v[part]["mean_dice"] for s, v in seeds.items()}
+                what = "10 validation" if part == "val" else "40 test"
+                b.add(f"{stem}.{part}_dice", _fmean(list(vals.values())), vals, **kw,
+                      description=f"mean Dice over 7 organs on the {what} cases")
+                for organ in ("esophagus", "larynx"):
+                    vals = {s: v[part]["per_class"][organ] for s, v in seeds.items()}
+                    b.add(f"{stem}.{part}_dice.{organ}", _fmean(list(vals.values())), vals, **kw,
+                          description=f"{organ} Dice on the {what} cases")
+            vals = {s: v["cpu_seconds"] for s, v in seeds.items()}
+            b.add(f"{stem}.cpu_seconds", _fmean(list(vals.values())), vals, **kw,
+                  description="training CPU seconds of the 1500 steps (one thread)")
+
+
 def joint_bound(b: Builder) -> None:
     """The OpenKBP protocol's joint at 4x the sequential strategies' compute, and the rows' ratios to it."""
     src = "openkbp/joint_diagnostic.json"
@@ -1029,6 +1062,7 @@ def build() -> Entries:
     ood(b)
     memory(b)
     vs_nnunet(b)
+    ingredients(b)
     joint_bound(b)
     return dict(sorted(b.entries.items()))
 

@@ -3,12 +3,17 @@
 Every row is the joint run of reports section 14 (``configs/openkbp/base.yaml`` + ``joint.yaml`` +
 ``budget_curve.yaml``: UNet 16-256, 4 x 4 x 3 mm, 64^3 patches, batch 4, 1500 steps, AdamW 2e-3 with cosine decay,
 class-balanced crops, light intensity augmentation, Dice + CE with batch Dice) with one change (:data:`ROWS`), same
-seed, data and step count; each is scored on the split's 10 validation cases (``--test`` adds the 40 test cases,
+seed (``--seed_everything``; the crop sequence's ``data.seed`` is 0 for every seed, as in section 14), data and
+step count; each is scored on the split's 10 validation cases (``--test`` adds the 40 test cases,
 for the rows chosen on validation) with ``benchmarks/openkbp/heads.py``'s scorer, and its training CPU seconds
 come from the :class:`cfseg.callbacks.TrainingClock` in its checkpoint::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openkbp/ingredients.py --rows baseline augment_strong sgd_poly \\
         --seeds 0 --summary reports/data/openkbp/ingredients/summary.json
+
+``--step-time`` instead times one training step of each row's network (``training_step`` + backward + optimiser
+step on a random batch of 4 x 64^3 with every organ annotated, one thread, the rows interleaved, median of
+``--reps``), for the rows whose cost differs (another backbone): what the network ingredients cost per step.
 
 A row whose ``step1500.ckpt`` exists is only scored (scores are cached beside the checkpoint); a row stopped before
 its last step is trained again from the start. ``baseline`` runs exactly the command of section 14's curve, so
@@ -79,7 +84,7 @@ def fit_command(row: str, head: str, seed: int, out: Path) -> list[str]:
     cfseg = shutil.which("cfseg", path=str(Path(sys.executable).parent)) or "cfseg"
     args = [cfseg, "fit"] + [a for c in CONFIGS for a in ("--config", c)]
     return args + [f"--trainer.max_steps={STEPS}", f"--model.head={head}", f"--seed_everything={seed}",
-                   f"--data.seed={seed}", f"--trainer.logger.init_args.save_dir={os.path.relpath(out, ROOT)}",
+                   "--data.seed=0", f"--trainer.logger.init_args.save_dir={os.path.relpath(out, ROOT)}",
                    *ROWS[row][1]]
 
 
@@ -112,6 +117,44 @@ def score(heads: Any, ckpt: Path, part: str, threads: int, label: str) -> dict[s
                                                  "n_cases")})
 
 
+def step_times(rows: list[str], head: str, reps: int, warmup: int = 1) -> dict[str, Any]:
+    """Median CPU seconds of one training step per row (rows interleaved, order reversed every repetition)."""
+    import statistics
+    import time
+
+    import yaml
+
+    from cfseg.module import CFSegModule
+
+    base = yaml.safe_load((ROOT / CONFIGS[0]).read_text())["model"]
+    organs = ["brainstem", "spinal_cord", "parotid_gland_right", "parotid_gland_left", "esophagus", "larynx",
+              "mandible"]
+    modules, opts = {}, {}
+    for row in rows:
+        backbone = next((json.loads(a.split("=", 1)[1]) for a in ROWS[row][1] if a.startswith("--model.backbone=")),
+                        base["backbone"])
+        torch.manual_seed(0)
+        m = CFSegModule(class_names=organs, backbone=backbone, feature_channels=base["feature_channels"], head=head,
+                        encoder=base["encoder"], prompt_modality=base["prompt_modality"]).train()
+        m.log = lambda *a, **k: None
+        modules[row], opts[row] = m, m.configure_optimizers()["optimizer"]
+    g = torch.Generator().manual_seed(0)
+    label = torch.randint(0, len(organs) + 1, (4, 1, 64, 64, 64), generator=g)
+    batch = {"image": torch.randn(4, 1, 64, 64, 64, generator=g), "label": label,
+             "annotated": torch.ones(4, len(organs) + 1, dtype=torch.bool)}
+    times: dict[str, list[float]] = {r: [] for r in rows}
+    for rep in range(warmup + reps):
+        for row in rows if rep % 2 == 0 else rows[::-1]:
+            t0 = time.process_time()
+            opts[row].zero_grad(set_to_none=True)
+            modules[row].training_step(batch, 0).backward()
+            opts[row].step()
+            if rep >= warmup:
+                times[row].append(time.process_time() - t0)
+    return {row: {"cpu_seconds_per_step": statistics.median(t), "reps": len(t),
+                  "parameters": sum(p.numel() for p in modules[row].net.parameters())} for row, t in times.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -123,11 +166,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--test", action="store_true", help="also score the 40 test cases")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--summary", type=Path, default=None, help="JSON file the rows are merged into")
+    p.add_argument("--step-time", action="store_true", help="time one training step per row instead (see above)")
+    p.add_argument("--reps", type=int, default=5, help="--step-time repetitions per row")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    heads = _heads_module()
     doc = json.loads(a.summary.read_text()) if a.summary and a.summary.is_file() else {}
     doc.setdefault("rows", {})
+    if a.step_time:
+        command = ["python", "benchmarks/openkbp/ingredients.py", *(argv if argv is not None else sys.argv[1:])]
+        doc["step_time"] = {"rows": step_times(a.rows, a.heads[0], a.reps), "head": a.heads[0],
+                            "threads": a.threads, "load_average": list(os.getloadavg()), "command": shlex.join(command)}
+        if a.summary:
+            a.summary.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+        print(json.dumps(doc["step_time"], indent=1))
+        return doc
+    heads = _heads_module()
     for seed in a.seeds:
         for head in a.heads:
             for row in a.rows:

@@ -979,6 +979,15 @@ def ingredients(b: Builder) -> None:
             vals = {s: v["cpu_seconds"] for s, v in seeds.items()}
             b.add(f"{stem}.cpu_seconds", _fmean(list(vals.values())), vals, **kw,
                   description="training CPU seconds of the 1500 steps (one thread)")
+    timing = _load(src).get("step_time")
+    if timing:
+        kw = {"config": f"one training step, batch 4 x 64^3, {timing['head']} head, {timing['threads']} thread, rows "
+                        "interleaved", "command": f"OMP_NUM_THREADS=1 .venv/bin/{timing['command']}", "source": src}
+        for row, t in timing["rows"].items():
+            b.add(f"openkbp.ingredients.{row}.cpu_seconds_per_step", t["cpu_seconds_per_step"], {}, **kw,
+                  description=f"CPU seconds of one training step with this row's network (median of {t['reps']})")
+            b.add(f"openkbp.ingredients.{row}.parameters_m", t["parameters"] / 1e6, {}, **kw,
+                  description="parameters of the network (backbone + head), millions")
 
 
 def joint_bound(b: Builder) -> None:

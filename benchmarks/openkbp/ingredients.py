@@ -41,15 +41,8 @@ SPLIT = ROOT / "configs" / "openkbp" / "split_joint.json"
 CONFIGS = ["configs/openkbp/base.yaml", "configs/openkbp/joint.yaml", "configs/openkbp/budget_curve.yaml"]
 STEPS = 1500
 
-#: nnU-Net's DynUNet-style plain network at cfseg's widths: per stage two 3^3 convolutions with instance norm and
-#: leaky ReLU, strided-convolution downsampling, transposed-convolution upsampling (MONAI's ``DynUNet``).
-DYNUNET = {"class_path": "monai.networks.nets.DynUNet", "init_args": {
-    "spatial_dims": 3, "in_channels": 1, "out_channels": 16, "kernel_size": [3, 3, 3, 3, 3],
-    "strides": [1, 2, 2, 2, 2], "upsample_kernel_size": [2, 2, 2, 2], "filters": [16, 32, 64, 128, 256],
-    "norm_name": "instance", "deep_supervision": False, "res_block": False}}
-#: the same with nnU-Net's deep supervision: the two next-coarser decoder outputs (upsampled) are scored too, loss
-#: weights 4/7, 2/7, 1/7 (:func:`cfseg.nets.deep_supervision_weights`)
-DYNUNET_DS = {**DYNUNET, "init_args": {**DYNUNET["init_args"], "deep_supervision": True, "deep_supr_num": 2}}
+#: row -> the backbone config file it adds (rows not listed train base.yaml's UNet)
+BACKBONES = {row: f"configs/openkbp/backbones/{row}.yaml" for row in ("unet_fullres", "dynunet", "dynunet_ds")}
 
 #: row -> (what changes against the baseline, the ``cfseg fit`` arguments that change it)
 ROWS: dict[str, tuple[str, list[str]]] = {
@@ -61,10 +54,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "sgd_poly": ("nnU-Net's optimiser: SGD, Nesterov momentum 0.99, lr 0.01, weight decay 3e-5, poly decay, no "
                  "warm-up", ["--model.optimizer_name=sgd", "--model.lr=0.01", "--model.weight_decay=3e-5",
                              "--model.lr_schedule=poly", "--model.warmup_fraction=0"]),
+    "unet_fullres": ("nnU-Net's full-resolution first stage in cfseg's UNet: a 16-channel stage at stride 1 before "
+                     "the strided ones (UNet 16-16-256)", ["--config", BACKBONES["unet_fullres"]]),
     "dynunet": ("nnU-Net's network at cfseg's widths: MONAI DynUNet, two 3^3 convolutions + instance norm + leaky "
-                "ReLU per stage, 16-256 filters, no deep supervision", [f"--model.backbone={json.dumps(DYNUNET)}"]),
+                "ReLU per stage, 16-256 filters, no deep supervision", ["--config", BACKBONES["dynunet"]]),
     "dynunet_ds": ("the DynUNet with nnU-Net's deep supervision (two coarser outputs, loss weights 4/7, 2/7, 1/7)",
-                   [f"--model.backbone={json.dumps(DYNUNET_DS)}"]),
+                   ["--config", BACKBONES["dynunet_ds"]]),
 }
 
 
@@ -131,8 +126,8 @@ def step_times(rows: list[str], head: str, reps: int, warmup: int = 1) -> dict[s
               "mandible"]
     modules, opts = {}, {}
     for row in rows:
-        backbone = next((json.loads(a.split("=", 1)[1]) for a in ROWS[row][1] if a.startswith("--model.backbone=")),
-                        base["backbone"])
+        backbone = (yaml.safe_load((ROOT / BACKBONES[row]).read_text())["model"]["backbone"] if row in BACKBONES
+                    else base["backbone"])
         torch.manual_seed(0)
         m = CFSegModule(class_names=organs, backbone=backbone, feature_channels=base["feature_channels"], head=head,
                         encoder=base["encoder"], prompt_modality=base["prompt_modality"]).train()

@@ -15,9 +15,10 @@ come from the :class:`cfseg.callbacks.TrainingClock` in its checkpoint::
 step on a random batch of 4 x 64^3 with every organ annotated, one thread, the rows interleaved, median of
 ``--reps``), for the rows whose cost differs (another backbone): what the network ingredients cost per step.
 
-A row whose ``step1500.ckpt`` exists is only scored (scores are cached beside the checkpoint); a row stopped before
-its last step is trained again from the start. ``baseline`` runs exactly the command of section 14's curve, so
-``--reuse-baseline results/curve`` scores that run's checkpoint instead of training it again.
+A row whose last checkpoint (``step1500.ckpt``; :data:`ROW_STEPS` for longer rows) exists is only scored (scores
+are cached beside the checkpoint); a row stopped before its last step is trained again from the start.
+``baseline`` runs exactly the command of section 14's curve, so ``--reuse-baseline results/curve`` scores that
+run's checkpoint instead of training it again.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ DATA = ROOT.parent / "shared" / "data" / "openkbp_oar"
 SPLIT = ROOT / "configs" / "openkbp" / "split_joint.json"
 CONFIGS = ["configs/openkbp/base.yaml", "configs/openkbp/joint.yaml", "configs/openkbp/budget_curve.yaml"]
 STEPS = 1500
+#: rows trained for another number of steps than :data:`STEPS` (a multiple of budget_curve.yaml's 375)
+ROW_STEPS = {"baseline_5250": 5250}
 
 #: row -> the backbone config file it adds (rows not listed train base.yaml's UNet)
 BACKBONES = {row: f"configs/openkbp/backbones/{row}.yaml" for row in ("unet_fullres", "dynunet", "dynunet_ds")}
@@ -47,6 +50,8 @@ BACKBONES = {row: f"configs/openkbp/backbones/{row}.yaml" for row in ("unet_full
 #: row -> (what changes against the baseline, the ``cfseg fit`` arguments that change it)
 ROWS: dict[str, tuple[str, list[str]]] = {
     "baseline": ("cfseg's OpenKBP recipe (section 14's joint run)", []),
+    "baseline_5250": ("cfseg's recipe for 5250 steps, about the training CPU time of unet_fullres's 1500 "
+                      "(3.5x the baseline's)", []),
     "augment_strong": ("nnU-Net-style augmentation: rotation and scaling, noise, blur, low resolution, gamma "
                        "(data.augment: strong)", ["--data.augment=strong"]),
     "sampling_nnunet": ("nnU-Net's sampling: 2 of 3 crop centres on background (anywhere), 1 of 3 on the organs "
@@ -78,14 +83,15 @@ def fit_command(row: str, head: str, seed: int, out: Path) -> list[str]:
     """The ``cfseg fit`` command of one row (relative paths: run from the repository root)."""
     cfseg = shutil.which("cfseg", path=str(Path(sys.executable).parent)) or "cfseg"
     args = [cfseg, "fit"] + [a for c in CONFIGS for a in ("--config", c)]
-    return args + [f"--trainer.max_steps={STEPS}", f"--model.head={head}", f"--seed_everything={seed}",
-                   "--data.seed=0", f"--trainer.logger.init_args.save_dir={os.path.relpath(out, ROOT)}",
+    return args + [f"--trainer.max_steps={ROW_STEPS.get(row, STEPS)}", f"--model.head={head}",
+                   f"--seed_everything={seed}", "--data.seed=0",
+                   f"--trainer.logger.init_args.save_dir={os.path.relpath(out, ROOT)}",
                    *ROWS[row][1]]
 
 
 def train(row: str, head: str, seed: int, out: Path) -> Path:
-    """Train one row (unless its last checkpoint exists); its ``step1500.ckpt``."""
-    ckpt = out / "logs" / "version_0" / "checkpoints" / f"step{STEPS}.ckpt"
+    """Train one row (unless its last checkpoint exists); its last checkpoint (``step<steps>.ckpt``)."""
+    ckpt = out / "logs" / "version_0" / "checkpoints" / f"step{ROW_STEPS.get(row, STEPS)}.ckpt"
     if ckpt.is_file():
         return ckpt
     if out.exists():

@@ -963,7 +963,8 @@ def ingredients(b: Builder) -> None:
             if not seeds:
                 continue
             tested = all("test" in v for v in seeds.values())
-            kw = {"config": f"{r['change']}; {head} head, 1500 steps",
+            steps = sorted({v["steps"] for v in seeds.values()})
+            kw = {"config": f"{r['change']}; {head} head, {'/'.join(map(str, steps))} steps",
                   "command": INGREDIENTS_CMD.format(row=row, head=head, seeds=" ".join(sorted(seeds)),
                                                     test=" --test" if tested else ""), "source": src}
             stem = f"openkbp.ingredients.{row}.{head}"
@@ -978,7 +979,7 @@ def ingredients(b: Builder) -> None:
                           description=f"{organ} Dice on the {what} cases")
             vals = {s: v["cpu_seconds"] for s, v in seeds.items()}
             b.add(f"{stem}.cpu_seconds", _fmean(list(vals.values())), vals, **kw,
-                  description="training CPU seconds of the 1500 steps (one thread)")
+                  description="training CPU seconds of the run (one thread)")
     timing = _load(src).get("step_time")
     if timing:
         kw = {"config": f"one training step, batch 4 x 64^3, {timing['head']} head, {timing['threads']} thread, rows "

@@ -957,7 +957,8 @@ def ingredients(b: Builder) -> None:
     """Section 14b: nnU-Net's ingredients one at a time in cfseg's OpenKBP joint recipe (validation cases; the test
     cases for the rows that were scored on them)."""
     src = "openkbp/ingredients/summary.json"
-    for row, r in _load(src)["rows"].items():
+    doc = _load(src)
+    for row, r in doc["rows"].items():
         for head in ("prototype", "softmax"):
             seeds = r.get(head)
             if not seeds:
@@ -980,7 +981,7 @@ def ingredients(b: Builder) -> None:
             vals = {s: v["cpu_seconds"] for s, v in seeds.items()}
             b.add(f"{stem}.cpu_seconds", _fmean(list(vals.values())), vals, **kw,
                   description="training CPU seconds of the run (one thread)")
-    timing = _load(src).get("step_time")
+    timing = doc.get("step_time")
     if timing:
         kw = {"config": f"one training step, batch 4 x 64^3, {timing['head']} head, {timing['threads']} thread, rows "
                         "interleaved", "command": f"OMP_NUM_THREADS=1 .venv/bin/{timing['command']}", "source": src}

@@ -902,10 +902,16 @@ def ood(b: Builder) -> None:
 CURVE_FIT = ("OMP_NUM_THREADS=1 cfseg fit --config configs/openkbp/base.yaml --config configs/openkbp/joint.yaml "
              "--config configs/openkbp/budget_curve.yaml --trainer.max_steps=1500 --model.head={head} "
              "--seed_everything=S --data.seed=0 --trainer.logger.init_args.save_dir=results/curve/{head}_sS")
+LONG_FIT = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/openkbp/ingredients.py --rows baseline_5250 --heads {head} "
+            "--seeds S --test --summary reports/data/openkbp/ingredients/summary.json")
 VS_NNUNET_ROWS = {
     "cfseg_prototype": ("cfseg, prototype head (configs/openkbp/base.yaml + joint.yaml + budget_curve.yaml)",
                         CURVE_FIT.format(head="prototype")),
     "cfseg_softmax": ("cfseg, softmax head (the same with --model.head=softmax)", CURVE_FIT.format(head="softmax")),
+    "cfseg_prototype_5250": ("cfseg, prototype head, the same recipe for 5250 steps (its cosine schedule spans "
+                             "them)", LONG_FIT.format(head="prototype")),
+    "cfseg_softmax_5250": ("cfseg, softmax head, the same recipe for 5250 steps (its cosine schedule spans them)",
+                           LONG_FIT.format(head="softmax")),
     "nnunet_equal": ("nnU-Net v2.8.1 at cfseg's spacing, patch, batch and iterations (nnUNetPlans_cfsegEqual, "
                      "nnUNetTrainer_cfsegEqual_sS), its own network, optimiser, loss and augmentation",
                      "bash benchmarks/nnunet/setup.sh; bash benchmarks/nnunet/run_equal_terms.sh S [375|750|final]"),
@@ -1156,13 +1162,19 @@ def figures(entries: Entries) -> list[Path]:
     out.append(FIGURES / "demo_per_class.png")
 
     fig, ax = plt.subplots(figsize=(7.5, 4))
-    for row, label, color in (("cfseg_prototype", "cfseg, prototype head", "#4c72b0"),
-                              ("cfseg_softmax", "cfseg, softmax head", "#dd8452"),
-                              ("nnunet_equal", "nnU-Net v2 at cfseg's terms", "#55a868")):
+    for row, label, color, style in (("cfseg_prototype", "cfseg, prototype head", "#4c72b0", "o-"),
+                                     ("cfseg_softmax", "cfseg, softmax head", "#dd8452", "o-"),
+                                     ("cfseg_prototype_5250", "cfseg, prototype head, 5250-step schedule", "#4c72b0",
+                                      "s--"),
+                                     ("cfseg_softmax_5250", "cfseg, softmax head, 5250-step schedule", "#dd8452",
+                                      "s--"),
+                                     ("nnunet_equal", "nnU-Net v2 at cfseg's terms", "#55a868", "o-")):
         prefix = f"openkbp.vs_nnunet.{row}."
         steps = sorted({int(k[len(prefix):].split(".")[0]) for k in entries if k.startswith(prefix)})
+        if not steps:
+            continue
         points = [(entries[f"{prefix}{n}.cpu_seconds"], entries[f"{prefix}{n}.mean_dice"]) for n in steps]
-        ax.plot([c["mean"] for c, _ in points], [d["mean"] for _, d in points], "o-", color=color,
+        ax.plot([c["mean"] for c, _ in points], [d["mean"] for _, d in points], style, color=color,
                 label=f"{label} ({', '.join(str(n) for n in steps)} steps)")
         for c, d in points:
             seeds = [s for s in d["per_seed"] if s in c["per_seed"]]

@@ -8,6 +8,10 @@ Gathers every row of the comparison into one result file (``reports/data/nnunet/
   ``<results>/<head>_s<seed>/logs/version_0/checkpoints/step<N>.ckpt``; each checkpoint is scored on the 40 test
   cases with ``benchmarks/openkbp/heads.py``'s scorer (cached beside the checkpoint), and its training CPU seconds
   are the clock it holds;
+* **cfseg for longer**: ``benchmarks/openkbp/ingredients.py``'s ``baseline_5250`` runs (the same recipe for 5250
+  steps instead of 1500), found at
+  ``<long-results>/baseline_5250_<head>_s<seed>/...`` and scored the same way at ``--long-steps`` (rows
+  ``cfseg_<head>_5250``; their cosine schedule spans 5250 steps, so their 1500-step point is not the 1500-step run's);
 * **nnU-Net at equal terms**: the files ``run_equal_terms.sh`` writes (``equal_terms_s<seed>_<it375|it750|final>.json``,
   scored by ``score.py`` with the same conventions); training CPU seconds = iterations x the run's CPU seconds per
   iteration (its log's ``train CPU seconds/iteration`` lines; for epochs logged before those lines existed, the
@@ -41,6 +45,7 @@ DATA = ROOT.parent / "shared" / "data" / "openkbp_oar"
 SPLIT = ROOT / "configs" / "openkbp" / "split_joint.json"
 NNUNET_DATA = ROOT / "reports" / "data" / "nnunet"
 LAYOUT = "{results}/{head}_s{seed}/logs/version_0/checkpoints/step{step}.ckpt"
+LONG_LAYOUT = "{results}/baseline_5250_{head}_s{seed}/logs/version_0/checkpoints/step{step}.ckpt"
 NNUNET_POINTS = {375: "it375", 750: "it750", 1500: "final"}
 
 
@@ -65,16 +70,16 @@ def _scores(summary: dict[str, Any]) -> dict[str, Any]:
 
 
 def cfseg_row(heads: Any, results: Path, head: str, seeds: list[int], steps: list[int],
-              threads: int) -> dict[str, Any]:
-    """``{"points": {steps: {seed: scores + cpu_seconds + wall_seconds}}}`` for one head (missing checkpoints
-    are left out and listed under ``missing``)."""
+              threads: int, layout: str = LAYOUT) -> dict[str, Any]:
+    """``{"points": {steps: {seed: scores + cpu_seconds + wall_seconds}}}`` for one head, its checkpoints found
+    with ``layout`` (missing checkpoints are left out and listed under ``missing``)."""
     from cfseg.module import load_checkpoint
 
     points: dict[str, dict[str, Any]] = {}
     missing = []
     for step in steps:
         for seed in seeds:
-            ckpt = Path(LAYOUT.format(results=results, head=head, seed=seed, step=step))
+            ckpt = Path(layout.format(results=results, head=head, seed=seed, step=step))
             if not ckpt.is_file():
                 missing.append(str(ckpt))
                 continue
@@ -141,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--heads", nargs="+", default=["prototype", "softmax"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--steps", nargs="+", type=int, default=[375, 750, 1500])
+    p.add_argument("--long-results", type=Path, default=ROOT / "results" / "ingredients",
+                   help="ingredients.py's results folder with the baseline_5250 runs (rows left out when absent)")
+    p.add_argument("--long-steps", nargs="+", type=int, default=[1500, 2625, 5250])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--recipe", choices=["equal", "own"], default="equal",
                    help="nnU-Net rows: equal terms on CPU (run_equal_terms.sh) or its own recipe (run_gpu.sh)")
@@ -150,6 +158,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     heads = _heads_module()
     cores = os.cpu_count() or 1
     rows = {f"cfseg_{h}": cfseg_row(heads, a.results, h, a.seeds, a.steps, a.threads) for h in a.heads}
+    for h in a.heads:
+        long = cfseg_row(heads, a.long_results, h, a.seeds, a.long_steps, a.threads, LONG_LAYOUT)
+        if long["points"]:
+            rows[f"cfseg_{h}_5250"] = long
     rows[f"nnunet_{a.recipe}"] = nnunet_row(a.seeds, cores, a.recipe)
     budgets = [pt["cpu_seconds"] for pt in rows[f"cfseg_{a.heads[0]}"]["points"].get(str(max(a.steps)), {}).values()]
     report = {

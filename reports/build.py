@@ -1185,7 +1185,7 @@ def figures(entries: Entries) -> list[Path]:
     ax.set_xlabel("training CPU seconds (one thread)")
     ax.set_ylabel("mean Dice, 7 organs, 40 test cases")
     ax.set_title("OpenKBP joint training: Dice against training compute; small dots: seeds")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     fig.savefig(FIGURES / "nnunet_budget.png", dpi=100, metadata=meta)
     plt.close(fig)

@@ -9,9 +9,9 @@ Gathers every row of the comparison into one result file (``reports/data/nnunet/
   cases with ``benchmarks/openkbp/heads.py``'s scorer (cached beside the checkpoint), and its training CPU seconds
   are the clock it holds;
 * **cfseg for longer**: ``benchmarks/openkbp/ingredients.py``'s ``baseline_5250`` runs (the same recipe for 5250
-  steps instead of 1500), found at
-  ``<long-results>/baseline_5250_<head>_s<seed>/...`` and scored the same way at ``--long-steps`` (rows
-  ``cfseg_<head>_5250``; their cosine schedule spans 5250 steps, so their 1500-step point is not the 1500-step run's);
+  steps instead of 1500), found at ``<long-results>/baseline_5250_<head>_s<seed>/...`` and scored the same way at
+  ``--long-steps`` (rows ``cfseg_<head>_5250``; their cosine schedule spans 5250 steps, so their 1500-step point is
+  not the 1500-step run's);
 * **nnU-Net at equal terms**: the files ``run_equal_terms.sh`` writes (``equal_terms_s<seed>_<it375|it750|final>.json``,
   scored by ``score.py`` with the same conventions); training CPU seconds = iterations x the run's CPU seconds per
   iteration (its log's ``train CPU seconds/iteration`` lines; for epochs logged before those lines existed, the

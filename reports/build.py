@@ -925,7 +925,8 @@ def vs_nnunet(b: Builder) -> None:
     for row, r in doc["rows"].items():
         config, train = VS_NNUNET_ROWS[row]
         for steps, seeds in r["points"].items():
-            kw = {"config": f"{config}; {steps} training steps", "command": f"{train}, then {doc['command']}",
+            kw = {"config": f"{config}; {steps} training steps",
+                  "command": f"{train}, then {r.get('command', doc['command'])}",
                   "source": src}
             stem = f"openkbp.vs_nnunet.{row}.{steps}"
             for key, field, what in (("mean_dice", "mean_dice", "mean Dice over 7 organs on the 40 test cases"),

@@ -23,6 +23,9 @@ Run with cfseg's environment (the nnU-Net rows need only their JSON files)::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nnunet/compare.py --results results/curve \\
         --out reports/data/nnunet/comparison.json
+
+``--update nnunet`` recomputes only the nnU-Net rows and keeps cfseg's rows of the existing ``--out`` as they are
+(each row records the command that made it), so a new nnU-Net point needs none of cfseg's checkpoints.
 """
 
 from __future__ import annotations
@@ -153,20 +156,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--recipe", choices=["equal", "own"], default="equal",
                    help="nnU-Net rows: equal terms on CPU (run_equal_terms.sh) or its own recipe (run_gpu.sh)")
     p.add_argument("--out", type=Path, default=NNUNET_DATA / "comparison.json")
+    p.add_argument("--update", choices=["cfseg", "nnunet"], nargs="+", default=["cfseg", "nnunet"],
+                   help="which rows to compute; the others are kept as they are in --out, with the command that "
+                        "made them (e.g. --update nnunet adds a new nnU-Net point without cfseg's checkpoints)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    heads = _heads_module()
     cores = os.cpu_count() or 1
-    rows = {f"cfseg_{h}": cfseg_row(heads, a.results, h, a.seeds, a.steps, a.threads) for h in a.heads}
-    for h in a.heads:
-        long = cfseg_row(heads, a.long_results, h, a.seeds, a.long_steps, a.threads, LONG_LAYOUT)
-        if long["points"]:
-            rows[f"cfseg_{h}_5250"] = long
-    rows[f"nnunet_{a.recipe}"] = nnunet_row(a.seeds, cores, a.recipe)
+    command = ("OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nnunet/compare.py "
+               + shlex.join(sys.argv[1:] if argv is None else argv))
+    rows: dict[str, dict[str, Any]] = {}
+    kept = {"cfseg", "nnunet"} - set(a.update)
+    if kept:
+        if not a.out.is_file():
+            raise SystemExit(f"{a.out} does not exist: nothing to keep the {' and '.join(kept)} rows from "
+                             f"(compute them with --update {' '.join(sorted(kept))})")
+        previous = json.loads(a.out.read_text())
+        rows = {name: {**row, "command": row.get("command", previous["command"])}
+                for name, row in previous["rows"].items() if name.split("_")[0] in kept}
+    if "cfseg" in a.update:
+        heads = _heads_module()
+        for h in a.heads:
+            rows[f"cfseg_{h}"] = cfseg_row(heads, a.results, h, a.seeds, a.steps, a.threads)
+        for h in a.heads:
+            long = cfseg_row(heads, a.long_results, h, a.seeds, a.long_steps, a.threads, LONG_LAYOUT)
+            if long["points"]:
+                rows[f"cfseg_{h}_5250"] = long
+    if "nnunet" in a.update:
+        rows[f"nnunet_{a.recipe}"] = nnunet_row(a.seeds, cores, a.recipe)
+    for row in rows.values():
+        row.setdefault("command", command)
+    rows = dict(sorted(rows.items(), key=lambda kv: (not kv[0].startswith("cfseg"), kv[0].endswith("_5250"))))
     budgets = [pt["cpu_seconds"] for pt in rows[f"cfseg_{a.heads[0]}"]["points"].get(str(max(a.steps)), {}).values()]
     report = {
-        "command": "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/nnunet/compare.py "
-                   + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "test_cases": 40, "split": str(SPLIT.relative_to(ROOT)), "cores": cores, "threads": a.threads,
         "rows": rows,
         "nnunet_own_step": own_recipe(statistics.fmean(budgets)) if budgets else None,

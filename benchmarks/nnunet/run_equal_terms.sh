@@ -47,7 +47,8 @@ if [ ! -f "$nnUNet_raw/$DS/dataset.json" ] || [ ! -f "$PRE/splits_final.json" ];
 fi
 if [ ! -f "$PRE/.${PLANS}_3d_fullres.complete" ]; then
     test -f "$PRE/dataset_fingerprint.json" || "$NN/nnUNetv2_extract_fingerprint" -d 501 -np 1 --verify_dataset_integrity
-    test -f "$PRE/nnUNetPlans.json" || "$NN/nnUNetv2_plan_experiment" -d 501
+    # the planner sets torch threads to nnUNet_n_proc_DA, which must be positive there
+    test -f "$PRE/nnUNetPlans.json" || nnUNet_n_proc_DA=1 "$NN/nnUNetv2_plan_experiment" -d 501
     [ "$RECIPE" = own ] || "$NN/python" "$HERE/make_equal_plans.py" --preprocessed "$nnUNet_preprocessed"
     "$NN/nnUNetv2_preprocess" -d 501 -plans_name "$PLANS" -c 3d_fullres -np 1
     touch "$PRE/.${PLANS}_3d_fullres.complete"

@@ -22,7 +22,8 @@ Also written (secondary, ``native_grid``): Dice on the images' own voxel grid (p
 stored, no resampling), the grid nnU-Net itself reports on.
 
 With ``--train-log`` (an nnU-Net fold folder) the per-epoch training seconds per iteration that
-``nnUNetTrainer_cfsegEqual`` logs are added (``training``).
+``nnUNetTrainer_cfsegEqual`` logs are added (``training``), with nnU-Net's own train / validation loss and pseudo
+Dice of each epoch.
 """
 
 from __future__ import annotations
@@ -58,12 +59,37 @@ def _heads_module():
     return mod
 
 
+_EPOCH = re.compile(r": Epoch (\d+)\s*$", re.M)
+_LOSS = re.compile(r": (train_loss|val_loss) (-?[0-9.]+(?:e-?\d+)?|nan)\s*$", re.M)
+_PSEUDO_DICE = re.compile(r": Pseudo dice \[(.*)\]\s*$", re.M)
+_FLOAT = re.compile(r"-?\d+\.\d*(?:e-?\d+)?|nan")
+
+
+def _progress(text: str) -> dict[int, dict[str, Any]]:
+    """Per epoch of one nnU-Net training log: its train and validation loss and its pseudo Dice per class (the
+    lines nnU-Net prints at the end of every epoch; numbers such as ``np.float32(0.0)`` are read as floats)."""
+    starts = list(_EPOCH.finditer(text))
+    out: dict[int, dict[str, Any]] = {}
+    ends = [m.start() for m in starts[1:]] + [len(text)] * bool(starts)
+    for m, end in zip(starts, ends, strict=True):
+        block = text[m.end(): end]
+        fields: dict[str, Any] = {k: float(v) for k, v in _LOSS.findall(block)}
+        dice = _PSEUDO_DICE.search(block)
+        if dice:
+            fields["pseudo_dice"] = [float(v) for v in _FLOAT.findall(dice.group(1))]
+        if fields:
+            out[int(m.group(1))] = fields
+    return out
+
+
 def training_summary(fold_dir: Path) -> dict[str, Any] | None:
-    """Seconds per training iteration per epoch from nnUNetTrainer_cfsegEqual's log lines (all logs of the fold)."""
+    """Per epoch of ``nnUNetTrainer_cfsegEqual``'s logs (all logs of the fold, a later log overriding an epoch it
+    repeats): seconds and CPU seconds per training iteration, and nnU-Net's train loss, validation loss and pseudo
+    Dice per class."""
     pat = re.compile(r"cfseg-equal: train seconds/iteration ([0-9.]+) \(epoch (\d+), (\d+) iterations, "
                      r"load average ([0-9.]+)\)")
     cpu_pat = re.compile(r"cfseg-equal: train CPU seconds/iteration ([0-9.]+) \(epoch (\d+),")
-    epochs: dict[int, dict[str, float]] = {}
+    epochs: dict[int, dict[str, Any]] = {}
     for log in sorted(fold_dir.glob("training_log_*.txt")):
         text = log.read_text(errors="replace")
         for m in pat.finditer(text):
@@ -71,6 +97,9 @@ def training_summary(fold_dir: Path) -> dict[str, Any] | None:
                                        "load_average": float(m.group(4))}
         for m in cpu_pat.finditer(text):
             epochs.setdefault(int(m.group(2)), {})["cpu_seconds_per_iteration"] = float(m.group(1))
+        for epoch, fields in _progress(text).items():
+            if epoch in epochs:
+                epochs[epoch].update(fields)
     if not epochs:
         return None
     spi = [e["seconds_per_iteration"] for e in epochs.values()]

@@ -932,7 +932,7 @@ def vs_nnunet(b: Builder) -> None:
             for key, field, what in (("mean_dice", "mean_dice", "mean Dice over 7 organs on the 40 test cases"),
                                      ("surface_dice", "mean_surface_dice", "mean surface Dice at 2 mm"),
                                      ("hd95_mm", "mean_hd95_mm", "mean HD95 in mm (pairs with an empty mask left out)"),
-                                     ("cpu_seconds", "cpu_seconds", "training CPU seconds (one thread)")):
+                                     ("cpu_seconds", "cpu_seconds", "training CPU seconds (process CPU time)")):
                 vals = {s: v[field] for s, v in seeds.items() if v[field] is not None}
                 if vals:
                     b.add(f"{stem}.{key}", _fmean(list(vals.values())), vals, **kw,
@@ -1183,7 +1183,7 @@ def figures(entries: Entries) -> list[Path]:
     epoch = 250 * entries["openkbp.vs_nnunet.nnunet_own.cpu_seconds_per_iteration"]["mean"]
     ax.axvline(epoch, color="#55a868", ls=":", label="nnU-Net's own recipe: its first epoch ends")
     ax.set_xscale("log")
-    ax.set_xlabel("training CPU seconds (one thread)")
+    ax.set_xlabel("training CPU seconds (process CPU time)")
     ax.set_ylabel("mean Dice, 7 organs, 40 test cases")
     ax.set_title("OpenKBP joint training: Dice against training compute; small dots: seeds")
     ax.legend(fontsize=8, loc="center right")

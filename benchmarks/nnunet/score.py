@@ -70,8 +70,8 @@ def _progress(text: str) -> dict[int, dict[str, Any]]:
     lines nnU-Net prints at the end of every epoch; numbers such as ``np.float32(0.0)`` are read as floats)."""
     starts = list(_EPOCH.finditer(text))
     out: dict[int, dict[str, Any]] = {}
-    ends = [m.start() for m in starts[1:]] + [len(text)] * bool(starts)
-    for m, end in zip(starts, ends, strict=True):
+    bounds = [m.start() for m in starts] + [len(text)]
+    for m, end in zip(starts, bounds[1:], strict=True):
         block = text[m.end(): end]
         fields: dict[str, Any] = {k: float(v) for k, v in _LOSS.findall(block)}
         dice = _PSEUDO_DICE.search(block)
